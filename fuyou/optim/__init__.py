@@ -1,4 +1,16 @@
 """Optimizer math (AdamW reference), optimizer-state codecs and the fused CPU kernel binding."""
 from .adamw import adamw_step_
+from .state import KINDS, OPTIM_KINDS, PartSpec, StateConfig, adamw_update_, decode_master, decode_weights, init_state_, state_layout
 
-__all__ = ["adamw_step_"]
+__all__ = [
+    "KINDS",
+    "OPTIM_KINDS",
+    "PartSpec",
+    "StateConfig",
+    "adamw_step_",
+    "adamw_update_",
+    "decode_master",
+    "decode_weights",
+    "init_state_",
+    "state_layout",
+]

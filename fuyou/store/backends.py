@@ -94,7 +94,7 @@ class PythonBackend:
 
 _FACTORIES: Dict[str, Callable[[], object]] = {"python": PythonBackend}
 _instances: Dict[str, object] = {}
-_default_name = "auto"
+_default_name = os.environ.get("FUYOU_IO_BACKEND", "auto")  # the test suite runs once per backend
 _lock = threading.Lock()
 # Preference order for "auto" (kvikio is chosen per device buffer by the runtime, not here).
 AUTO_ORDER = ("uring", "threads", "python")
