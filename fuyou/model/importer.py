@@ -1,0 +1,118 @@
+"""Import a model into a new store, one block at a time.
+
+Each block's parameters come from the checkpoint (streamed tensor by tensor through safetensors'
+memory map) or, for a preset, from the architecture's own initialisation run on that block alone.
+They are encoded into every kind of state and written as version-0 files; the manifest is written
+last, so an interrupted import leaves no store behind (the directory is removed). Peak memory is one
+block's tensors plus its four encoded files.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ..optim.state import KINDS, StateConfig, init_state_
+from ..store.directio import aligned_empty
+from ..store.store import Store, create_store, finalize_import, fingerprint_config, new_manifest
+from .skeleton import Skeleton
+from .source import ModelSource
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def model_info(source: ModelSource, skeleton: Skeleton) -> dict:
+    return {
+        "source": source.describe(),
+        "architecture": type(skeleton.model).__name__,
+        "fingerprint": fingerprint_config(source.config.to_dict()),
+        "numel": skeleton.numel(),
+    }
+
+
+def _block_values_from_init(skeleton: Skeleton, block, seed: int) -> Dict[str, torch.Tensor]:
+    """Materialize one block on CPU and run the architecture's own weight init on it."""
+    tensors = {name: torch.empty(skeleton.params[name].shape, dtype=torch.float32) for name in block.params}
+    params = skeleton.attach(tensors, requires_grad=False)
+    ids = {id(p) for p in params.values()}
+    torch.manual_seed(seed * 7919 + block.index)
+    with torch.no_grad():
+        for module in skeleton.model.modules():
+            if any(id(p) in ids for p in module.parameters(recurse=False)):
+                skeleton.model._init_weights(module)
+    skeleton.detach(block.params)
+    return {name: params[name].data for name in block.params}
+
+
+def import_model(
+    source: ModelSource,
+    store_path: str,
+    state_cfg: StateConfig,
+    *,
+    seed: int = 0,
+    backend=None,
+    on_block: Optional[Callable[[str, int], None]] = None,
+) -> Store:
+    """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs."""
+    skeleton = Skeleton(source.config)
+    blocks = [
+        {"name": b.name, "params": [{"name": n, "shape": list(skeleton.params[n].shape), "numel": skeleton.params[n].numel} for n in b.params]}
+        for b in skeleton.blocks
+    ]
+    manifest = new_manifest(model_info(source, skeleton), state_cfg, blocks)
+    existed = os.path.exists(store_path)
+    store = create_store(store_path, manifest, backend)
+    try:
+        _copy_model_files(source, store)
+        for block in skeleton.blocks:
+            if source.preset is not None:
+                values = _block_values_from_init(skeleton, block, seed)
+            else:
+                values = dict(source.iter_tensors(block.params))
+            _write_block(store, block.name, values)
+            if on_block is not None:
+                on_block(block.name, sum(v.numel() for v in values.values()))
+            del values
+        finalize_import(store)
+    except BaseException:
+        # Nothing half-written: without a manifest the directory is not a store; remove what we made.
+        if existed:
+            for sub in ("blocks", "model"):
+                shutil.rmtree(os.path.join(store_path, sub), ignore_errors=True)
+        else:
+            shutil.rmtree(store_path, ignore_errors=True)
+        raise
+    return store
+
+
+def _write_block(store: Store, block: str, values: Dict[str, torch.Tensor]) -> None:
+    layout = store.layouts[block]
+    bufs = {kind: aligned_empty(layout.kinds[kind].file_bytes).zero_() for kind in KINDS}  # zero padding: files are deterministic
+    views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in KINDS}
+    for name, _numel in layout.params:
+        parts = {kind: views[kind][name] for kind in KINDS}
+        init_state_(store.state_cfg, values[name], parts)
+    for kind in KINDS:
+        store.write(block, kind, bufs[kind], version=0)
+
+
+def _copy_model_files(source: ModelSource, store: Store) -> None:
+    mdir = store.model_dir()
+    source.config.save_pretrained(mdir)
+    if source.tokenizer_dir:
+        for fname in TOKENIZER_FILES:
+            src = os.path.join(source.tokenizer_dir, fname)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(mdir, fname))

@@ -1,0 +1,165 @@
+"""Memory plan of a run: how many weight and optimizer slots fit the budgets, or the minimum that would.
+
+Slots are fixed-size buffers reused every step (see runtime.py):
+  - weight staging slots (host): one consumer's weights as stored (a block, or head + tied embedding);
+  - device weight slots: the same, decoded to the compute dtype (only when the device is not the
+    host or the stored dtype is not the compute dtype);
+  - optimizer slots (host): a block's master, moments, new weights and fp32 gradient;
+  - activations (device): every block input of every micro-batch, plus one output gradient each;
+  - compute workspace (device): an estimate of what a block's recompute and backward allocate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import psutil
+import torch
+
+from .memory import format_bytes
+from .optim.state import KINDS, OPTIM_KINDS
+from .store.directio import aligned_bytes
+from .store.store import Store
+
+MAX_OPT_SLOTS = 3  # more only adds optimizer run-ahead the backward cannot use (one block per backward)
+
+
+class BudgetError(ValueError):
+    """The budgets cannot hold one block plus its buffers (the message gives the minimum)."""
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One use of weights by the compute lane: phase 'fwd', 'head' (forward+backward) or 'bwd'."""
+
+    phase: str
+    block: str
+    weight_blocks: tuple  # blocks whose weights files it reads (own first, then borrowed)
+
+
+@dataclass
+class MemoryPlan:
+    weight_slots: int
+    device_slots: int
+    opt_slots: int
+    tied_slot: bool
+    stage_slot_bytes: int
+    device_slot_bytes: int
+    opt_slot_bytes: int
+    act_bytes: int
+    n_acts: int
+    workspace_bytes: int
+    cpu_budget_bytes: int
+    device_budget_bytes: int
+
+    def cpu_bytes(self) -> int:
+        return self.weight_slots * self.stage_slot_bytes + (self.opt_slots + self.tied_slot) * self.opt_slot_bytes
+
+    def device_bytes(self) -> int:
+        return self.device_slots * self.device_slot_bytes + self.n_acts * aligned_bytes(self.act_bytes) + self.workspace_bytes
+
+
+def consumers(block_names: List[str], borrowed: dict) -> List[Consumer]:
+    """Weight uses in compute order: forward embed..layers, head (fwd+bwd fused), backward layers..embed."""
+    embed, *layers, head = block_names
+    out = [Consumer("fwd", b, (b,)) for b in [embed] + layers]
+    out.append(Consumer("head", head, (head,) + tuple(borrowed.get(head, ()))))
+    out += [Consumer("bwd", b, (b,)) for b in reversed([embed] + layers)]
+    return out
+
+
+def opt_region_offsets(store: Store, block: str) -> dict:
+    """Byte offsets of master / exp_avg / exp_avg_sq / weights / grad inside an optimizer slot."""
+    lay = store.layouts[block]
+    off, out = 0, {}
+    for kind in OPTIM_KINDS + ("weights",):
+        out[kind] = off
+        off += lay.kinds[kind].file_bytes
+    out["grad"] = off
+    off += aligned_bytes(lay.numel * 4)
+    out["end"] = off
+    return out
+
+
+def plan_memory(
+    store: Store,
+    cons: List[Consumer],
+    *,
+    tied: bool,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    hidden_size: int,
+    intermediate_size: int,
+    vocab_size: int,
+    micro_batch_size: int,
+    micro_batches: int,
+    seq_len: int,
+    prefetch_depth: int,
+    cpu_budget: Optional[int],
+    device_budget: Optional[int],
+) -> MemoryPlan:
+    esize = torch.empty((), dtype=compute_dtype).element_size()
+    stored_dtype = store.layouts[store.block_names[1 if len(store.block_names) > 2 else 0]].kinds["weights"].parts[0].dtype
+    copy = device.type != "cpu" or stored_dtype != compute_dtype
+    stage = max(sum(store.layouts[b].kinds["weights"].file_bytes for b in c.weight_blocks) for c in cons)
+    dev_slot = max(sum(aligned_bytes(store.layouts[b].numel * esize) for b in c.weight_blocks) for c in cons) if copy else 0
+    opt_slot = max(opt_region_offsets(store, b)["end"] for b in store.block_names)
+    n_blocks = len(store.block_names)
+    act = micro_batch_size * seq_len * hidden_size * esize
+    n_acts = (n_blocks - 1) * micro_batches + micro_batches  # block inputs (layers + head) + output grads
+    tokens = micro_batch_size * seq_len
+    # Workspace of one block's recompute+backward for one micro-batch (measured shape of a decoder
+    # layer: ~12 hidden-sized and ~4 intermediate-sized activations) or of the head (logits, their
+    # fp32 copy and gradient), plus the block's gradients on the device when it is not the host.
+    grad_dev = max(store.layouts[b].numel for b in store.block_names) * esize if device.type != "cpu" else 0
+    workspace = max(tokens * (12 * hidden_size + 4 * intermediate_size) * esize, tokens * vocab_size * (esize + 8)) + 2 * grad_dev
+    ram = psutil.virtual_memory().total
+    depth = prefetch_depth + 1
+    if cpu_budget is None:
+        cpu_budget = min(depth * stage + (MAX_OPT_SLOTS + tied) * opt_slot, ram // 2)
+    if device_budget is None:
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            device_budget = int(free * 0.9)
+        else:
+            device_budget = min(depth * dev_slot + n_acts * aligned_bytes(act) + workspace, ram // 2)
+    plan = MemoryPlan(1, 1 if copy else 0, 1, tied, stage, dev_slot, opt_slot, act, n_acts, workspace, cpu_budget, device_budget)
+    _check_minimum(plan)
+    # Grow from the minimum while the budgets allow: optimizer slots first (they decouple the
+    # backward from state I/O), then prefetch depth.
+    while plan.opt_slots < MAX_OPT_SLOTS and plan.cpu_bytes() + opt_slot <= cpu_budget:
+        plan.opt_slots += 1
+    while plan.weight_slots < depth and plan.cpu_bytes() + stage <= cpu_budget:
+        plan.weight_slots += 1
+    while copy and plan.device_slots < depth and plan.device_bytes() + dev_slot <= device_budget:
+        plan.device_slots += 1
+    return plan
+
+
+def _check_minimum(plan: MemoryPlan) -> None:
+    need_cpu, need_dev = plan.cpu_bytes(), plan.device_bytes()
+    if need_cpu > plan.cpu_budget_bytes:
+        raise BudgetError(
+            f"--cpu-mem {format_bytes(plan.cpu_budget_bytes)} is too small: one weight slot ({format_bytes(plan.stage_slot_bytes)}) and "
+            f"{1 + plan.tied_slot} optimizer slot(s) ({format_bytes(plan.opt_slot_bytes)} each) need {format_bytes(need_cpu)}; "
+            f"pass --cpu-mem {_round_up_mib(need_cpu)} or more"
+        )
+    if need_dev > plan.device_budget_bytes:
+        raise BudgetError(
+            f"--gpu-mem {format_bytes(plan.device_budget_bytes)} is too small: block inputs of every micro-batch "
+            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}), the compute workspace ({format_bytes(plan.workspace_bytes)}) and "
+            f"{plan.device_slots} weight slot(s) need {format_bytes(need_dev)}; pass --gpu-mem {_round_up_mib(need_dev)} or more, "
+            "or lower --batch-size / --seq-len / raise --micro-batches"
+        )
+
+
+def _round_up_mib(n: int) -> str:
+    return f"{(n + (1 << 20) - 1) >> 20}MiB"
+
+
+def ssd_bytes_per_step(store: Store) -> dict:
+    """Bytes a step moves to and from the store: weights read twice (forward, backward), states read and written once."""
+    lay = store.layouts.values()
+    read = sum(2 * b.kinds["weights"].file_bytes + sum(b.kinds[k].file_bytes for k in OPTIM_KINDS) for b in lay)
+    written = sum(sum(b.kinds[k].file_bytes for k in KINDS) for b in lay)
+    return {"read_bytes": read, "written_bytes": written}

@@ -1,0 +1,338 @@
+"""One training step over a model whose state lives in the store (DESIGN §2), as a task graph.
+
+Compute order (the "consumers" of weights, one compute task each):
+    fwd embed, fwd layer 0..L-1, head (forward + loss + backward, fused), bwd layer L-1..0, bwd embed
+Every micro-batch passes a block before the next block (layer-wise micro-batching), so weights are
+read once per phase per step whatever the batch. Around the compute lane:
+    read    weights of consumer u into host staging slot u % W      (ahead by the prefetch depth)
+    h2d     staging -> device slot (only when the device is not the host or dtypes differ)
+    read    master/moments of block b into optimizer slot            (as soon as the slot is free)
+    optim   AdamW on block b right after its backward                (overlaps the next backward)
+    write   new master/moments/weights of b as new version files
+    commit  (after the graph) atomically switch the manifest to the new step
+Slot reuse is expressed as dependencies, so no task ever waits for memory: it only starts when the
+task that last used its slot has finished.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from scheduler import Executor, Graph, Trace
+
+from .config import BatchConfig, MemoryConfig, OptimConfig
+from .data.dataset import Batch
+from .memory import Pool
+from .model.skeleton import EMBED, HEAD, Skeleton, causal_lm_loss_sum, count_targets
+from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights
+from .plan import Consumer, consumers, opt_region_offsets, plan_memory
+from .store.directio import aligned_bytes
+from .store.store import Store
+
+LANES = {"read": 1, "write": 1, "h2d": 1, "d2h": 1, "compute": 1, "optim": 1, "commit": 1}
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    tokens: int
+    grad_norm: float
+    lr: float
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    events: list = field(default_factory=list)
+
+
+class Runtime:
+    """Owns the pools, slots and executor of a run; `step(batch)` trains one optimizer step."""
+
+    def __init__(
+        self,
+        store: Store,
+        skeleton: Skeleton,
+        *,
+        device: torch.device,
+        memory: MemoryConfig,
+        batch: BatchConfig,
+        optim: OptimConfig,
+        trace: Optional[Trace] = None,
+    ):
+        self.store, self.sk, self.device = store, skeleton, torch.device(device)
+        self.batch_cfg, self.optim_cfg = batch, optim
+        stored = store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype
+        # On the CPU device compute in fp32: bf16 matmul there is ~100x slower (DESIGN §5).
+        self.compute_dtype = torch.float32 if self.device.type == "cpu" else stored
+        self.borrowed = {b.name: tuple(owner for owner, _ in b.borrowed) for b in skeleton.blocks}
+        self.cons: List[Consumer] = consumers(store.block_names, self.borrowed)
+        cfg = skeleton.config
+        self.plan = plan_memory(
+            store,
+            self.cons,
+            tied=skeleton.tied,
+            device=self.device,
+            compute_dtype=self.compute_dtype,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+            vocab_size=cfg.vocab_size,
+            micro_batch_size=batch.micro_batch_size,
+            micro_batches=batch.micro_batches,
+            seq_len=batch.seq_len,
+            prefetch_depth=memory.prefetch_depth,
+            cpu_budget=memory.cpu_mem_bytes,
+            device_budget=memory.gpu_mem_bytes,
+        )
+        p = self.plan
+        self.cpu_pool = Pool("cpu", p.cpu_budget_bytes, torch.device("cpu"), pin=self.device.type == "cuda")
+        self.dev_pool = Pool("gpu" if self.device.type == "cuda" else "device", p.device_budget_bytes, self.device)
+        self.dev_pool.reserve(p.workspace_bytes, "compute workspace")
+        self.stage = [self.cpu_pool.alloc(p.stage_slot_bytes) for _ in range(p.weight_slots)]
+        self.dslots = [self.dev_pool.alloc(p.device_slot_bytes) for _ in range(p.device_slots)]
+        self.oslots = [self.cpu_pool.alloc(p.opt_slot_bytes) for _ in range(p.opt_slots)]
+        self.tied_slot = self.cpu_pool.alloc(p.opt_slot_bytes) if p.tied_slot else None
+        skeleton.move_buffers(self.device)
+        self.trace = trace if trace is not None else Trace()
+        self.executor = Executor(LANES, self.trace)
+        self._streams = {}
+        if self.device.type == "cuda":
+            self._streams = {"h2d": torch.cuda.Stream(self.device), "d2h": torch.cuda.Stream(self.device)}
+        self._opt_owner = self._assign_opt_slots()
+
+    def close(self) -> None:
+        self.executor.shutdown()
+
+    # -- slot bookkeeping --------------------------------------------------------------------
+    def _assign_opt_slots(self) -> Dict[str, int]:
+        """Backward order of blocks -> optimizer slot index (-1 = the dedicated tied slot)."""
+        order = [c.block for c in self.cons if c.phase in ("head", "bwd")]
+        out, i = {}, 0
+        for b in order:
+            if self.sk.tied and b == EMBED:
+                out[b] = -1
+                continue
+            out[b] = i % len(self.oslots)
+            i += 1
+        return out
+
+    def _opt_slot(self, block: str) -> torch.Tensor:
+        idx = self._opt_owner[block]
+        return self.tied_slot if idx < 0 else self.oslots[idx]
+
+    def _opt_views(self, block: str) -> dict:
+        slot, offs, lay = self._opt_slot(block), opt_region_offsets(self.store, block), self.store.layouts[block]
+        views = {k: lay.kinds[k].views(slot[offs[k] : offs[k] + lay.kinds[k].file_bytes]) for k in OPTIM_KINDS + ("weights",)}
+        grad = slot[offs["grad"] : offs["grad"] + lay.numel * 4].view(torch.float32)
+        grads, off = {}, 0
+        for name, numel in lay.params:
+            grads[name] = grad[off : off + numel]
+            off += numel
+        return {"kinds": views, "grad": grad, "grads": grads}
+
+    def _weights(self, u: int) -> Dict[str, torch.Tensor]:
+        """Flat compute-dtype tensors of consumer u's parameters, in its staging or device slot."""
+        c = self.cons[u]
+        stage = self.stage[u % len(self.stage)]
+        out, off = {}, 0
+        for b in c.weight_blocks:
+            kl = self.store.layouts[b].kinds["weights"]
+            views = kl.views(stage[off : off + kl.file_bytes])
+            for name, parts in views.items():
+                out[name] = decode_weights(self.store.state_cfg, parts)
+            off += kl.file_bytes
+        if not self.dslots:
+            return out
+        dslot, doff, dev = self.dslots[u % len(self.dslots)], 0, {}
+        esize = torch.empty((), dtype=self.compute_dtype).element_size()
+        for name, t in out.items():
+            nbytes = t.numel() * esize
+            dev[name] = (t, dslot[doff : doff + nbytes].view(self.compute_dtype))
+            doff += aligned_bytes(nbytes, 256)
+        return dev
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self, batch: Batch) -> StepResult:
+        import time
+
+        t0 = time.perf_counter()
+        step = self.store.step + 1
+        lr = self.optim_cfg.lr_at(step)
+        mbs = [m.to(self.device) for m in batch.split(self.batch_cfg.micro_batches)] if self.device.type != "cpu" else batch.split(self.batch_cfg.micro_batches)
+        st = _StepState(step, lr, mbs, count_targets(batch.labels))
+        r0, w0 = self.store.bytes_read, self.store.bytes_written
+        graph = self._build_graph(st)
+        n0 = len(self.trace.events)
+        try:
+            self.executor.run(graph, step=step)
+        finally:
+            st.free_activations(self.dev_pool)
+        if not math.isfinite(st.sumsq):
+            raise FloatingPointError(f"step {step}: the gradient is not finite; the step was not committed (the store still holds step {step - 1})")
+        versions = {b: {k: step for k in OPTIM_KINDS + ("weights",)} for b in self.store.block_names}
+        self.store.commit(step, versions, self.store.manifest.get("train"))
+        return StepResult(
+            step=step,
+            loss=sum(st.loss_sums) / max(st.targets, 1),
+            tokens=int(batch.input_ids.numel()),
+            grad_norm=math.sqrt(st.sumsq),
+            lr=lr,
+            bytes_read=self.store.bytes_read - r0,
+            bytes_written=self.store.bytes_written - w0,
+            seconds=time.perf_counter() - t0,
+            events=self.trace.events[n0:],
+        )
+
+    def _build_graph(self, st: "_StepState") -> Graph:
+        g = Graph()
+        W, D, O = len(self.stage), len(self.dslots), len(self.oslots)
+        compute, ready, writes = [], [], {}
+        bwd_order = [c.block for c in self.cons if c.phase in ("head", "bwd")]
+        slot_free = {}  # block -> the write task of the block that held its optimizer slot before
+        for i, b in enumerate(bwd_order):
+            if self._opt_owner[b] >= 0 and i >= O:
+                slot_free[b] = bwd_order[i - O]
+        for u, c in enumerate(self.cons):
+            release = (ready[u - W] if D else compute[u - W]) if u >= W else None
+            read = g.add(f"read_w{u}:{c.block}", "read", "read", self._read_weights_fn(u), [release], nbytes=self._stage_bytes(u), block=c.block)
+            if D:
+                dev_free = compute[u - D] if u >= D else None
+                read = g.add(f"h2d{u}:{c.block}", "h2d", "h2d", self._h2d_fn(u, st), [read, dev_free], nbytes=self._stage_bytes(u), block=c.block)
+            ready.append(read)
+            deps = [read, compute[-1] if compute else None]
+            for b in self._grad_blocks(c):
+                if b in slot_free:
+                    deps.append(writes[slot_free[b]])
+            compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", self._compute_fn(u, st), deps, block=c.block, phase=c.phase))
+            if c.phase in ("head", "bwd") and self._owns_params(c.block):
+                b = c.block
+                prev = writes[slot_free[b]] if b in slot_free else None
+                rs = g.add(f"read_s:{b}", "read", "read", self._read_states_fn(b), [prev], nbytes=self._states_bytes(b), block=b)
+                op = g.add(f"optim:{b}", "optim", "optim", self._optim_fn(b, st), [compute[-1], rs], block=b, flops=self.store.layouts[b].numel * 16)
+                writes[b] = g.add(f"write:{b}", "write", "write", self._write_fn(b, st.step), [op], nbytes=self._write_bytes(b), block=b)
+        return g
+
+    def _owns_params(self, block: str) -> bool:
+        return self.store.layouts[block].numel > 0
+
+    def _grad_blocks(self, c: Consumer) -> List[str]:
+        """Blocks whose optimizer-slot gradient region consumer c writes into."""
+        if c.phase == "fwd":
+            return []
+        return [b for b in c.weight_blocks if self._owns_params(b)]
+
+    def _stage_bytes(self, u: int) -> int:
+        return sum(self.store.layouts[b].kinds["weights"].nbytes for b in self.cons[u].weight_blocks)
+
+    def _states_bytes(self, b: str) -> int:
+        return sum(self.store.layouts[b].kinds[k].nbytes for k in OPTIM_KINDS)
+
+    def _write_bytes(self, b: str) -> int:
+        return self._states_bytes(b) + self.store.layouts[b].kinds["weights"].nbytes
+
+    # -- task bodies -----------------------------------------------------------------------------
+    def _read_weights_fn(self, u: int):
+        def run():
+            stage, off = self.stage[u % len(self.stage)], 0
+            for b in self.cons[u].weight_blocks:
+                kl = self.store.layouts[b].kinds["weights"]
+                self.store.read(b, "weights", stage[off : off + kl.file_bytes])
+                off += kl.file_bytes
+
+        return run
+
+    def _h2d_fn(self, u: int, st: "_StepState"):
+        def run():
+            pairs = self._weights(u)
+            stream = self._streams.get("h2d")
+            ctx = torch.cuda.stream(stream) if stream is not None else _null()
+            with ctx:
+                for src, dst in pairs.values():
+                    dst.copy_(src, non_blocking=stream is not None)
+            if stream is not None:
+                stream.synchronize()  # the staging slot is reused as soon as this task ends
+
+        return run
+
+    def _read_states_fn(self, b: str):
+        def run():
+            slot, offs, lay = self._opt_slot(b), opt_region_offsets(self.store, b), self.store.layouts[b]
+            for k in OPTIM_KINDS:
+                self.store.read(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes])
+
+        return run
+
+    def _optim_fn(self, b: str, st: "_StepState"):
+        def run():
+            v = self._opt_views(b)
+            cfg, o = self.store.state_cfg, self.optim_cfg
+            st.add_sumsq(float(v["grad"].double().pow(2).sum()))
+            for name, _numel in self.store.layouts[b].params:
+                parts = {k: v["kinds"][k][name] for k in v["kinds"]}
+                adamw_update_(
+                    cfg, v["grads"][name], parts, step=st.step, lr=st.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay
+                )
+
+        return run
+
+    def _write_fn(self, b: str, step: int):
+        def run():
+            slot, offs, lay = self._opt_slot(b), opt_region_offsets(self.store, b), self.store.layouts[b]
+            for k in OPTIM_KINDS + ("weights",):
+                self.store.write(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes], version=step)
+
+        return run
+
+    def _compute_fn(self, u: int, st: "_StepState"):
+        def run():
+            from .runtime_compute import run_consumer
+
+            run_consumer(self, u, st)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # slots reused once this task ends
+
+        return run
+
+
+class _StepState:
+    """What one step's tasks share: micro-batches, saved block inputs, output grads, the loss."""
+
+    def __init__(self, step: int, lr: float, mbs: List[Batch], targets: int):
+        self.step, self.lr, self.mbs, self.targets = step, lr, mbs, targets
+        self.kwargs: Dict[int, dict] = {}
+        self.acts: Dict[tuple, tuple] = {}  # (block index, micro-batch) -> (pool buffer, tensor)
+        self.dh: Dict[int, torch.Tensor] = {}
+        self.loss_sums: List[float] = []
+        self.grad_started: set = set()  # blocks whose gradient region this step has zeroed
+        self.sumsq = 0.0
+        self._lock = threading.Lock()
+
+    def add_sumsq(self, x: float) -> None:
+        with self._lock:
+            self.sumsq += x
+
+    def save(self, pool: Pool, key: tuple, t: torch.Tensor) -> None:
+        buf = pool.alloc(t.numel() * t.element_size())
+        saved = buf.view(t.dtype).view(t.shape)
+        saved.copy_(t)
+        self.acts[key] = (buf, saved)
+
+    def take(self, key: tuple) -> tuple:
+        """Remove a saved block input: (pool buffer, tensor); free the buffer once done with it."""
+        return self.acts.pop(key)
+
+    def free_activations(self, pool: Pool) -> None:
+        for buf, _t in self.acts.values():
+            pool.free(buf)
+        self.acts.clear()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,297 @@
+"""The block store: the whole training state of a model as per-block files on SSD plus a manifest.
+
+Layout of a store directory:
+
+    manifest.json               the only pointer to live data (atomically replaced at each commit)
+    model/                      config.json, tokenizer files (copied at import)
+    blocks/<block>.<kind>.<version>.bin
+
+One file per (block, kind) holds every parameter of the block in that kind's codec, each part at a
+256-byte-aligned offset, the file padded to 4 KiB. A step writes each updated file as a *new*
+version (the step number) and never overwrites a live one; `commit` fsyncs, then replaces the
+manifest (write tmp, fsync, rename, fsync dir), then deletes the versions it superseded. A crash at
+any moment leaves the manifest pointing at a complete, consistent step; files of an uncommitted step
+are garbage, removed when the store is next opened. Peak disk use is therefore up to twice the
+state (old and new versions of every block until the commit).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from ..optim.state import KINDS, PartSpec, StateConfig, state_layout
+from .directio import DirectFile, IOFuture, aligned_bytes
+
+FORMAT = "fuyou-store"
+FORMAT_VERSION = 1
+PART_ALIGN = 256  # bytes; keeps every part's view aligned for vector loads and GPU coalescing
+MANIFEST = "manifest.json"
+_FILE_RE = re.compile(r"^[A-Za-z0-9_]+\.(weights|master|exp_avg|exp_avg_sq|grad)\.[0-9]+\.bin$")
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class PartRef:
+    param: str
+    part: str
+    offset: int
+    numel: int
+    dtype: torch.dtype
+
+
+class KindLayout:
+    """Where each parameter's parts of one kind sit inside one block file."""
+
+    def __init__(self, params: List[tuple], kind: str, cfg: StateConfig):
+        self.kind = kind
+        self.parts: List[PartRef] = []
+        off = 0
+        for name, numel in params:
+            for spec in state_layout(cfg, kind, numel):
+                off = (off + PART_ALIGN - 1) // PART_ALIGN * PART_ALIGN
+                self.parts.append(PartRef(name, spec.name, off, spec.numel, spec.dtype))
+                off += spec.nbytes
+        self.nbytes = off
+        self.file_bytes = aligned_bytes(off)
+
+    def views(self, buf: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{param: {part: flat tensor view into buf}} (buf: uint8, at least nbytes)."""
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        for p in self.parts:
+            nbytes = PartSpec(p.part, p.numel, p.dtype).nbytes
+            out.setdefault(p.param, {})[p.part] = buf[p.offset : p.offset + nbytes].view(p.dtype)
+        return out
+
+
+class BlockLayout:
+    """Every kind's layout for one block."""
+
+    def __init__(self, name: str, params: List[tuple], cfg: StateConfig):
+        self.name = name
+        self.params = params  # [(param name, numel)]
+        self.kinds = {kind: KindLayout(params, kind, cfg) for kind in KINDS}
+
+    @property
+    def numel(self) -> int:
+        return sum(n for _, n in self.params)
+
+
+def fingerprint_config(config_dict: dict) -> str:
+    """A stable hash of a model config (architecture and shapes), to refuse foreign stores."""
+    keep = {k: v for k, v in sorted(config_dict.items()) if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """An open store. Use `create_store` / `open_store`."""
+
+    def __init__(self, root: str, manifest: dict, backend=None):
+        self.root = os.path.abspath(root)
+        self.manifest = manifest
+        self.backend = backend
+        self.state_cfg = StateConfig(**manifest["state"])
+        self.layouts: Dict[str, BlockLayout] = {}
+        for b in manifest["blocks"]:
+            self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"]) for p in b["params"]], self.state_cfg)
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.importing = False  # create_store sets it: version-0 files may then be written
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def block_names(self) -> List[str]:
+        return [b["name"] for b in self.manifest["blocks"]]
+
+    def _block_entry(self, block: str) -> dict:
+        for b in self.manifest["blocks"]:
+            if b["name"] == block:
+                return b
+        raise KeyError(f"store {self.root} has no block {block!r}")
+
+    def version(self, block: str, kind: str) -> int:
+        return int(self._block_entry(block)["versions"][kind])
+
+    def _safe_path(self, rel: str) -> str:
+        """Resolve a manifest-relative path, refusing anything outside the store."""
+        if os.path.isabs(rel) or ".." in rel.split("/"):
+            raise StoreError(f"{self.root}/{MANIFEST}: refusing path {rel!r} outside the store; the manifest is corrupt")
+        return os.path.join(self.root, rel)
+
+    def file_path(self, block: str, kind: str, version: int) -> str:
+        return self._safe_path(f"blocks/{block}.{kind}.{version}.bin")
+
+    def model_dir(self) -> str:
+        return os.path.join(self.root, "model")
+
+    # -- I/O -----------------------------------------------------------------------------------
+    def read(self, block: str, kind: str, into: torch.Tensor, version: Optional[int] = None) -> IOFuture:
+        """Read the live (or given) version of (block, kind) into `into` (uint8, >= layout nbytes)."""
+        layout = self.layouts[block].kinds[kind]
+        v = self.version(block, kind) if version is None else version
+        path = self.file_path(block, kind, v)
+        with DirectFile(path, "r", self.backend) as f:
+            fut = f.pread(into, size=layout.nbytes)
+            # DirectFile closes its fd on exit, so wait here: the caller runs this on an I/O lane.
+            fut.get()
+        with self._lock:
+            self.bytes_read += layout.nbytes
+        return fut
+
+    def write(self, block: str, kind: str, data: torch.Tensor, version: int) -> str:
+        """Write (block, kind) as a new version file and fsync it; the manifest is not touched."""
+        layout = self.layouts[block].kinds[kind]
+        if version <= self.version(block, kind) and not self.importing:
+            raise StoreError(f"refusing to overwrite live version {self.version(block, kind)} of {block}.{kind}")
+        path = self.file_path(block, kind, version)
+        with DirectFile(path, "w", self.backend) as f:
+            f.pwrite(data, size=layout.nbytes).get()
+            f.fsync()
+        with self._lock:
+            self.bytes_written += layout.nbytes
+        return path
+
+    def commit(self, step: int, versions: Dict[str, Dict[str, int]], train_meta: Optional[dict] = None) -> None:
+        """Atomically make `versions` ({block: {kind: version}}) and `step` the live state."""
+        new = json.loads(json.dumps(self.manifest))
+        superseded = []
+        for b in new["blocks"]:
+            for kind, v in versions.get(b["name"], {}).items():
+                old = b["versions"][kind]
+                if old != v:
+                    superseded.append(self.file_path(b["name"], kind, old))
+                b["versions"][kind] = v
+        new["step"] = int(step)
+        if train_meta is not None:
+            new["train"] = train_meta
+        self._write_manifest(new)
+        self.manifest = new
+        for path in superseded:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _write_manifest(self, manifest: dict) -> None:
+        tmp = os.path.join(self.root, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.root, MANIFEST))
+        _fsync_dir(self.root)
+
+    def collect_garbage(self) -> int:
+        """Delete block files the manifest does not point at (left by a step that never committed)."""
+        live = {f"{b['name']}.{k}.{v}.bin" for b in self.manifest["blocks"] for k, v in b["versions"].items()}
+        removed = 0
+        bdir = os.path.join(self.root, "blocks")
+        for name in os.listdir(bdir):
+            if name not in live and _FILE_RE.match(name):
+                os.unlink(os.path.join(bdir, name))
+                removed += 1
+        tmp = os.path.join(self.root, MANIFEST + ".tmp")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        return removed
+
+    # -- accounting ----------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of live state on disk (one version of everything)."""
+        return sum(lay.kinds[k].file_bytes for lay in self.layouts.values() for k in KINDS)
+
+    def numel(self) -> int:
+        return sum(lay.numel for lay in self.layouts.values())
+
+
+def new_manifest(model_info: dict, state_cfg: StateConfig, blocks: List[dict]) -> dict:
+    """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind starts at version 0."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model_info,
+        "state": state_cfg.to_json(),
+        "step": 0,
+        "blocks": [dict(b, versions={k: 0 for k in KINDS}) for b in blocks],
+        "train": {},
+    }
+
+
+def is_store(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"{path} is not a fuyou store (no {MANIFEST}); pass the directory `fuyou finetune --store` created") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{mpath} cannot be read ({exc}); the store is damaged") from None
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a fuyou store ({MANIFEST} has format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {manifest.get('format_version')} is not supported by this fuyou (expects {FORMAT_VERSION})")
+    return manifest
+
+
+def open_store(path: str, backend=None) -> Store:
+    """Open an existing store and remove leftovers of any step that never committed."""
+    store = Store(path, read_manifest(path), backend)
+    store.collect_garbage()
+    return store
+
+
+def check_store_target(path: str) -> None:
+    """Refuse a store path that is a file, not writable, or a non-empty directory that is not a store."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(f"store path {path} is a file; pass a directory (it will be created)")
+    parent = path if os.path.isdir(path) else os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent or ".", os.W_OK):
+        raise StoreError(f"store path {path} is not writable; choose a directory you can write to")
+    if os.path.isdir(path) and os.listdir(path) and not is_store(path):
+        raise StoreError(f"{path} is a non-empty directory that is not a fuyou store; choose an empty or new directory")
+
+
+def create_store(path: str, manifest: dict, backend=None) -> Store:
+    """Create the directory structure; the manifest is written last, by `finalize_import`."""
+    check_store_target(path)
+    os.makedirs(os.path.join(path, "blocks"), exist_ok=True)
+    os.makedirs(os.path.join(path, "model"), exist_ok=True)
+    store = Store(path, manifest, backend)
+    store.importing = True
+    return store
+
+
+def finalize_import(store: Store) -> None:
+    """Write the first manifest: until then the directory is not a store and is safe to delete."""
+    store._write_manifest(store.manifest)
+    store.importing = False
+
