@@ -155,7 +155,7 @@ class Runtime:
         return dev
 
     # -- the step ------------------------------------------------------------------------------
-    def step(self, batch: Batch) -> StepResult:
+    def step(self, batch: Batch, train_meta: Optional[dict] = None) -> StepResult:
         import time
 
         t0 = time.perf_counter()
@@ -173,7 +173,7 @@ class Runtime:
         if not math.isfinite(st.sumsq):
             raise FloatingPointError(f"step {step}: the gradient is not finite; the step was not committed (the store still holds step {step - 1})")
         versions = {b: {k: step for k in OPTIM_KINDS + ("weights",)} for b in self.store.block_names}
-        self.store.commit(step, versions, self.store.manifest.get("train"))
+        self.store.commit(step, versions, train_meta if train_meta is not None else self.store.manifest.get("train"))
         return StepResult(
             step=step,
             loss=sum(st.loss_sums) / max(st.targets, 1),

@@ -67,6 +67,7 @@ def import_model(
 ) -> Store:
     """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs."""
     skeleton = Skeleton(source.config)
+    source.bind(skeleton.model)
     blocks = [
         {"name": b.name, "params": [{"name": n, "shape": list(skeleton.params[n].shape), "numel": skeleton.params[n].numel} for n in b.params]}
         for b in skeleton.blocks

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -113,9 +114,12 @@ class ModelSource:
         from safetensors import safe_open
 
         for fpath in self.weight_files:
-            with safe_open(fpath, framework="pt") as f:
-                for name in f.keys():
-                    self.index[name] = fpath
+            try:
+                with safe_open(fpath, framework="pt") as f:
+                    for name in f.keys():
+                        self.index[name] = fpath
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+                raise ModelError(f"{fpath} is not a readable safetensors file ({exc}); re-save or re-download the checkpoint") from None
 
     def describe(self) -> str:
         return f"preset {self.preset}" if self.preset else self.path
@@ -133,9 +137,30 @@ class ModelSource:
                 for n, key in items:
                     yield n, f.get_tensor(key).to(torch.float32)
 
+    def bind(self, model) -> None:
+        """Learn the architecture's checkpoint-key renamings (e.g. GPT-NeoX embed_out -> lm_head)."""
+        self._renamed = {}
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming
+
+            rules = [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
+        except (ImportError, AttributeError, TypeError):  # older transformers: names are saved as-is
+            rules = []
+        for key in self.index:
+            new = key
+            for rule in rules:
+                for src, dst in zip(rule.source_patterns, rule.target_patterns * len(rule.source_patterns)):
+                    new = re.sub(src, dst, new)
+            if new != key:
+                self._renamed[new] = key
+
     def _checkpoint_key(self, name: str) -> str:
         if name in self.index:
             return name
+        renamed = getattr(self, "_renamed", {})
+        if name in renamed:
+            return renamed[name]
         # Checkpoints saved from the bare base model lack the causal-LM prefix.
         tail = name.split(".", 1)[1] if "." in name else name
         if tail in self.index:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -274,8 +275,11 @@ def check_store_target(path: str) -> None:
     parent = path if os.path.isdir(path) else os.path.dirname(path)
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent or ".", os.W_OK):
-        raise StoreError(f"store path {path} is not writable; choose a directory you can write to")
+    try:  # os.access says yes to root everywhere; a real probe file tells the truth
+        with tempfile.TemporaryFile(dir=parent or "."):
+            pass
+    except OSError:
+        raise StoreError(f"store path {path} is not writable; choose a directory you can write to") from None
     if os.path.isdir(path) and os.listdir(path) and not is_store(path):
         raise StoreError(f"{path} is a non-empty directory that is not a fuyou store; choose an empty or new directory")
 

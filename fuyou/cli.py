@@ -1,0 +1,121 @@
+"""The `fuyou` command: parses arguments and calls the API; errors become one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import BatchConfig, MemoryConfig, OptimConfig, parse_size
+
+EXIT_USAGE = 2
+LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
+LR_FINETUNE = 1e-5  # a checkpoint is fine-tuned
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model whose training state lives in a store on disk",
+        formatter_class=_Formatter,
+        description="Fine-tune a Hugging Face causal LM with weights, fp32 master weights and AdamW states kept in --store,\n"
+        "streamed block by block. With no arguments: the llama-tiny preset on the bundled corpus.",
+    )
+    p.add_argument("--model", default="llama-tiny", help="Hugging Face model directory (config.json + *.safetensors) or a preset (llama-tiny, llama-220m, llama-1b, ...)")
+    p.add_argument("--data", default=None, help=".jsonl ('text', or 'prompt'/'completion') or .txt; default: the bundled corpus")
+    p.add_argument("--store", default="fuyou-store", help="store directory (created; on an NVMe SSD for real runs)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps to run")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {LR_FROM_SCRATCH:g} for a preset, {LR_FINETUNE:g} for a checkpoint)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (all pass a block before the next block)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--gpu-mem", type=_size, default=None, help="device memory budget, e.g. 4GiB (default: 90%% of free device memory; on the CPU device what the plan needs)")
+    p.add_argument("--cpu-mem", type=_size, default=None, help="pinned host memory budget, e.g. 8GiB (default: what the plan needs, at most half the RAM)")
+    p.add_argument("--prefetch-depth", type=int, default=2, help="blocks read ahead of the one computing")
+    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="dtype of the compute weights kept in the store")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order (and of a preset's initial weights)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="compute device (default: cuda when present)")
+    p.add_argument("--io-backend", default="auto", help="store I/O backend: auto, python, threads, uring (auto = fastest available)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --store from its last committed step")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing fuyou store at --store")
+    p.add_argument("--trace", dest="trace_dir", default=None, help="write a Chrome/Perfetto trace of every task to this directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuyou", description="Fine-tune models far larger than GPU memory, with the training state on SSD.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_finetune(sub)
+    return parser
+
+
+def _finetune(args) -> int:
+    from rich.console import Console
+
+    from .model.source import PRESETS
+    from .optim.state import StateConfig
+    from .train import FinetuneConfig, finetune, print_summary
+
+    lr = args.lr if args.lr is not None else (LR_FROM_SCRATCH if args.model in PRESETS else LR_FINETUNE)
+    cfg = FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        store=args.store,
+        steps=args.steps,
+        seed=args.seed,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device,
+        io_backend=args.io_backend,
+        trace_dir=args.trace_dir,
+        state=StateConfig(weights=args.weights),
+        optim=OptimConfig(lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
+        batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),
+        memory=MemoryConfig(gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem, prefetch_depth=args.prefetch_depth),
+    )
+    trace = None
+    if cfg.trace_dir:
+        from scheduler import Trace
+
+        trace = Trace()
+    probe = Console(stderr=True)
+    console = probe if probe.is_terminal else Console(stderr=True, width=250)  # logs: one line per report
+    res = finetune(cfg, console=console, trace=trace)
+    print_summary(res, console)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .store.store import StoreError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return {"finetune": _finetune}[args.command](args)
+    except KeyboardInterrupt:
+        print("fuyou: interrupted; the store keeps its last committed step", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, StoreError, FloatingPointError) as exc:
+        # Expected failures (bad input, budgets, disk errors): one line naming the fix. Anything
+        # else is a bug and keeps its traceback.
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fuyou: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Shared test helpers: tiny random checkpoints and the plain-PyTorch reference training."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+
+from fuyou.data.dataset import Batch
+from fuyou.model.skeleton import causal_lm_loss_sum, count_targets
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128, max_position_embeddings=256)
+    if arch == "llama":
+        cfg = LlamaConfig(num_key_value_heads=2, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(num_key_value_heads=2, **common)
+    elif arch == "mistral":
+        cfg = MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(**common)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def save_checkpoint(path: str, cfg, seed: int = 0, tokenizer: bool = True) -> str:
+    """save_pretrained a random-weight model (and the bundled tokenizer) into `path`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    if tokenizer:
+        from fuyou.data.tokenizer import DEFAULT_TOKENIZER_DIR
+
+        for f in os.listdir(DEFAULT_TOKENIZER_DIR):
+            with open(os.path.join(DEFAULT_TOKENIZER_DIR, f), "rb") as src, open(os.path.join(path, f), "wb") as dst:
+                dst.write(src.read())
+    return path
+
+
+def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> List[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append(Batch(ids, ids.clone(), None))
+    return out
+
+
+def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: float, weight_decay: float = 0.0, max_grad_norm=None):
+    """Plain PyTorch: from_pretrained, torch.optim.AdamW, the same loss and accumulation as fuyou."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    for batch in batches:
+        total = count_targets(batch.labels)
+        opt.zero_grad()
+        loss = 0.0
+        for mb in batch.split(micro_batches):
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            ls = causal_lm_loss_sum(logits, mb.labels)
+            (ls / total).backward()
+            loss += float(ls.detach())
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        losses.append(loss / total)
+    return model, losses
+
+
+def store_master_weights(store_path: str) -> dict:
+    """{param name: fp32 tensor} of the store's live master weights."""
+    from fuyou.optim.state import decode_master
+    from fuyou.store.directio import aligned_empty
+    from fuyou.store.store import open_store
+
+    store = open_store(store_path)
+    out = {}
+    for b in store.block_names:
+        lay = store.layouts[b].kinds["master"]
+        buf = aligned_empty(lay.file_bytes)
+        store.read(b, "master", buf)
+        for name, parts in lay.views(buf).items():
+            out[name] = decode_master(store.state_cfg, parts).clone()
+    return out
