@@ -1,6 +1,6 @@
 """Import a model into a new store, one block at a time.
 
-Each block's parameters come from the checkpoint (streamed tensor by tensor through safetensors'
+Each block's parameters come from the checkpoint (streamed tensor by tensor with plain reads, no
 memory map) or, for a preset, from the architecture's own initialisation run on that block alone.
 They are encoded into every kind of state and written as version-0 files; the manifest is written
 last, so an interrupted import leaves no store behind (the directory is removed). Peak memory is one

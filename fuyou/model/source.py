@@ -1,7 +1,7 @@
 """Where a model comes from: a local Hugging Face directory (config.json + safetensors) or a preset.
 
 Never unpickles: a checkpoint with only .bin/.pt weights is refused. Weights are read tensor by
-tensor through safetensors' memory map, so importing never holds the whole model in RAM.
+tensor with plain reads (no memory map), so importing never holds the whole model in RAM.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from ..data.tokenizer import DEFAULT_TOKENIZER_DIR
+from .safetensors_io import SafetensorsError, read_header, read_tensors
 
 # Presets: Llama-shaped configs built in code (no download). "tiny" is the default job's model.
 PRESETS: Dict[str, dict] = {
@@ -54,6 +55,7 @@ class ModelSource:
         self.preset: Optional[str] = None
         self.weight_files: list = []
         self.index: Dict[str, str] = {}  # tensor name -> safetensors file
+        self._headers: Dict[str, tuple] = {}  # safetensors file -> (header, data offset)
         if spec in PRESETS:
             self._init_preset(spec)
         else:
@@ -111,31 +113,32 @@ class ModelSource:
                     "Convert it once with save_pretrained(..., safe_serialization=True)"
                 )
             raise ModelError(f"{path} has no *.safetensors weights; pass a directory saved with save_pretrained")
-        from safetensors import safe_open
-
         for fpath in self.weight_files:
+            for name in self._header(fpath)[0]:
+                self.index[name] = fpath
+
+    def _header(self, fpath: str) -> tuple:
+        if fpath not in self._headers:
             try:
-                with safe_open(fpath, framework="pt") as f:
-                    for name in f.keys():
-                        self.index[name] = fpath
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+                self._headers[fpath] = read_header(fpath)
+            except (SafetensorsError, OSError) as exc:
                 raise ModelError(f"{fpath} is not a readable safetensors file ({exc}); re-save or re-download the checkpoint") from None
+        return self._headers[fpath]
 
     def describe(self) -> str:
         return f"preset {self.preset}" if self.preset else self.path
 
     def iter_tensors(self, names) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Yield (name, fp32 tensor) for each requested name, one at a time (memory-mapped reads)."""
-        from safetensors import safe_open
-
-        by_file: Dict[str, list] = {}
+        """Yield (name, fp32 tensor) for each requested name, one tensor read at a time."""
         for n in names:
             key = self._checkpoint_key(n)
-            by_file.setdefault(self.index[key], []).append((n, key))
-        for fpath, items in by_file.items():
-            with safe_open(fpath, framework="pt") as f:
-                for n, key in items:
-                    yield n, f.get_tensor(key).to(torch.float32)
+            fpath = self.index[key]
+            header, offset = self._header(fpath)
+            try:
+                t = read_tensors(fpath, [key], header, offset)[key]
+            except (SafetensorsError, OSError) as exc:
+                raise ModelError(f"{fpath}: cannot read tensor {key!r} ({exc}); re-download the checkpoint") from None
+            yield n, t.to(torch.float32)
 
     def bind(self, model) -> None:
         """Learn the architecture's checkpoint-key renamings (e.g. GPT-NeoX embed_out -> lm_head)."""
