@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuyou", description="Fine-tune models far larger than GPU memory, with the training state on SSD.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_finetune(sub)
+    from .cli_plan import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
@@ -105,7 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return {"finetune": _finetune}[args.command](args)
+        from .cli_plan import COMMANDS
+
+        return {"finetune": _finetune, **COMMANDS}[args.command](args)
     except KeyboardInterrupt:
         print("fuyou: interrupted; the store keeps its last committed step", file=sys.stderr)
         return 130

@@ -30,6 +30,7 @@ from .memory import Pool
 from .model.skeleton import EMBED, HEAD, Skeleton, causal_lm_loss_sum, count_targets
 from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights
 from .plan import Consumer, consumers, opt_region_offsets, plan_memory
+from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_step_graph, consumer_flops
 from .store.directio import aligned_bytes
 from .store.store import Store
 
@@ -101,24 +102,13 @@ class Runtime:
         self._streams = {}
         if self.device.type == "cuda":
             self._streams = {"h2d": torch.cuda.Stream(self.device), "d2h": torch.cuda.Stream(self.device)}
-        self._opt_owner = self._assign_opt_slots()
+        self._opt_owner = assign_opt_slots(self.cons, skeleton.tied, len(self.oslots), EMBED)
+        self.spec = step_spec(store, self.cons, self.plan, self._opt_owner, skeleton, batch)
 
     def close(self) -> None:
         self.executor.shutdown()
 
     # -- slot bookkeeping --------------------------------------------------------------------
-    def _assign_opt_slots(self) -> Dict[str, int]:
-        """Backward order of blocks -> optimizer slot index (-1 = the dedicated tied slot)."""
-        order = [c.block for c in self.cons if c.phase in ("head", "bwd")]
-        out, i = {}, 0
-        for b in order:
-            if self.sk.tied and b == EMBED:
-                out[b] = -1
-                continue
-            out[b] = i % len(self.oslots)
-            i += 1
-        return out
-
     def _opt_slot(self, block: str) -> torch.Tensor:
         idx = self._opt_owner[block]
         return self.tied_slot if idx < 0 else self.oslots[idx]
@@ -187,33 +177,7 @@ class Runtime:
         )
 
     def _build_graph(self, st: "_StepState") -> Graph:
-        g = Graph()
-        W, D, O = len(self.stage), len(self.dslots), len(self.oslots)
-        compute, ready, writes = [], [], {}
-        bwd_order = [c.block for c in self.cons if c.phase in ("head", "bwd")]
-        slot_free = {}  # block -> the write task of the block that held its optimizer slot before
-        for i, b in enumerate(bwd_order):
-            if self._opt_owner[b] >= 0 and i >= O:
-                slot_free[b] = bwd_order[i - O]
-        for u, c in enumerate(self.cons):
-            release = (ready[u - W] if D else compute[u - W]) if u >= W else None
-            read = g.add(f"read_w{u}:{c.block}", "read", "read", self._read_weights_fn(u), [release], nbytes=self._stage_bytes(u), block=c.block)
-            if D:
-                dev_free = compute[u - D] if u >= D else None
-                read = g.add(f"h2d{u}:{c.block}", "h2d", "h2d", self._h2d_fn(u, st), [read, dev_free], nbytes=self._stage_bytes(u), block=c.block)
-            ready.append(read)
-            deps = [read, compute[-1] if compute else None]
-            for b in self._grad_blocks(c):
-                if b in slot_free:
-                    deps.append(writes[slot_free[b]])
-            compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", self._compute_fn(u, st), deps, block=c.block, phase=c.phase))
-            if c.phase in ("head", "bwd") and self._owns_params(c.block):
-                b = c.block
-                prev = writes[slot_free[b]] if b in slot_free else None
-                rs = g.add(f"read_s:{b}", "read", "read", self._read_states_fn(b), [prev], nbytes=self._states_bytes(b), block=b)
-                op = g.add(f"optim:{b}", "optim", "optim", self._optim_fn(b, st), [compute[-1], rs], block=b, flops=self.store.layouts[b].numel * 16)
-                writes[b] = g.add(f"write:{b}", "write", "write", self._write_fn(b, st.step), [op], nbytes=self._write_bytes(b), block=b)
-        return g
+        return build_step_graph(self.spec, _Bodies(self, st))
 
     def _owns_params(self, block: str) -> bool:
         return self.store.layouts[block].numel > 0
@@ -223,15 +187,6 @@ class Runtime:
         if c.phase == "fwd":
             return []
         return [b for b in c.weight_blocks if self._owns_params(b)]
-
-    def _stage_bytes(self, u: int) -> int:
-        return sum(self.store.layouts[b].kinds["weights"].nbytes for b in self.cons[u].weight_blocks)
-
-    def _states_bytes(self, b: str) -> int:
-        return sum(self.store.layouts[b].kinds[k].nbytes for k in OPTIM_KINDS)
-
-    def _write_bytes(self, b: str) -> int:
-        return self._states_bytes(b) + self.store.layouts[b].kinds["weights"].nbytes
 
     # -- task bodies -----------------------------------------------------------------------------
     def _read_weights_fn(self, u: int):
@@ -295,6 +250,45 @@ class Runtime:
                 torch.cuda.current_stream(self.device).synchronize()  # slots reused once this task ends
 
         return run
+
+
+class _Bodies:
+    """The runtime's task bodies for one step, in the shape build_step_graph asks for."""
+
+    def __init__(self, rt: Runtime, st: "_StepState"):
+        self.rt, self.st = rt, st
+
+    def read_weights(self, u):
+        return self.rt._read_weights_fn(u)
+
+    def h2d(self, u):
+        return self.rt._h2d_fn(u, self.st)
+
+    def compute(self, u):
+        return self.rt._compute_fn(u, self.st)
+
+    def read_states(self, b):
+        return self.rt._read_states_fn(b)
+
+    def optim(self, b):
+        return self.rt._optim_fn(b, self.st)
+
+    def write(self, b):
+        return self.rt._write_fn(b, self.st.step)
+
+
+def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:
+    """Sizes of every task of a step, from the store's layout and the model's shape."""
+    blocks = {
+        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS)) for b, lay in store.layouts.items()
+    }
+    cfg = skeleton.config
+    tokens = batch.batch_size * batch.seq_len
+    flops = [
+        consumer_flops(c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer)
+        for c in cons
+    ]
+    return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops)
 
 
 class _StepState:

@@ -1,0 +1,109 @@
+"""The task graph of one training step, built from sizes alone.
+
+The runtime builds it with real task bodies and runs it; the planner builds the very same graph with
+no bodies and feeds it to the cost model (scheduler.costmodel) to predict a step before running it.
+Slot reuse is expressed as dependencies (see runtime.py), so what the cost model simulates is
+exactly what the executor will be allowed to do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Protocol
+
+from scheduler import Graph
+
+from .plan import Consumer
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    numel: int
+    weights_bytes: int  # one read of the stored compute weights
+    states_bytes: int  # master + moments, read once and written once per step
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    cons: List[Consumer]
+    blocks: Dict[str, BlockSizes]
+    weight_slots: int
+    device_slots: int
+    opt_slots: int
+    opt_owner: Dict[str, int]  # block -> optimizer slot index (-1: a dedicated slot)
+    flops: List[int]  # per consumer
+
+
+class TaskBodies(Protocol):
+    def read_weights(self, u: int) -> Callable[[], object]: ...
+    def h2d(self, u: int) -> Callable[[], object]: ...
+    def compute(self, u: int) -> Callable[[], object]: ...
+    def read_states(self, b: str) -> Callable[[], object]: ...
+    def optim(self, b: str) -> Callable[[], object]: ...
+    def write(self, b: str) -> Callable[[], object]: ...
+
+
+def _noop() -> None:
+    return None
+
+
+class NoBodies:
+    """Bodies that do nothing: the graph's shape and sizes only (for the cost model)."""
+
+    def __getattr__(self, _name):
+        return lambda *_a: _noop
+
+
+def assign_opt_slots(cons: List[Consumer], tied: bool, opt_slots: int, embed: str) -> Dict[str, int]:
+    """Blocks in backward order cycle through the optimizer slots; a tied embedding keeps its own
+    (the head's backward writes into its gradient long before the embedding's backward does)."""
+    out, i = {}, 0
+    for c in cons:
+        if c.phase == "fwd":
+            continue
+        if tied and c.block == embed:
+            out[c.block] = -1
+            continue
+        out[c.block] = i % opt_slots
+        i += 1
+    return out
+
+
+def consumer_flops(c: Consumer, blocks: Dict[str, BlockSizes], *, tokens: int, seq_len: int, hidden: int, is_layer: bool) -> int:
+    """Model FLOPs of a consumer: 2·params·tokens per matmul pass, plus causal attention for layers;
+    a backward is a recompute plus twice the forward; the head runs forward and backward."""
+    numel = sum(blocks[b].numel for b in c.weight_blocks)
+    if not is_layer and c.phase != "head":
+        return 0  # the embedding is a gather
+    fwd = 2 * numel * tokens + (2 * seq_len * hidden * tokens if is_layer else 0)
+    return {"fwd": fwd, "head": 3 * fwd, "bwd": 3 * fwd}[c.phase]
+
+
+def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
+    bodies = bodies or NoBodies()
+    g = Graph()
+    W, D, O = spec.weight_slots, spec.device_slots, spec.opt_slots
+    compute, ready, writes = [], [], {}
+    bwd_order = [c.block for c in spec.cons if c.phase != "fwd"]
+    slot_free = {}  # block -> the block whose write frees its optimizer slot
+    for i, b in enumerate(bwd_order):
+        if spec.opt_owner[b] >= 0 and i >= O:
+            slot_free[b] = bwd_order[i - O]
+    for u, c in enumerate(spec.cons):
+        stage_bytes = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks)
+        release = (ready[u - W] if D else compute[u - W]) if u >= W else None
+        read = g.add(f"read_w{u}:{c.block}", "read", "read", bodies.read_weights(u), [release], nbytes=stage_bytes, block=c.block)
+        if D:
+            dev_free = compute[u - D] if u >= D else None
+            read = g.add(f"h2d{u}:{c.block}", "h2d", "h2d", bodies.h2d(u), [read, dev_free], nbytes=stage_bytes, block=c.block)
+        ready.append(read)
+        deps = [read, compute[-1] if compute else None]
+        if c.phase != "fwd":
+            deps += [writes[slot_free[b]] for b in c.weight_blocks if b in slot_free and spec.blocks[b].numel]
+        compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", bodies.compute(u), deps, flops=spec.flops[u], block=c.block, phase=c.phase))
+        if c.phase != "fwd" and spec.blocks[c.block].numel:
+            b, size = c.block, spec.blocks[c.block]
+            prev = writes[slot_free[b]] if b in slot_free else None
+            rs = g.add(f"read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=size.states_bytes, block=b)
+            op = g.add(f"optim:{b}", "optim", "optim", bodies.optim(b), [compute[-1], rs], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
+            writes[b] = g.add(f"write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
+    return g
