@@ -30,7 +30,7 @@ from .memory import Pool
 from .model.skeleton import EMBED, HEAD, Skeleton, causal_lm_loss_sum, count_targets
 from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights
 from .plan import Consumer, consumers, opt_region_offsets, plan_memory
-from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_step_graph, consumer_flops
+from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_redo_graph, build_step_graph, consumer_flops
 from .store.directio import aligned_bytes
 from .store.store import Store
 
@@ -48,6 +48,7 @@ class StepResult:
     bytes_written: int
     seconds: float
     events: list = field(default_factory=list)
+    status: str = "ok"  # "ok", "clipped" (optimizer redone with the clip factor) or "skipped" (non-finite)
 
 
 class Runtime:
@@ -63,9 +64,13 @@ class Runtime:
         batch: BatchConfig,
         optim: OptimConfig,
         trace: Optional[Trace] = None,
+        max_grad_norm: Optional[float] = None,
     ):
         self.store, self.sk, self.device = store, skeleton, torch.device(device)
         self.batch_cfg, self.optim_cfg = batch, optim
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"--max-grad-norm must be > 0, got {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
         stored = store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype
         # On the CPU device compute in fp32: bf16 matmul there is ~100x slower (DESIGN §5).
         self.compute_dtype = torch.float32 if self.device.type == "cpu" else stored
@@ -151,33 +156,61 @@ class Runtime:
         t0 = time.perf_counter()
         step = self.store.step + 1
         lr = self.optim_cfg.lr_at(step)
-        mbs = [m.to(self.device) for m in batch.split(self.batch_cfg.micro_batches)] if self.device.type != "cpu" else batch.split(self.batch_cfg.micro_batches)
+        mbs = batch.split(self.batch_cfg.micro_batches)
+        if self.device.type != "cpu":
+            mbs = [m.to(self.device) for m in mbs]
         st = _StepState(step, lr, mbs, count_targets(batch.labels))
         r0, w0 = self.store.bytes_read, self.store.bytes_written
-        graph = self._build_graph(st)
         n0 = len(self.trace.events)
         try:
-            self.executor.run(graph, step=step)
-        finally:
-            st.free_activations(self.dev_pool)
-        if not math.isfinite(st.sumsq):
-            raise FloatingPointError(f"step {step}: the gradient is not finite; the step was not committed (the store still holds step {step - 1})")
-        versions = {b: {k: step for k in OPTIM_KINDS + ("weights",)} for b in self.store.block_names}
-        self.store.commit(step, versions, train_meta if train_meta is not None else self.store.manifest.get("train"))
+            try:
+                self.executor.run(build_step_graph(self.spec, _Bodies(self, st)), step=step)
+            finally:
+                st.free_activations(self.dev_pool)
+            norm = math.sqrt(st.sumsq) if math.isfinite(st.sumsq) else math.inf
+            status = self._finish(st, norm)
+        except BaseException:
+            self.store.discard(step)  # nothing of this step is live; its files are garbage now
+            raise
+        meta = train_meta if train_meta is not None else self.store.manifest.get("train")
+        if status == "skipped":
+            self.store.discard(step)
+            self.store.commit(step - 1, {}, meta)  # advance past the batch, no state change
+        else:
+            versions = {b: {k: step for k in OPTIM_KINDS + ("weights",)} for b in self.store.block_names if self._owns_params(b)}
+            self.store.commit(step, versions, meta)
+            self.store.discard(step, kinds=("grad",))
         return StepResult(
-            step=step,
+            step=step if status != "skipped" else step - 1,
             loss=sum(st.loss_sums) / max(st.targets, 1),
             tokens=int(batch.input_ids.numel()),
-            grad_norm=math.sqrt(st.sumsq),
+            grad_norm=norm,
             lr=lr,
             bytes_read=self.store.bytes_read - r0,
             bytes_written=self.store.bytes_written - w0,
             seconds=time.perf_counter() - t0,
             events=self.trace.events[n0:],
+            status=status,
         )
 
-    def _build_graph(self, st: "_StepState") -> Graph:
-        return build_step_graph(self.spec, _Bodies(self, st))
+    def _finish(self, st: "_StepState", norm: float) -> str:
+        """Decide the step once the global gradient norm is known: commit, clip (redo), or skip.
+
+        The optimizer already ran on every block with the unclipped gradient, writing new versions;
+        the live (old) versions are untouched until the commit. A non-finite gradient skips the
+        step. Clipping redoes the optimizer from the old states and the kept gradients with
+        torch.nn.utils.clip_grad_norm_'s factor max_norm / (norm + 1e-6).
+        """
+        if not math.isfinite(norm):
+            return "skipped"
+        if self.max_grad_norm is None:
+            return "ok"
+        coef = self.max_grad_norm / (norm + 1e-6)
+        if coef >= 1.0:
+            return "ok"
+        st.grad_scale = coef
+        self.executor.run(build_redo_graph(self.spec, _Bodies(self, st)), step=st.step)
+        return "clipped"
 
     def _owns_params(self, block: str) -> bool:
         return self.store.layouts[block].numel > 0
@@ -224,20 +257,40 @@ class Runtime:
         def run():
             v = self._opt_views(b)
             cfg, o = self.store.state_cfg, self.optim_cfg
-            st.add_sumsq(float(v["grad"].double().pow(2).sum()))
+            if st.grad_scale == 1.0:  # the first pass measures the norm; a redo reuses it
+                st.add_sumsq(float(v["grad"].double().pow(2).sum()))
             for name, _numel in self.store.layouts[b].params:
                 parts = {k: v["kinds"][k][name] for k in v["kinds"]}
                 adamw_update_(
-                    cfg, v["grads"][name], parts, step=st.step, lr=st.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay
+                    cfg,
+                    v["grads"][name],
+                    parts,
+                    step=st.step,
+                    lr=st.lr,
+                    beta1=o.beta1,
+                    beta2=o.beta2,
+                    eps=o.eps,
+                    weight_decay=o.weight_decay,
+                    grad_scale=st.grad_scale,
                 )
 
         return run
 
-    def _write_fn(self, b: str, step: int):
+    def _write_fn(self, b: str, step: int, redo: bool = False):
         def run():
             slot, offs, lay = self._opt_slot(b), opt_region_offsets(self.store, b), self.store.layouts[b]
             for k in OPTIM_KINDS + ("weights",):
                 self.store.write(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes], version=step)
+            if self.max_grad_norm is not None and not redo:
+                # Kept until the commit: a clipped step is redone from these and the old states.
+                self.store.write(b, "grad", slot[offs["grad"] : offs["end"]], version=step)
+
+        return run
+
+    def _read_grad_fn(self, b: str, step: int):
+        def run():
+            slot, offs = self._opt_slot(b), opt_region_offsets(self.store, b)
+            self.store.read(b, "grad", slot[offs["grad"] : offs["end"]], version=step)
 
         return run
 
@@ -274,7 +327,10 @@ class _Bodies:
         return self.rt._optim_fn(b, self.st)
 
     def write(self, b):
-        return self.rt._write_fn(b, self.st.step)
+        return self.rt._write_fn(b, self.st.step, redo=self.st.grad_scale != 1.0)
+
+    def read_grad(self, b):
+        return self.rt._read_grad_fn(b, self.st.step)
 
 
 def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:
@@ -301,6 +357,7 @@ class _StepState:
         self.dh: Dict[int, torch.Tensor] = {}
         self.loss_sums: List[float] = []
         self.grad_started: set = set()  # blocks whose gradient region this step has zeroed
+        self.grad_scale = 1.0  # clip factor of a redone optimizer pass
         self.sumsq = 0.0
         self._lock = threading.Lock()
 

@@ -40,6 +40,7 @@ class TaskBodies(Protocol):
     def read_states(self, b: str) -> Callable[[], object]: ...
     def optim(self, b: str) -> Callable[[], object]: ...
     def write(self, b: str) -> Callable[[], object]: ...
+    def read_grad(self, b: str) -> Callable[[], object]: ...
 
 
 def _noop() -> None:
@@ -106,4 +107,20 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
             rs = g.add(f"read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=size.states_bytes, block=b)
             op = g.add(f"optim:{b}", "optim", "optim", bodies.optim(b), [compute[-1], rs], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
             writes[b] = g.add(f"write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
+    return g
+
+
+def build_redo_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
+    """The optimizer pass again, from the live (old) states and the kept gradients (a clipped step)."""
+    bodies = bodies or NoBodies()
+    g = Graph()
+    order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
+    writes = {}
+    for i, b in enumerate(order):
+        size = spec.blocks[b]
+        prev = writes[order[i - spec.opt_slots]] if spec.opt_owner[b] >= 0 and i >= spec.opt_slots else None
+        rs = g.add(f"redo_read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=size.states_bytes, block=b)
+        rg = g.add(f"redo_read_g:{b}", "read", "read", bodies.read_grad(b), [prev], nbytes=4 * size.numel, block=b)
+        op = g.add(f"redo_optim:{b}", "optim", "optim", bodies.optim(b), [rs, rg], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
+        writes[b] = g.add(f"redo_write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
     return g

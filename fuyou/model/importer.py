@@ -16,7 +16,7 @@ import torch
 
 from ..optim.state import KINDS, StateConfig, init_state_
 from ..store.directio import aligned_empty
-from ..store.store import Store, create_store, finalize_import, fingerprint_config, new_manifest
+from ..store.store import IMPORTING, Store, create_store, finalize_import, fingerprint_config, new_manifest
 from .skeleton import Skeleton
 from .source import ModelSource
 
@@ -92,6 +92,9 @@ def import_model(
         if existed:
             for sub in ("blocks", "model"):
                 shutil.rmtree(os.path.join(store_path, sub), ignore_errors=True)
+            marker = os.path.join(store_path, IMPORTING)
+            if os.path.exists(marker):
+                os.unlink(marker)
         else:
             shutil.rmtree(store_path, ignore_errors=True)
         raise
