@@ -24,16 +24,21 @@ def pow2_floor(s):
 
 
 @triton.jit
-def round_e4m3(v):
-    """Round non-negative fp32 v to E4M3 (3 mantissa bits, subnormal step 2**-9, max 448).
+def round_e4m3(v, UP: tl.constexpr):
+    """Round non-negative fp32 v to E4M3 (3 mantissa bits, subnormal step 2**-9, max 448),
+    to nearest or (UP) to the next value up.
 
-    Ties round up here and to even in torch's cast; the two differ only on exact ties.
+    Nearest ties round up here and to even in torch's cast; the two differ only on exact ties.
     """
     v = tl.minimum(v, 448.0)
     bits = v.to(tl.int32, bitcast=True)
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.minimum(tl.floor(v / step + 0.5) * step, 448.0)
+    if UP:
+        r = tl.ceil(v / step) * step
+    else:
+        r = tl.floor(v / step + 0.5) * step
+    return tl.minimum(r, 448.0)
 
 
 @triton.jit

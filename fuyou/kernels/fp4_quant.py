@@ -24,7 +24,7 @@ _CONFIGS = [triton.Config({"TILE_R": 64}, num_warps=4), triton.Config({"TILE_R":
 
 
 @triton.jit
-def _block_scale(x, ts, RULE: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+def _block_scale(x, ts, RULE: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, UP: tl.constexpr):
     """Dequantization scale per 1xGROUP row block (shape [T, 1]) or per whole 2-D tile (scalar)."""
     if RULE == 0:
         mean = tl.sum(x, axis=1, keep_dims=True) / GROUP
@@ -36,8 +36,8 @@ def _block_scale(x, ts, RULE: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.
     else:
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     if RULE == 1:
-        return pow2_ceil(tl.maximum(amax, AMAX_EPS_C) / 6.0)
-    return round_e4m3(tl.math.div_rn(amax / 6.0, ts)) * ts
+        return pow2_ceil(tl.math.div_rn(tl.maximum(amax, AMAX_EPS_C), 6.0))
+    return round_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0), ts), UP) * ts
 
 
 @triton.autotune(configs=pick_configs(_CONFIGS), key=["C", "GROUP", "BLOCK_ROWS"])
@@ -57,7 +57,7 @@ def _fp4_quant_kernel(
     ts = 1.0
     if RULE == 2:
         ts = tl.load(ts_ptr)
-    scale = _block_scale(x, ts, RULE, GROUP, BLOCK_ROWS)
+    scale = _block_scale(x, ts, RULE, GROUP, BLOCK_ROWS, STOCHASTIC)
     q = tl.where(scale > 0, tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)), 0.0)
     a = tl.minimum(tl.abs(q), 6.0)
     if STOCHASTIC:

@@ -152,9 +152,14 @@ def e2m1_round_ref(a: torch.Tensor, noise: torch.Tensor | None = None) -> torch.
     return torch.where(noise < p, hi, lo)
 
 
-def round_e4m3_ref(v: torch.Tensor) -> torch.Tensor:
-    """Round non-negative fp32 `v` to the nearest E4M3 value (saturating at 448)."""
-    return v.clamp(0.0, FP8_MAX).to(FP8_DTYPE).float()
+def round_e4m3_ref(v: torch.Tensor, up: bool = False) -> torch.Tensor:
+    """Round non-negative fp32 `v` to the nearest E4M3 value, or up to the next one (saturating at 448)."""
+    v = v.clamp(0.0, FP8_MAX)
+    if not up:
+        return v.to(FP8_DTYPE).float()
+    _, exp = torch.frexp(v)  # v = m * 2**exp, m in [0.5, 1): the E4M3 exponent is exp - 1
+    step = torch.ldexp(torch.ones_like(v), (exp - 1).clamp_min(-6) - 3)
+    return (torch.ceil(v / step) * step).clamp_max(FP8_MAX)
 
 
 def nvfp4_tensor_scale_ref(x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +171,8 @@ def _fp4_block_scale(blocks: torch.Tensor, fmt: str, rule: str, tensor_scale) ->
     """Per-block dequantization scale of `blocks` [..., B]."""
     if fmt == "nvfp4":
         amax = blocks.abs().amax(dim=-1, keepdim=True)
-        return round_e4m3_ref(amax / FP4_MAX / tensor_scale) * tensor_scale
+        # Stochastic rounding rounds the block scale up: a clipped value would bias it.
+        return round_e4m3_ref(amax / FP4_MAX / tensor_scale, up=rule == "sr") * tensor_scale
     if rule == "rtn":  # QuEST: Gaussian-optimal clipping, power-of-two scale
         mean = blocks.sum(-1, keepdim=True) / blocks.shape[-1]
         mean_sq = (blocks * blocks).sum(-1, keepdim=True) / blocks.shape[-1]
@@ -191,7 +197,8 @@ def fp4_quant_ref(
     to ±6 and return the mask of unclipped entries (gradients are zeroed where clipped); rule "sr"
     = amax power-of-two scale and stochastic rounding driven by `noise` (same shape as x).
     fmt "nvfp4": 1x16 groups (block_rows=16: 16x16 tiles), E4M3 block scale times `tensor_scale`
-    (nvfp4_tensor_scale_ref); rule "rtn" or "sr". The mask is None when nothing can clip.
+    (nvfp4_tensor_scale_ref); rule "rtn" (scale rounded to nearest E4M3, the block amax may clip
+    by < 1/16) or "sr" (scale rounded up: nothing clips, so the rounding stays unbiased). The mask is None when nothing can clip.
     Dims must be multiples of the block (zero-pad first).
     """
     group = MX_GROUP if fmt == "mxfp4" else NV_GROUP
