@@ -72,12 +72,12 @@ def _random_signs(n: int, device) -> torch.Tensor:
 
 class _Fp8BlockwiseFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, ops: KernelOps, pow2: bool):
+    def forward(ctx, x, w, ops: KernelOps, pow2: bool, need_wgrad: bool):
         xq, xs = ops.act_quant(x, pow2)
         wq, ws = ops.weight_quant(w, pow2)
         y = ops.fp8_gemm(xq, xs, wq.t(), ws, ref.FP8_GROUP, torch.float32)
         # wgrad needs X grouped along tokens: quantize now from the source and keep only the codes.
-        xtq, xts = ops.act_quant(x.t(), pow2) if w.requires_grad else (None, None)
+        xtq, xts = ops.act_quant(x.t(), pow2) if need_wgrad else (None, None)
         ctx.save_for_backward(wq, ws, xtq, xts)
         ctx.ops, ctx.pow2, ctx.x_dtype, ctx.w_dtype = ops, pow2, x.dtype, w.dtype
         return y
@@ -95,7 +95,7 @@ class _Fp8BlockwiseFn(torch.autograd.Function):
             gtq, gts = ops.act_quant(dy.t(), pow2)  # dYᵀ [N, M], 1x128 along M
             # B = X [M, K] from Xᵀ's codes; one scale per (column k, 128-token block): b_group=1.
             dw = ops.fp8_gemm(gtq, gts, xtq.t(), xts, 1, torch.float32).to(ctx.w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 class _Fp4Fn(torch.autograd.Function):
@@ -190,7 +190,9 @@ def low_precision_linear(
     x2 = x.reshape(-1, k)
     if config.recipe == "fp8-blockwise":
         # Partial 128-blocks are zero-filled inside the kernels/references: no copy needed.
-        y = _Fp8BlockwiseFn.apply(x2, weight, ops, config.pow2_scales)
+        # Forward runs with grad mode off inside the Function: decide here whether wgrad will come.
+        need_wgrad = torch.is_grad_enabled() and weight.requires_grad
+        y = _Fp8BlockwiseFn.apply(x2, weight, ops, config.pow2_scales, need_wgrad)
     else:
         g = config.block
         xp, wp = _pad2d(x2, g, g), _pad2d(weight, g, g)

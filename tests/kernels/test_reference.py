@@ -171,3 +171,13 @@ def test_fp4_quant_ref_rejects_partial_blocks():
         ref.fp4_quant_ref(torch.randn(4, 40), "mxfp4")
     with pytest.raises(ValueError, match="tensor_scale"):
         ref.fp4_quant_ref(torch.randn(4, 32), "nvfp4")
+
+
+def test_fp8_store_roundtrip_is_idempotent_with_pow2_scales():
+    """Re-quantizing stored fp8 weights (dequantized for compute) reproduces the same codes."""
+    torch.manual_seed(7)
+    w = torch.randn(200, 260)
+    codes, scales = quantize_weight_fp8(w, pow2=True)
+    codes2, scales2 = quantize_weight_fp8(dequantize_weight_fp8(codes, scales, w.shape), pow2=True)
+    torch.testing.assert_close(scales2, scales, rtol=0, atol=0)
+    torch.testing.assert_close(codes2.float(), codes.float(), rtol=0, atol=0)
