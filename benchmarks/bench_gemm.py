@@ -58,7 +58,7 @@ def tflops(flop: float, ms: float | None) -> str:
     return f"{flop / ms / 1e9:7.0f}" if ms else "    n/a"
 
 
-def run_shape(label: str, m: int, n: int, k: int) -> tuple[str, dict]:
+def run_shape(label: str, m: int, n: int, k: int, device: str = "cuda") -> tuple[str, dict]:
     from fuyou.kernels import reference as ref
     from fuyou.kernels.act_quant import act_quant
     from fuyou.kernels.fp4_quant import fp4_quant
@@ -66,9 +66,9 @@ def run_shape(label: str, m: int, n: int, k: int) -> tuple[str, dict]:
     from fuyou.kernels.hadamard import hadamard
     from fuyou.kernels.weight_quant import weight_quant
 
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
     flop = 2.0 * m * n * k
     xq, xs = act_quant(x)
     wq, ws = weight_quant(w)
@@ -77,8 +77,8 @@ def run_shape(label: str, m: int, n: int, k: int) -> tuple[str, dict]:
     xtq, xts = act_quant(x.t())
     # rowwise scaled_mm peer: one scale per row of X and per row of W
     x8, w8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
-    sx = torch.ones(m, 1, device="cuda")
-    sw = torch.ones(1, n, device="cuda")
+    sx = torch.ones(m, 1, device=device)
+    sw = torch.ones(1, n, device=device)
     ms = {
         "bf16": bench_ms(lambda: x @ w.t()),
         "smm": bench_ms(lambda: torch._scaled_mm(x8, w8.t(), sx, sw, out_dtype=torch.bfloat16)),

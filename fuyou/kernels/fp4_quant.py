@@ -30,14 +30,17 @@ def _block_scale(x, ts, RULE: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.
         mean = tl.sum(x, axis=1, keep_dims=True) / GROUP
         mean_sq = tl.sum(x * x, axis=1, keep_dims=True) / GROUP
         std = tl.sqrt_rn(tl.maximum(mean_sq - mean * mean, 0.0))
-        return pow2_floor(std * _QUEST + 1e-8)
-    if BLOCK_ROWS == 1:
-        amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
+        scale = pow2_floor(std * _QUEST + 1e-8)
     else:
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    if RULE == 1:
-        return pow2_ceil(tl.math.div_rn(tl.maximum(amax, AMAX_EPS_C), 6.0))
-    return round_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0), ts), UP) * ts
+        if BLOCK_ROWS == 1:
+            amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
+        else:
+            amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        if RULE == 1:
+            scale = pow2_ceil(tl.math.div_rn(tl.maximum(amax, AMAX_EPS_C), 6.0))
+        else:
+            scale = round_e4m3(tl.math.div_rn(tl.math.div_rn(amax, 6.0), ts), UP) * ts
+    return scale
 
 
 @triton.autotune(configs=pick_configs(_CONFIGS), key=["C", "GROUP", "BLOCK_ROWS"])
@@ -48,15 +51,15 @@ def _fp4_quant_kernel(
     STOCHASTIC: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_MASK: tl.constexpr, TILE_R: tl.constexpr,
 ):
     # 1-D blocks: TILE_R rows x one group; 2-D blocks: exactly one BLOCK_ROWS x GROUP tile.
-    rows: tl.constexpr = TILE_R if BLOCK_ROWS == 1 else BLOCK_ROWS
-    offs_r = tl.program_id(0) * rows + tl.arange(0, rows)
+    if BLOCK_ROWS == 1:
+        offs_r = tl.program_id(0) * TILE_R + tl.arange(0, TILE_R)
+    else:
+        offs_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     offs_c = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
     inside = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     offs = offs_r[:, None] * C + offs_c[None, :]
     x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    ts = 1.0
-    if RULE == 2:
-        ts = tl.load(ts_ptr)
+    ts = tl.load(ts_ptr)  # the NVFP4 tensor scale (a dummy address for the MX rules)
     scale = _block_scale(x, ts, RULE, GROUP, BLOCK_ROWS, STOCHASTIC)
     q = tl.where(scale > 0, tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)), 0.0)
     a = tl.minimum(tl.abs(q), 6.0)
