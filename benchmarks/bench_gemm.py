@@ -7,9 +7,10 @@ GPU only (exits 0 with a message elsewhere). Times are triton.testing.do_bench m
     python benchmarks/bench_gemm.py --quick    # 3 shapes
 
 Columns (TFLOPS = 2*M*N*K / time): bf16 = torch.matmul bf16; smm = torch._scaled_mm fp8 rowwise
-(pre-quantized); fwd/dgrad/wgrad = fuyou.kernels.fp8_gemm in the three layouts of the blockwise
-recipe (pre-quantized); fwd+q = forward including act_quant(X) and weight_quant(W); then the
-quantizers alone (ms) and the FP4 emulation primitives (hadamard + fp4_quant of X, ms).
+(pre-quantized, default precise accumulation); fwd/dgrad/wgrad = fuyou.kernels.fp8_gemm in the
+three layouts of the blockwise recipe (pre-quantized; fwd with fast accumulation, dgrad/wgrad
+without, as the recipe runs them); fwd+q = forward including act_quant(X) and weight_quant(W);
+then the quantizers alone (ms) and the FP4 emulation primitives (hadamard + fp4_quant of X, ms).
 """
 from __future__ import annotations
 
@@ -82,10 +83,10 @@ def run_shape(label: str, m: int, n: int, k: int, device: str = "cuda") -> tuple
     ms = {
         "bf16": bench_ms(lambda: x @ w.t()),
         "smm": bench_ms(lambda: torch._scaled_mm(x8, w8.t(), sx, sw, out_dtype=torch.bfloat16)),
-        "fwd": bench_ms(lambda: fp8_gemm(xq, xs, wq.t(), ws, 128, torch.bfloat16)),
+        "fwd": bench_ms(lambda: fp8_gemm(xq, xs, wq.t(), ws, 128, torch.bfloat16, fast_accum=True)),
         "dgrad": bench_ms(lambda: fp8_gemm(gq, gs, wq, ws.t(), 128, torch.bfloat16)),
         "wgrad": bench_ms(lambda: fp8_gemm(gtq, gts, xtq.t(), xts, 1, torch.float32)),
-        "fwd+q": bench_ms(lambda: fp8_gemm(*act_quant(x), *_wt(weight_quant(w)), 128, torch.bfloat16)),
+        "fwd+q": bench_ms(lambda: fp8_gemm(*act_quant(x), *_wt(weight_quant(w)), 128, torch.bfloat16, True)),
         "aq": bench_ms(lambda: act_quant(x)),
         "aqT": bench_ms(lambda: act_quant(x.t())),
         "wq": bench_ms(lambda: weight_quant(w)),

@@ -5,6 +5,11 @@ A [M, K] fp8 with one scale per (row, 128-K block); B [K, N] fp8 (any strides) w
 (column group of B_GROUP, 128-K block): B_GROUP=128 for a 128x128 weight tile, 1 for a 128x1 group.
 Each k step does `acc += dot(a, b) * sa[:, None] * sb[None, :]`: the tensor-core dot only ever sums
 128 products, the rest is fp32 (DeepSeek-V3's promotion interval).
+
+fast_accum: on sm_90 Triton lets an fp8 dot accumulate in the tensor core's reduced precision
+(~14 bits, DeepSeek-V3 §3.3.2) unless told otherwise. With fast_accum the 128-product dot runs
+that way (the forward); without it every MMA is promoted to fp32 (dgrad and wgrad, whose
+gradients are more sensitive). Other GPUs and the interpreter ignore the setting.
 """
 from __future__ import annotations
 
@@ -26,13 +31,13 @@ _CONFIGS = [
 ]
 
 
-@triton.autotune(configs=pick_configs(_CONFIGS), key=["M", "N", "K", "B_GROUP"])
+@triton.autotune(configs=pick_configs(_CONFIGS), key=["M", "N", "K", "B_GROUP", "IMPRECISE_ACC"])
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sam, stride_sak, stride_sbn, stride_sbk,
-    B_GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+    B_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share B column-tiles while they sit in L2.
@@ -62,7 +67,7 @@ def _fp8_gemm_kernel(
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         sa = tl.load(sa_ptrs + kb * stride_sak, mask=m_ok, other=0.0)
         sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        acc += tl.dot(a, b, max_num_imprecise_acc=IMPRECISE_ACC) * sa[:, None] * sb[None, :]
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -89,9 +94,9 @@ def _check(a, a_scales, b, b_scales, b_group):
 
 def fp8_gemm(
     a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, b_group: int,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype = torch.float32, fast_accum: bool = False,
 ) -> torch.Tensor:
-    """Triton version of reference.fp8_gemm_ref: C [M, N] in `out_dtype`."""
+    """Triton version of reference.fp8_gemm_ref: C [M, N] in `out_dtype` (fast_accum: see module doc)."""
     _check(a, a_scales, b, b_scales, b_group)
     check_device(a, a_scales, b, b_scales)
     (m, k), n = a.shape, b.shape[1]
@@ -105,6 +110,6 @@ def fp8_gemm(
         a, b, c, a_scales, b_scales, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1),
-        B_GROUP=b_group, BLOCK_K=FP8_GROUP,
+        B_GROUP=b_group, BLOCK_K=FP8_GROUP, IMPRECISE_ACC=FP8_GROUP if fast_accum else 0,
     )
     return c

@@ -75,7 +75,8 @@ class _Fp8BlockwiseFn(torch.autograd.Function):
     def forward(ctx, x, w, ops: KernelOps, pow2: bool, need_wgrad: bool):
         xq, xs = ops.act_quant(x, pow2)
         wq, ws = ops.weight_quant(w, pow2)
-        y = ops.fp8_gemm(xq, xs, wq.t(), ws, ref.FP8_GROUP, torch.float32)
+        # Fast accumulation (within each 128-K block) only in the forward.
+        y = ops.fp8_gemm(xq, xs, wq.t(), ws, ref.FP8_GROUP, torch.float32, True)
         # wgrad needs X grouped along tokens: quantize now from the source and keep only the codes.
         xtq, xts = ops.act_quant(x.t(), pow2) if need_wgrad else (None, None)
         ctx.save_for_backward(wq, ws, xtq, xts)

@@ -21,7 +21,7 @@ class KernelOps:
     name: str
     act_quant: Callable  # (x [M, K], pow2) -> (fp8 codes, scales [M, ceil(K/128)])
     weight_quant: Callable  # (w [N, K], pow2) -> (fp8 codes, scales [ceil(N/128), ceil(K/128)])
-    fp8_gemm: Callable  # (a, a_scales, b, b_scales, b_group, out_dtype) -> fp [M, N]
+    fp8_gemm: Callable  # (a, a_scales, b, b_scales, b_group, out_dtype, fast_accum) -> fp [M, N]
     hadamard: Callable  # (x, block, signs) -> fp32
     fp4_quant: Callable  # (x, fmt, rule, noise, tensor_scale, block_rows[, seed]) -> (fp32, mask)
     # Stochastic-rounding noise from torch.rand (reproducible under torch.manual_seed) instead of
@@ -36,7 +36,8 @@ class KernelOps:
         return self.fp4_quant(x, fmt, rule, None, tensor_scale, block_rows)
 
 
-def _fp8_gemm_ref(a, a_scales, b, b_scales, b_group, out_dtype=torch.float32):
+def _fp8_gemm_ref(a, a_scales, b, b_scales, b_group, out_dtype=torch.float32, fast_accum=False):
+    # fast_accum only changes the tensor-core accumulation of the kernel; fp32 here.
     return ref.fp8_gemm_ref(a, a_scales, b, b_scales, b_group).to(out_dtype)
 
 

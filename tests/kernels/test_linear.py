@@ -17,6 +17,9 @@ PATH_TOLERANCE = {
     "mxfp4": (1e-5, 1e-4, "same FP4 values (same noise); Hadamard dot and matmul summation order only"),
     "nvfp4": (1e-5, 1e-4, "same FP4 values (same noise); matmul summation order only"),
 }
+# On sm_90 the fp8 forward GEMM accumulates each 128-product block in the tensor core's ~14-bit
+# precision (fast accumulation, forward only); the reference sums in fp32. atol = this x rms(y).
+FAST_ACCUM_REL_ATOL = 2e-3
 # Low precision vs the fp32 F.linear, as max |err| / rms(fp32 result), for y, dx, dw (inputs ~N(0,1),
 # W ~ N(0, 1/K)). Measured over 3 seeds at these shapes: fp8 <= 0.19, mxfp4 <= 2.0, nvfp4 <= 0.90.
 # fp8 (> 1e-1): E4M3 keeps 3 mantissa bits (half-ulp 6.25%), so the relative rms error of a
@@ -60,8 +63,11 @@ def test_triton_path_matches_reference_path(recipe, m, n, k):
     got = _run(recipe, _triton_path_ops(), x, w, b, dy)
     want = _run(recipe, reference_ops(), x, w, b, dy)
     rtol, atol, _ = PATH_TOLERANCE[recipe]
-    for g, r in zip(got, want):
-        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+    for i, (g, r) in enumerate(zip(got, want)):
+        if i == 0 and recipe == "fp8-blockwise" and DEVICE == "cuda":
+            torch.testing.assert_close(g, r, rtol=0, atol=FAST_ACCUM_REL_ATOL * r.pow(2).mean().sqrt().item())
+        else:
+            torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -24,6 +24,8 @@ TOLERANCES = {
     "fp8_gemm": (1e-5, 1e-4, "same fp8 products in fp32, only the summation order differs"),
     "hadamard": (1e-5, 1e-5, "fp32 block dot (ieee) vs torch matmul: summation order"),
     "exact": (0, 0, "same fp32 operations on the same inputs"),
+    # atol as a fraction of rms(expected); only differs from fp8_gemm on sm_90.
+    "fp8_gemm_fast_accum": (0, 2e-3, "sm_90 fp8 MMAs accumulate with ~14 bits within each 128-K block"),
 }
 
 
@@ -33,7 +35,7 @@ def _close(actual, expected, kind):
 
 
 # (M, N, K): size 1, non-multiples of 128 on every dim, several blocks.
-GEMM_SHAPES = [(1, 128, 128), (33, 150, 200), (128, 256, 256), (70, 1, 129)]
+GEMM_SHAPES = [(1, 128, 128), (33, 150, 200), (128, 256, 256), (70, 1, 129), (2, 3, 1)]
 
 
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
@@ -51,6 +53,17 @@ def test_fp8_gemm_forward_dgrad_wgrad_layouts(m, n, k):
     gtq, gts = ref.act_quant_ref(dy.t())
     xtq, xts = ref.act_quant_ref(x.t())
     _close(fp8_gemm(gtq, gts, xtq.t(), xts, 1), ref.fp8_gemm_ref(gtq, gts, xtq.t(), xts, 1), "fp8_gemm")
+
+
+def test_fp8_gemm_fast_accumulation():
+    torch.manual_seed(5)
+    x, w = torch.randn(96, 384, device=DEVICE), torch.randn(160, 384, device=DEVICE)
+    xq, xs = ref.act_quant_ref(x)
+    wq, ws = ref.weight_quant_ref(w)
+    want = ref.fp8_gemm_ref(xq, xs, wq.t(), ws, 128)
+    _, rel_atol, _ = TOLERANCES["fp8_gemm_fast_accum"]
+    got = fp8_gemm(xq, xs, wq.t(), ws, 128, fast_accum=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=rel_atol * want.pow(2).mean().sqrt().item())
 
 
 def test_fp8_gemm_output_dtype_and_bad_input():
