@@ -35,9 +35,9 @@ def round_e4m3(v, UP: tl.constexpr):
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)
     if UP:
-        r = tl.ceil(v / step) * step
+        r = tl.ceil(tl.math.div_rn(v, step)) * step
     else:
-        r = tl.floor(v / step + 0.5) * step
+        r = tl.floor(tl.math.div_rn(v, step) + 0.5) * step
     return tl.minimum(r, 448.0)
 
 
@@ -55,8 +55,8 @@ def e2m1_sr(a, u):
         a > 1.5, 1.5, tl.where(a > 1.0, 1.0, tl.where(a > 0.5, 0.5, 0.0))))))
     hi = tl.where(a > 4.0, 6.0, tl.where(a > 3.0, 4.0, tl.where(a > 2.0, 3.0, tl.where(
         a > 1.5, 2.0, tl.where(a > 1.0, 1.5, tl.where(a > 0.5, 1.0, 0.5))))))
-    # hi - lo is a power of two, so this division is exact.
-    p = (a - lo) / (hi - lo)
+    # hi - lo is a power of two: the correctly rounded division is exact (the default one may not be).
+    p = tl.math.div_rn(a - lo, hi - lo)
     return tl.where(u < p, hi, lo)
 
 

@@ -27,8 +27,8 @@ _CONFIGS = [triton.Config({"TILE_R": 64}, num_warps=4), triton.Config({"TILE_R":
 def _block_scale(x, ts, RULE: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, UP: tl.constexpr):
     """Dequantization scale per 1xGROUP row block (shape [T, 1]) or per whole 2-D tile (scalar)."""
     if RULE == 0:
-        mean = tl.sum(x, axis=1, keep_dims=True) / GROUP
-        mean_sq = tl.sum(x * x, axis=1, keep_dims=True) / GROUP
+        mean = tl.math.div_rn(tl.sum(x, axis=1, keep_dims=True), GROUP * 1.0)
+        mean_sq = tl.math.div_rn(tl.sum(x * x, axis=1, keep_dims=True), GROUP * 1.0)
         std = tl.sqrt_rn(tl.maximum(mean_sq - mean * mean, 0.0))
         scale = pow2_floor(std * _QUEST + 1e-8)
     else:
