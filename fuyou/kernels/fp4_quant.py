@@ -120,5 +120,8 @@ def fp4_quant(
         x, y, mask if has_mask else y, noise if noise is not None else y, ts, r, c, seed or 0,
         GROUP=group, BLOCK_ROWS=block_rows, RULE=rule_id, STOCHASTIC=rule == "sr",
         HAS_NOISE=noise is not None, HAS_MASK=has_mask,
+        # No fused multiply-add: QuEST's 0.487 * std + 1e-8 must round like torch's two steps,
+        # or a block near a power-of-two boundary would get a different scale.
+        enable_fp_fusion=False,
     )
     return y, mask
