@@ -7,7 +7,9 @@ Public API (imports without triton; the Triton kernels load on first use):
     "fp8-blockwise" | "mxfp4" | "nvfp4" or a LowPrecisionConfig. On CUDA the Triton kernels run;
     elsewhere the torch reference path (dequantize + fp32 matmul).
 - LowPrecisionConfig(recipe=..., pow2_scales=False, strict_shapes=False, backend="auto")
-- low_precision_linear(x, weight, bias, config, ops=None) -> Tensor  (differentiable F.linear)
+- low_precision_linear(x, weight, bias, config, ops=None, weight_fp8=None) -> Tensor
+    (differentiable F.linear; weight_fp8=(codes, scales) from quantize_weight_fp8 feeds stored fp8
+    weights to the fp8-blockwise GEMMs without requantizing)
 - quantize_weight_fp8(w [N, K], pow2=False) -> (codes float8_e4m3fn [N, K], scales fp32
     [ceil(N/128), ceil(K/128)])  -- the `--weights fp8` store format (codes viewable as uint8)
 - dequantize_weight_fp8(codes uint8|float8 [N, K], scales, shape) -> fp32 [N, K]

@@ -72,9 +72,10 @@ def _random_signs(n: int, device) -> torch.Tensor:
 
 class _Fp8BlockwiseFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, ops: KernelOps, pow2: bool, need_wgrad: bool):
+    def forward(ctx, x, w, ops: KernelOps, pow2: bool, need_wgrad: bool, w_fp8):
         xq, xs = ops.act_quant(x, pow2)
-        wq, ws = ops.weight_quant(w, pow2)
+        # Stored fp8 weights are the very tiles the GEMM wants: never requantize them.
+        wq, ws = w_fp8 if w_fp8 is not None else ops.weight_quant(w, pow2)
         # Fast accumulation (within each 128-K block) only in the forward.
         y = ops.fp8_gemm(xq, xs, wq.t(), ws, ref.FP8_GROUP, torch.float32, True)
         # wgrad needs X grouped along tokens: quantize now from the source and keep only the codes.
@@ -96,7 +97,7 @@ class _Fp8BlockwiseFn(torch.autograd.Function):
             gtq, gts = ops.act_quant(dy.t(), pow2)  # dYᵀ [N, M], 1x128 along M
             # B = X [M, K] from Xᵀ's codes; one scale per (column k, 128-token block): b_group=1.
             dw = ops.fp8_gemm(gtq, gts, xtq.t(), xts, 1, torch.float32).to(ctx.w_dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 class _Fp4Fn(torch.autograd.Function):
@@ -164,6 +165,22 @@ def _nvfp4_backward(ctx, dy):
     return dx, dw
 
 
+def _check_weight_fp8(weight_fp8, config: LowPrecisionConfig, shape: tuple[int, int]):
+    if config.recipe != "fp8-blockwise":
+        raise ValueError(f"weight_fp8 (stored fp8 weights) needs recipe fp8-blockwise, not {config.recipe}")
+    codes, scales = weight_fp8
+    if codes.dtype == torch.uint8:
+        codes = codes.view(ref.FP8_DTYPE)
+    n, k = shape
+    want = (-(-n // ref.FP8_GROUP), -(-k // ref.FP8_GROUP))
+    if codes.dtype != ref.FP8_DTYPE or tuple(codes.shape) != shape or tuple(scales.shape) != want:
+        raise ValueError(
+            f"weight_fp8 must be (uint8/float8_e4m3fn codes {shape}, fp32 scales {want}) as made by "
+            f"quantize_weight_fp8, got {codes.dtype} {tuple(codes.shape)} and {tuple(scales.shape)}"
+        )
+    return codes, scales.float()
+
+
 def select_ops(config: LowPrecisionConfig, device: torch.device) -> KernelOps:
     if config.backend == "reference" or (config.backend == "auto" and not (HAS_TRITON and device.type == "cuda")):
         return reference_ops()
@@ -178,22 +195,29 @@ def low_precision_linear(
     bias: torch.Tensor | None,
     config: LowPrecisionConfig,
     ops: KernelOps | None = None,
+    weight_fp8: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) with the GEMMs of `config.recipe` (differentiable in x and weight).
 
     x [..., K], weight [N, K]; the result has x's dtype. `ops` overrides the kernel set.
+    weight_fp8: (codes, scales) of the weight in the `--weights fp8` store format
+    (quantize_weight_fp8), fp8-blockwise only: the GEMMs use them as they are instead of
+    quantizing `weight`, which then only gives shape, dtype and requires_grad (the gradient is
+    w.r.t. the dequantized weight).
     """
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
     check_shape(config, k, n)
     ops = ops or select_ops(config, x.device)
+    if weight_fp8 is not None:
+        weight_fp8 = _check_weight_fp8(weight_fp8, config, (n, k))
     x2 = x.reshape(-1, k)
     if config.recipe == "fp8-blockwise":
         # Partial 128-blocks are zero-filled inside the kernels/references: no copy needed.
         # Forward runs with grad mode off inside the Function: decide here whether wgrad will come.
         need_wgrad = torch.is_grad_enabled() and weight.requires_grad
-        y = _Fp8BlockwiseFn.apply(x2, weight, ops, config.pow2_scales, need_wgrad)
+        y = _Fp8BlockwiseFn.apply(x2, weight, ops, config.pow2_scales, need_wgrad, weight_fp8)
     else:
         g = config.block
         xp, wp = _pad2d(x2, g, g), _pad2d(weight, g, g)

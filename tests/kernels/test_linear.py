@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuyou.kernels import LowPrecisionConfig, low_precision_linear, reference_ops, triton_ops
+from fuyou.kernels import (LowPrecisionConfig, dequantize_weight_fp8, low_precision_linear, quantize_weight_fp8,
+                          reference_ops, triton_ops)
 from fuyou.kernels import reference as ref
 
 RECIPES = ["fp8-blockwise", "mxfp4", "nvfp4"]
@@ -135,3 +136,21 @@ def test_config_validation():
         LowPrecisionConfig(recipe="nvfp4", pow2_scales=True)
     with pytest.raises(ValueError, match="features"):
         low_precision_linear(torch.randn(2, 3), torch.randn(4, 5), None, LowPrecisionConfig(backend="reference"))
+
+
+def test_stored_fp8_weights_feed_the_gemm_directly():
+    """With pow2 scales, stored codes equal the requantized dequantized weight: same results."""
+    x, w, b, dy = _inputs(20, 200, 136)
+    codes, scales = quantize_weight_fp8(w.detach(), pow2=True)
+    w_deq = dequantize_weight_fp8(codes.view(torch.uint8), scales, w.shape).requires_grad_()
+    cfg = LowPrecisionConfig(pow2_scales=True)
+    y = low_precision_linear(x, w_deq, b, cfg, weight_fp8=(codes.view(torch.uint8), scales))
+    got = (y, *torch.autograd.grad(y, (x, w_deq), dy))
+    y2 = low_precision_linear(x, w_deq, b, cfg)
+    want = (y2, *torch.autograd.grad(y2, (x, w_deq), dy))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="quantize_weight_fp8"):
+        low_precision_linear(x, w_deq, b, cfg, weight_fp8=(codes, scales[:1]))
+    with pytest.raises(ValueError, match="needs recipe fp8-blockwise"):
+        low_precision_linear(x, w_deq, b, LowPrecisionConfig(recipe="nvfp4"), weight_fp8=(codes, scales))
