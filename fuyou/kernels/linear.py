@@ -122,10 +122,10 @@ class _Fp4Fn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _mxfp4_backward(ctx, dy.float()) if ctx.fmt == "mxfp4" else _nvfp4_backward(ctx, dy.float())
-        dx, dw = grads
-        dx = dx.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dw = dw.to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        backward = _mxfp4_backward if ctx.fmt == "mxfp4" else _nvfp4_backward
+        dx, dw = backward(ctx, dy.float(), *ctx.needs_input_grad[:2])
+        dx = dx.to(ctx.x_dtype) if dx is not None else None
+        dw = dw.to(ctx.w_dtype) if dw is not None else None
         return dx, dw, None, None
 
 
@@ -144,24 +144,30 @@ def _sr_product(ops: KernelOps, a: torch.Tensor, b: torch.Tensor, fmt: str, bloc
     return emulated_matmul(aq, bq.t(), ts_a, ts_b)
 
 
-def _mxfp4_backward(ctx, dy):
+def _mxfp4_backward(ctx, dy, want_dx: bool, want_dw: bool):
     xq, wq, mx, mw = ctx.saved_tensors
     ops, g = ctx.ops, ref.MX_GROUP
+    dx = dw = None
     # Gradients w.r.t. the rotated operands; STE through the quantizer except where QuEST clipped;
     # then back through the (symmetric, orthonormal) forward Hadamard.
-    dx = ops.hadamard(_sr_product(ctx.ops, dy, wq.t().contiguous(), "mxfp4", g) * mx, g, None)
-    dw = ops.hadamard(_sr_product(ctx.ops, dy.t().contiguous(), xq.t().contiguous(), "mxfp4", g) * mw, g, None)
+    if want_dx:
+        dx = ops.hadamard(_sr_product(ops, dy, wq.t().contiguous(), "mxfp4", g) * mx, g, None)
+    if want_dw:
+        dw = ops.hadamard(_sr_product(ops, dy.t().contiguous(), xq.t().contiguous(), "mxfp4", g) * mw, g, None)
     return dx, dw
 
 
-def _nvfp4_backward(ctx, dy):
+def _nvfp4_backward(ctx, dy, want_dx: bool, want_dw: bool):
     x, wq, ts_w = ctx.saved_tensors
     ops = ctx.ops
-    ts_g = ref.nvfp4_tensor_scale_ref(dy)
-    gq, _ = ops.fp4(dy, "nvfp4", "sr", ts_g)
-    # W's 16x16 blocks are the same blocks read transposed: no requantization for dgrad.
-    dx = emulated_matmul(gq, wq, ts_g, ts_w)
-    dw = _sr_product(ops, dy.t().contiguous(), x.float().t().contiguous(), "nvfp4", ref.NV_GROUP)
+    dx = dw = None
+    if want_dx:
+        ts_g = ref.nvfp4_tensor_scale_ref(dy)
+        gq, _ = ops.fp4(dy, "nvfp4", "sr", ts_g)
+        # W's 16x16 blocks are the same blocks read transposed: no requantization for dgrad.
+        dx = emulated_matmul(gq, wq, ts_g, ts_w)
+    if want_dw:
+        dw = _sr_product(ops, dy.t().contiguous(), x.float().t().contiguous(), "nvfp4", ref.NV_GROUP)
     return dx, dw
 
 

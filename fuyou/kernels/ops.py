@@ -6,6 +6,7 @@ runs anywhere (CPU: dequantize + fp32 matmul); `triton_ops()` needs CUDA or TRIT
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -41,6 +42,7 @@ def _fp8_gemm_ref(a, a_scales, b, b_scales, b_group, out_dtype=torch.float32, fa
     return ref.fp8_gemm_ref(a, a_scales, b, b_scales, b_group).to(out_dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def reference_ops() -> KernelOps:
     return KernelOps(
         name="reference",
@@ -52,6 +54,7 @@ def reference_ops() -> KernelOps:
     )
 
 
+@functools.lru_cache(maxsize=None)
 def triton_ops(torch_noise: bool = False) -> KernelOps:
     """The Triton kernels (imported here, lazily: importing them decorates the kernels)."""
     if not HAS_TRITON:

@@ -111,6 +111,10 @@ def test_dtype_frozen_weight_and_no_grad():
     assert y.dtype == torch.bfloat16 and y.shape == (2, 9, 128)
     (gx,) = torch.autograd.grad(y, (x,), dy)
     assert gx.dtype == torch.bfloat16 and torch.isfinite(gx.float()).all()
+    for recipe in ("mxfp4", "nvfp4"):
+        y_fp4 = low_precision_linear(x, w, b, LowPrecisionConfig(recipe=recipe))
+        (gx_fp4,) = torch.autograd.grad(y_fp4, (x,), dy)
+        assert gx_fp4.dtype == torch.bfloat16 and torch.isfinite(gx_fp4.float()).all()
     with torch.no_grad():
         y2 = low_precision_linear(x, w, b, LowPrecisionConfig(recipe="nvfp4"))
     assert y2.shape == y.shape
