@@ -129,6 +129,18 @@ def test_fp4_stochastic_rounding_with_kernel_rng_is_unbiased(fmt):
     assert not torch.equal(y[0], y[1]) or not torch.equal(y[1], y[2])  # draws differ between rows
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_quantizer_scales_match_reference(pow2):
+    """Scales are fp32 arithmetic, which the interpreter gets right: checked everywhere.
+    (The codes go through the fp32 -> fp8 cast: checked on CUDA below.)"""
+    torch.manual_seed(6)
+    x = torch.randn(70, 300, device=DEVICE) * 3
+    x[:, 128:256] = 0  # an all-zero group
+    _close(act_quant(x, pow2)[1], ref.act_quant_ref(x, pow2)[1], "exact")
+    _close(act_quant(x.t(), pow2)[1], ref.act_quant_ref(x.t(), pow2)[1], "exact")
+    _close(weight_quant(x, pow2)[1], ref.weight_quant_ref(x, pow2)[1], "exact")
+
+
 @needs_cuda
 @pytest.mark.parametrize("shape", [(1, 1), (33, 200), (256, 384)])
 @pytest.mark.parametrize("pow2", [False, True])
