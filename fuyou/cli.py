@@ -51,12 +51,29 @@ def _add_finetune(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --store from its last committed step")
     p.add_argument("--overwrite", action="store_true", help="replace an existing fuyou store at --store")
     p.add_argument("--trace", dest="trace_dir", default=None, help="write a Chrome/Perfetto trace of every task to this directory")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip the global gradient norm (exact: a clipped step redoes the optimizer pass)")
+    p.add_argument("--no-verify", dest="verify_reads", action="store_false", help="skip the CRC-32 check of every block read")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint from a store's master weights", formatter_class=_Formatter)
+    p.add_argument("--store", required=True, help="the store directory")
+    p.add_argument("--to", required=True, help="output directory (new or empty)")
+
+
+def _export(args) -> int:
+    from .export import export_store
+
+    out = export_store(args.store, args.to)
+    print(f"exported {args.store} to {out}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuyou", description="Fine-tune models far larger than GPU memory, with the training state on SSD.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_finetune(sub)
+    _add_export(sub)
     from .cli_plan import add_subcommands
 
     add_subcommands(sub)
@@ -82,6 +99,8 @@ def _finetune(args) -> int:
         device=args.device,
         io_backend=args.io_backend,
         trace_dir=args.trace_dir,
+        max_grad_norm=args.max_grad_norm,
+        verify_reads=args.verify_reads,
         state=StateConfig(weights=args.weights),
         optim=OptimConfig(lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),
@@ -110,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from .cli_plan import COMMANDS
 
-        return {"finetune": _finetune, **COMMANDS}[args.command](args)
+        return {"finetune": _finetune, "export": _export, **COMMANDS}[args.command](args)
     except KeyboardInterrupt:
         print("fuyou: interrupted; the store keeps its last committed step", file=sys.stderr)
         return 130

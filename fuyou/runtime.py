@@ -26,6 +26,7 @@ from scheduler import Executor, Graph, Trace
 
 from .config import BatchConfig, MemoryConfig, OptimConfig
 from .data.dataset import Batch
+from .faults import crash_point
 from .memory import Pool
 from .model.skeleton import EMBED, HEAD, Skeleton, causal_lm_loss_sum, count_targets
 from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights
@@ -167,7 +168,7 @@ class Runtime:
                 self.executor.run(build_step_graph(self.spec, _Bodies(self, st)), step=step)
             finally:
                 st.free_activations(self.dev_pool)
-            norm = math.sqrt(st.sumsq) if math.isfinite(st.sumsq) else math.inf
+            norm = st.total_norm(list(self.sk.params))
             status = self._finish(st, norm)
         except BaseException:
             self.store.discard(step)  # nothing of this step is live; its files are garbage now
@@ -205,7 +206,8 @@ class Runtime:
             return "skipped"
         if self.max_grad_norm is None:
             return "ok"
-        coef = self.max_grad_norm / (norm + 1e-6)
+        # In fp32, as clip_grad_norm_ computes it, so the clipped step matches PyTorch's.
+        coef = float(torch.clamp(self.max_grad_norm / (torch.tensor(norm, dtype=torch.float32) + 1e-6), max=1.0))
         if coef >= 1.0:
             return "ok"
         st.grad_scale = coef
@@ -255,10 +257,11 @@ class Runtime:
 
     def _optim_fn(self, b: str, st: "_StepState"):
         def run():
+            crash_point("optim")
             v = self._opt_views(b)
             cfg, o = self.store.state_cfg, self.optim_cfg
             if st.grad_scale == 1.0:  # the first pass measures the norm; a redo reuses it
-                st.add_sumsq(float(v["grad"].double().pow(2).sum()))
+                st.add_norms({name: torch.linalg.vector_norm(g) for name, g in v["grads"].items()})
             for name, _numel in self.store.layouts[b].params:
                 parts = {k: v["kinds"][k][name] for k in v["kinds"]}
                 adamw_update_(
@@ -358,12 +361,17 @@ class _StepState:
         self.loss_sums: List[float] = []
         self.grad_started: set = set()  # blocks whose gradient region this step has zeroed
         self.grad_scale = 1.0  # clip factor of a redone optimizer pass
-        self.sumsq = 0.0
+        self.norms: Dict[str, torch.Tensor] = {}  # per-parameter fp32 gradient norms
         self._lock = threading.Lock()
 
-    def add_sumsq(self, x: float) -> None:
+    def add_norms(self, norms: Dict[str, torch.Tensor]) -> None:
         with self._lock:
-            self.sumsq += x
+            self.norms.update(norms)
+
+    def total_norm(self, order: List[str]) -> float:
+        """Global L2 norm, reduced like torch.nn.utils.clip_grad_norm_ (fp32, parameter order)."""
+        norms = [self.norms[n] for n in order if n in self.norms]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def save(self, pool: Pool, key: tuple, t: torch.Tensor) -> None:
         buf = pool.alloc(t.numel() * t.element_size())

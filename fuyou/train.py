@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -42,6 +44,9 @@ class FinetuneConfig:
     device: Optional[str] = None  # "cuda", "cpu"; None = cuda when present
     io_backend: str = "auto"
     trace_dir: Optional[str] = None
+    max_grad_norm: Optional[float] = None  # clip the global gradient norm (exact, under overlap)
+    verify_reads: bool = True  # check every block read against its CRC-32
+    linear: Optional[str] = None  # low-precision recipe for decoder-layer linears (fp8-blockwise, mxfp4, nvfp4)
     state: StateConfig = field(default_factory=StateConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -70,6 +75,36 @@ class FinetuneResult:
     @property
     def last_loss(self) -> float:
         return self.steps[-1].loss
+
+
+class StoreIOError(OSError):
+    """A disk error during a step; the message names the store and how to resume."""
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the step in flight (a second SIGINT interrupts it;
+    the store stays at its last committed step either way)."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._old = {}
+
+    def _handle(self, signum, _frame):
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -131,18 +166,30 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     else:
         store = open_store(cfg.store)
     import_s = time.perf_counter() - t0
-    rt = Runtime(store, skeleton, device=device, memory=cfg.memory, batch=cfg.batch, optim=cfg.optim, trace=trace)
+    store.verify = cfg.verify_reads
+    rt = Runtime(store, skeleton, device=device, memory=cfg.memory, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm)
     results: List[StepResult] = []
     proc = psutil.Process()
     peak_rss = proc.memory_info().rss
     position = int(store.manifest.get("train", {}).get("data_position", 0))
+    stop = _StopFlag()
     try:
-        with _Progress(console, cfg.steps, store.numel()) as bar:
+        with stop, _Progress(console, cfg.steps, store.numel()) as bar:
             for _ in range(cfg.steps):
+                if stop.requested:
+                    bar.note(f"stopping on {stop.requested} after step {store.step}; the store is resumable with --resume")
+                    break
                 batch = dataset.batch(position, cfg.batch.batch_size)
                 position += cfg.batch.batch_size
                 meta = {"data_position": position, "seed": cfg.seed, "data": os.path.abspath(cfg.data or DEFAULT_CORPUS)}
-                res = rt.step(batch, train_meta=meta)
+                try:
+                    res = rt.step(batch, train_meta=meta)
+                except OSError as exc:
+                    raise StoreIOError(
+                        f"{exc}; the store {store.root} still holds step {store.step}: fix the cause (free space, check the disk), then rerun with --resume"
+                    ) from exc
+                if res.status == "skipped":
+                    bar.note(f"warning: non-finite gradient at step {res.step + 1}; skipped the batch, state unchanged")
                 results.append(res)
                 peak_rss = max(peak_rss, proc.memory_info().rss)
                 bar.update(res, peak_rss)
@@ -231,6 +278,9 @@ class _Progress:
         elif self.done == 1 or self.done == self.total or self.done % max(1, self.total // 10) == 0:
             self.console.print(f"step {res.step} ({self.done}/{self.total})  {info}", highlight=False)
 
+    def note(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
     def __exit__(self, *exc):
         if self._prog is not None:
             self._prog.__exit__(*exc)
@@ -241,6 +291,9 @@ def print_summary(res: FinetuneResult, console=None) -> None:
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    if not res.steps:
+        console.print(f"no step ran; store {res.store}", highlight=False)
+        return
     last = res.steps[-1]
     per_step = sorted(s.seconds for s in res.steps)[len(res.steps) // 2]
     console.print(

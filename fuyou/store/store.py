@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..optim.state import KINDS, PartSpec, StateConfig, state_layout
+from ..faults import crash_point
 from .directio import DirectFile, IOFuture, aligned_bytes
 
 FORMAT = "fuyou-store"
@@ -169,6 +170,7 @@ class Store:
         nbytes = self.kind_nbytes(block, kind)
         v = self.version(block, kind) if version is None else version
         path = self.file_path(block, kind, v)
+        crash_point("read")
         with DirectFile(path, "r", self.backend) as f:
             fut = f.pread(into, size=nbytes)
             # DirectFile closes its fd on exit, so wait here: the caller runs this on an I/O lane.
@@ -187,6 +189,7 @@ class Store:
             raise StoreError(f"refusing to overwrite live version {self.version(block, kind)} of {block}.{kind}")
         path = self.file_path(block, kind, version)
         crc = _crc(data, nbytes)
+        crash_point("write")
         with DirectFile(path, "w", self.backend) as f:
             f.pwrite(data, size=nbytes).get()
             f.fsync()
@@ -246,8 +249,10 @@ class Store:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("commit")
         os.replace(tmp, os.path.join(self.root, MANIFEST))
         _fsync_dir(self.root)
+        crash_point("committed")
 
     def collect_garbage(self) -> int:
         """Delete block files the manifest does not point at (left by a step that never committed)."""
