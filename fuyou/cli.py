@@ -52,6 +52,13 @@ def _add_finetune(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing fuyou store at --store")
     p.add_argument("--trace", dest="trace_dir", default=None, help="write a Chrome/Perfetto trace of every task to this directory")
     p.add_argument("--max-grad-norm", type=float, default=None, help="clip the global gradient norm (exact: a clipped step redoes the optimizer pass)")
+    p.add_argument(
+        "--disk-mode",
+        choices=["safe", "lean"],
+        default="safe",
+        help="safe: a step's old states stay until it commits (exact clipping and non-finite skipping; peak disk up to 2x the state); "
+        "lean: each block's states are replaced as soon as they are written, journaled per block (peak disk ~1.25x; no clipping/skipping)",
+    )
     p.add_argument("--no-verify", dest="verify_reads", action="store_false", help="skip the CRC-32 check of every block read")
 
 
@@ -101,6 +108,7 @@ def _finetune(args) -> int:
         trace_dir=args.trace_dir,
         max_grad_norm=args.max_grad_norm,
         verify_reads=args.verify_reads,
+        disk_mode=args.disk_mode,
         state=StateConfig(weights=args.weights),
         optim=OptimConfig(lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),

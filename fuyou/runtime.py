@@ -66,12 +66,20 @@ class Runtime:
         optim: OptimConfig,
         trace: Optional[Trace] = None,
         max_grad_norm: Optional[float] = None,
+        disk_mode: str = "safe",
     ):
         self.store, self.sk, self.device = store, skeleton, torch.device(device)
         self.batch_cfg, self.optim_cfg = batch, optim
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"--max-grad-norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm = max_grad_norm
+        if disk_mode not in ("safe", "lean"):
+            raise ValueError(f"disk mode {disk_mode!r} unknown; choose safe or lean")
+        if disk_mode == "lean" and max_grad_norm is not None:
+            raise ValueError(
+                "--max-grad-norm needs --disk-mode safe: lean mode replaces each block's states before the global norm is known"
+            )
+        self.disk_mode = disk_mode
         stored = store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype
         # On the CPU device compute in fp32: bf16 matmul there is ~100x slower (DESIGN §5).
         self.compute_dtype = torch.float32 if self.device.type == "cpu" else stored
@@ -161,6 +169,7 @@ class Runtime:
         if self.device.type != "cpu":
             mbs = [m.to(self.device) for m in mbs]
         st = _StepState(step, lr, mbs, count_targets(batch.labels))
+        st.done_blocks = frozenset(b for b, j in self.store.journal.items() if j["step"] == step)
         r0, w0 = self.store.bytes_read, self.store.bytes_written
         n0 = len(self.trace.events)
         try:
@@ -261,7 +270,15 @@ class Runtime:
             v = self._opt_views(b)
             cfg, o = self.store.state_cfg, self.optim_cfg
             if st.grad_scale == 1.0:  # the first pass measures the norm; a redo reuses it
-                st.add_norms({name: torch.linalg.vector_norm(g) for name, g in v["grads"].items()})
+                norms = {name: torch.linalg.vector_norm(g) for name, g in v["grads"].items()}
+                st.add_norms(norms)
+                if b in st.done_blocks:
+                    return  # lean mode, resumed step: this block's update is already live
+                if self.disk_mode == "lean" and not all(bool(torch.isfinite(n)) for n in norms.values()):
+                    raise FloatingPointError(
+                        f"non-finite gradient in {b} at step {st.step}; lean disk mode cannot skip a step whose other blocks may be "
+                        "updated already: lower --lr or fix the data, or train with --disk-mode safe"
+                    )
             for name, _numel in self.store.layouts[b].params:
                 parts = {k: v["kinds"][k][name] for k in v["kinds"]}
                 adamw_update_(
@@ -279,14 +296,18 @@ class Runtime:
 
         return run
 
-    def _write_fn(self, b: str, step: int, redo: bool = False):
+    def _write_fn(self, b: str, step: int, redo: bool = False, done: frozenset = frozenset()):
         def run():
+            if b in done:
+                return
             slot, offs, lay = self._opt_slot(b), opt_region_offsets(self.store, b), self.store.layouts[b]
             for k in OPTIM_KINDS + ("weights",):
                 self.store.write(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes], version=step)
             if self.max_grad_norm is not None and not redo:
                 # Kept until the commit: a clipped step is redone from these and the old states.
                 self.store.write(b, "grad", slot[offs["grad"] : offs["end"]], version=step)
+            if self.disk_mode == "lean":
+                self.store.commit_block(b, step, OPTIM_KINDS + ("weights",))
 
         return run
 
@@ -324,13 +345,13 @@ class _Bodies:
         return self.rt._compute_fn(u, self.st)
 
     def read_states(self, b):
-        return self.rt._read_states_fn(b)
+        return _noop if b in self.st.done_blocks else self.rt._read_states_fn(b)
 
     def optim(self, b):
         return self.rt._optim_fn(b, self.st)
 
     def write(self, b):
-        return self.rt._write_fn(b, self.st.step, redo=self.st.grad_scale != 1.0)
+        return self.rt._write_fn(b, self.st.step, redo=self.st.grad_scale != 1.0, done=self.st.done_blocks)
 
     def read_grad(self, b):
         return self.rt._read_grad_fn(b, self.st.step)
@@ -350,6 +371,10 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops)
 
 
+def _noop() -> None:
+    return None
+
+
 class _StepState:
     """What one step's tasks share: micro-batches, saved block inputs, output grads, the loss."""
 
@@ -361,6 +386,7 @@ class _StepState:
         self.loss_sums: List[float] = []
         self.grad_started: set = set()  # blocks whose gradient region this step has zeroed
         self.grad_scale = 1.0  # clip factor of a redone optimizer pass
+        self.done_blocks: frozenset = frozenset()  # lean mode: blocks already updated by a crashed run
         self.norms: Dict[str, torch.Tensor] = {}  # per-parameter fp32 gradient norms
         self._lock = threading.Lock()
 

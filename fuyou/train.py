@@ -46,6 +46,7 @@ class FinetuneConfig:
     trace_dir: Optional[str] = None
     max_grad_norm: Optional[float] = None  # clip the global gradient norm (exact, under overlap)
     verify_reads: bool = True  # check every block read against its CRC-32
+    disk_mode: str = "safe"  # safe: old states kept until commit (exact clip/skip, up to 2x disk); lean: per-block journal (~1.25x)
     linear: Optional[str] = None  # low-precision recipe for decoder-layer linears (fp8-blockwise, mxfp4, nvfp4)
     state: StateConfig = field(default_factory=StateConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -167,7 +168,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
         store = open_store(cfg.store)
     import_s = time.perf_counter() - t0
     store.verify = cfg.verify_reads
-    rt = Runtime(store, skeleton, device=device, memory=cfg.memory, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm)
+    rt = Runtime(store, skeleton, device=device, memory=cfg.memory, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm, disk_mode=cfg.disk_mode)
     results: List[StepResult] = []
     proc = psutil.Process()
     peak_rss = proc.memory_info().rss

@@ -127,6 +127,8 @@ class Store:
         self.importing = False  # create_store sets it: version-0 files may then be written
         self.verify = True  # check each read against the manifest's CRC-32 (zlib, ~3 GB/s per core here)
         self._pending_crc: Dict[tuple, int] = {}  # (block, kind, version) -> crc of a written file
+        # Lean disk mode: blocks whose new master/moments became live ahead of the manifest.
+        self.journal: Dict[str, dict] = self._load_journal()
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -144,6 +146,10 @@ class Store:
         raise KeyError(f"store {self.root} has no block {block!r}")
 
     def version(self, block: str, kind: str) -> int:
+        """The version a read sees: the manifest's, or for master/moments the journal's (lean mode)."""
+        j = self.journal.get(block)
+        if j is not None and kind in j["versions"] and kind != "weights":
+            return int(j["versions"][kind])
         return int(self._block_entry(block)["versions"][kind])
 
     def _safe_path(self, rel: str) -> str:
@@ -202,6 +208,9 @@ class Store:
         with self._lock:
             if (block, kind, version) in self._pending_crc:
                 return self._pending_crc[(block, kind, version)]
+        j = self.journal.get(block)
+        if j is not None and j["versions"].get(kind) == version:
+            return j.get("crc32", {}).get(kind)
         entry = self._block_entry(block)
         if entry["versions"].get(kind) == version:
             return entry.get("crc32", {}).get(kind)
@@ -226,8 +235,9 @@ class Store:
                 old = b["versions"][kind]
                 if old != v:
                     superseded.append(self.file_path(b["name"], kind, old))
+                crc = self._crc_of(b["name"], kind, v)
+                self._pending_crc.pop((b["name"], kind, v), None)
                 b["versions"][kind] = v
-                crc = self._pending_crc.pop((b["name"], kind, v), None)
                 if crc is not None:
                     b.setdefault("crc32", {})[kind] = crc
                 elif old != v:
@@ -237,6 +247,7 @@ class Store:
             new["train"] = train_meta
         self._write_manifest(new)
         self.manifest = new
+        self._clear_journal()
         for path in superseded:
             try:
                 os.unlink(path)
@@ -266,10 +277,73 @@ class Store:
         tmp = os.path.join(self.root, MANIFEST + ".tmp")
         if os.path.exists(tmp):
             os.unlink(tmp)
+        jdir = self._journal_dir()
+        if os.path.isdir(jdir):
+            for name in os.listdir(jdir):  # torn, stale (their step was committed) or foreign entries
+                if name[: -len(".json")] not in self.journal or not name.endswith(".json"):
+                    os.unlink(os.path.join(jdir, name))
         return removed
 
     def _live_files(self) -> set:
-        return {f"{b['name']}.{k}.{v}.bin" for b in self.manifest["blocks"] for k, v in b["versions"].items()}
+        live = {f"{b['name']}.{k}.{v}.bin" for b in self.manifest["blocks"] for k, v in b["versions"].items()}
+        live |= {f"{b}.{k}.{v}.bin" for b, j in self.journal.items() for k, v in j["versions"].items()}
+        return live
+
+    # -- lean disk mode: per-block journal ---------------------------------------------------------
+    def _journal_dir(self) -> str:
+        return os.path.join(self.root, "journal")
+
+    def _load_journal(self) -> Dict[str, dict]:
+        """Journal entries of the step after the manifest's (older ones are stale and dropped)."""
+        out: Dict[str, dict] = {}
+        jdir = self._journal_dir()
+        if not os.path.isdir(jdir):
+            return out
+        for name in os.listdir(jdir):
+            path = os.path.join(jdir, name)
+            block = name[: -len(".json")] if name.endswith(".json") else None
+            entry = None
+            if block in self.layouts:
+                try:
+                    with open(path) as f:
+                        entry = json.load(f)
+                except (OSError, json.JSONDecodeError):
+                    entry = None
+            if entry is not None and entry.get("step") == self.step + 1:
+                out[block] = entry
+        return out
+
+    def commit_block(self, block: str, step: int, kinds) -> None:
+        """Lean mode: make block's new master/moments live now (journal entry, atomically), then
+        delete their old versions. Its old weights stay until the step commits: a resumed step
+        recomputes its forward and backward from them."""
+        os.makedirs(self._journal_dir(), exist_ok=True)
+        entry = {"step": step, "versions": {k: step for k in kinds}, "crc32": {k: self._crc_of(block, k, step) for k in kinds}}
+        tmp = os.path.join(self._journal_dir(), f"{block}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(entry, f)
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point("journal")
+        os.replace(tmp, os.path.join(self._journal_dir(), f"{block}.json"))
+        _fsync_dir(self._journal_dir())
+        old = {k: int(self._block_entry(block)["versions"][k]) for k in kinds if k != "weights"}
+        with self._lock:
+            self.journal[block] = entry
+        for k, v in old.items():
+            if v != step:
+                path = self.file_path(block, k, v)
+                if os.path.exists(path):
+                    os.unlink(path)
+
+    def _clear_journal(self) -> None:
+        jdir = self._journal_dir()
+        for block in list(self.journal):
+            try:
+                os.unlink(os.path.join(jdir, f"{block}.json"))
+            except FileNotFoundError:
+                pass
+        self.journal.clear()
 
     # -- accounting ----------------------------------------------------------------------------
     def state_bytes(self) -> int:
