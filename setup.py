@@ -39,8 +39,8 @@ EXT_SETTINGS = {
     # module still loads on a CPU without them.
     "adam": lambda: dict(
         # -ffp-contract=off: the kernel places every fused multiply-add itself, to round exactly
-        # where torch's AdamW does (bit-exact fp32 master); -fno-math-errno lets sqrt vectorize.
-        extra_compile_args=["-O3", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno"],
+        # where torch's AdamW does (bit-exact fp32 master); -fno-math-errno lets sqrt vectorize; -fno-trapping-math lets branch-free selects vectorize (no FP traps are enabled).
+        extra_compile_args=["-O3", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"],
         extra_link_args=["-fopenmp", "-pthread"],
         libraries=[],
         define_macros=[],
