@@ -44,6 +44,8 @@ EXT_SETTINGS = {
         extra_link_args=["-fopenmp", "-pthread"],
         libraries=[],
         define_macros=[],
+        # The kernel body lives in .inc files included by both ISA builds: rebuild when they change.
+        depends=sorted(glob.glob(os.path.join("csrc", "adam", "*.inc")) + glob.glob(os.path.join("csrc", "adam", "*.h"))),
     ),
 }
 

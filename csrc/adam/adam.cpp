@@ -15,7 +15,7 @@ void fused_adamw(const AdamArgs& a, int threads, bool simd) {
   const int64_t chunks = (a.numel + kChunk - 1) / kChunk;
   if (threads < 1) threads = 1;
   if (chunks < threads) threads = static_cast<int>(chunks > 0 ? chunks : 1);
-  // Each thread streams one contiguous range of chunks (prefetching its next chunk as it goes).
+  // Each thread streams one contiguous range of chunks.
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -23,12 +23,10 @@ void fused_adamw(const AdamArgs& a, int threads, bool simd) {
     for (int64_t c = first; c < last; ++c) {
       const int64_t begin = c * kChunk;
       const int64_t n = (a.numel - begin) < kChunk ? (a.numel - begin) : kChunk;
-      const int64_t after = begin + n;
-      const int64_t next_n = c + 1 < last ? ((a.numel - after) < kChunk ? (a.numel - after) : kChunk) : 0;
       if (use_avx2) {
-        avx2::run_chunk(a, begin, n, next_n);
+        avx2::run_chunk(a, begin, n);
       } else {
-        generic::run_chunk(a, begin, n, next_n);
+        generic::run_chunk(a, begin, n);
       }
     }
   }

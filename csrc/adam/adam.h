@@ -62,8 +62,8 @@ bool cpu_has_avx2_fma();
 // when the CPU has it (false: the portable build, for tests of both).
 void fused_adamw(const AdamArgs& a, int threads, bool simd);
 
-// One chunk of n elements at `begin`; `next_n` > 0 prefetches the next chunk of this thread.
-namespace generic { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n, int64_t next_n); }
-namespace avx2 { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n, int64_t next_n); }
+// One chunk of n elements at `begin`.
+namespace generic { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n); }
+namespace avx2 { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n); }
 
 }  // namespace fuyou_adam

@@ -102,8 +102,10 @@ def adamw_fused_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts]
         grad = grad.float().contiguous()
     numel = grad.numel()
     w = parts["weights"]["value"]
-    if w.dtype not in _WEIGHT_IDS:
-        raise ValueError(f"weights dtype {w.dtype} has no fused path; use fp32 or bf16 weights")
+    expected = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(weights_codec)
+    if expected is None or w.dtype != expected:
+        raise ValueError(f"weights part is {w.dtype} but the weights codec is {weights_codec!r}; "
+                         "the fused path emits fp32 or bf16 weights laid out by state_layout()")
     args = (
         numel,
         _addr(grad, torch.float32, numel, "grad"),
