@@ -27,9 +27,11 @@ struct MomentBuf {
 struct Tables {
   const float* fp8_root;          // [256][128]: (e4m3(q)/448)^(16/k16)
   const float* de8_signed_map;    // 256 ascending values
-  const float* de8_signed_mid;    // 255 midpoints
+  const float* de8_signed_mid;    // 255 midpoints, then two +inf
   const float* de8_unsigned_map;
   const float* de8_unsigned_mid;
+  const uint8_t* de8_signed_bucket;    // [65536 + 4]: midpoints below each fp32 top-16-bit key
+  const uint8_t* de8_unsigned_bucket;
 };
 
 struct Hyper {

@@ -32,8 +32,8 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
   AdamArgs a;
   a.numel = numel;
   a.grad = reinterpret_cast<const float*>(grad);
-  if (master.size() != 3 || weights.size() != 2 || hyper.size() != 8 || tables.size() != 5)
-    throw std::invalid_argument("adamw: master (codec, hi, lo), weights (codec, ptr), 8 hyper values, 5 tables");
+  if (master.size() != 3 || weights.size() != 2 || hyper.size() != 8 || tables.size() != 7)
+    throw std::invalid_argument("adamw: master (codec, hi, lo), weights (codec, ptr), 8 hyper values, 7 tables");
   a.master_codec = master[0].cast<int>();
   a.master_hi = ptr<void>(master[1]);
   a.master_lo = ptr<void>(master[2]);
@@ -56,6 +56,8 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
   a.t.de8_signed_mid = ptr<const float>(tables[2]);
   a.t.de8_unsigned_map = ptr<const float>(tables[3]);
   a.t.de8_unsigned_mid = ptr<const float>(tables[4]);
+  a.t.de8_signed_bucket = ptr<const uint8_t>(tables[5]);
+  a.t.de8_unsigned_bucket = ptr<const uint8_t>(tables[6]);
   py::gil_scoped_release release;
   fused_adamw(a, threads, simd);
 }

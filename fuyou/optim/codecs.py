@@ -134,6 +134,40 @@ def dynamic_map(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return values.contiguous(), mids.contiguous()
 
 
+@lru_cache(maxsize=None)
+def de8_bucket_table(signed: bool) -> torch.Tensor:
+    """For each value of the top 16 bits of an fp32 u: the number of map midpoints below every u
+    with those bits (u8, 65536 entries + 4 bytes of padding for 32-bit gathers).
+
+    Within [-1, 1] such a bucket (a bf16 step) holds at most one midpoint, so the nearest-entry
+    index of u is table[bits >> 16] + (mid[table] < u): the fused kernel's one-probe search, equal
+    to the full binary search (checked here when the table is built).
+    """
+    _, mids = dynamic_map(signed)
+    keys = torch.arange(65536, dtype=torch.int64)
+
+    def as_float(bits):
+        return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+    lower, upper = as_float(keys << 16), as_float((keys << 16) | 0xFFFF)
+    bmin, bmax = torch.minimum(lower, upper), torch.maximum(lower, upper)
+    lo = torch.searchsorted(mids, bmin.contiguous(), side="left")
+    inside = torch.searchsorted(mids, bmax.contiguous(), side="right") - lo
+    used = torch.isfinite(bmin) & torch.isfinite(bmax) & (bmin >= -1) & (bmax <= 1)
+    if int(inside[used].max()) > 1:
+        raise RuntimeError("de8 map too dense for one-probe buckets; the fused de8 search needs a finer key")
+    table = torch.zeros(65536 + 4, dtype=torch.uint8)
+    table[:65536] = lo.clamp(max=255).to(torch.uint8)
+    return table
+
+
+@lru_cache(maxsize=None)
+def de8_padded_mids(signed: bool) -> torch.Tensor:
+    """The 255 midpoints followed by two +inf (so a probe at index 255 or 256 never counts)."""
+    _, mids = dynamic_map(signed)
+    return torch.cat([mids, torch.full((2,), math.inf)]).contiguous()
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8 with dynamic range expansion
 

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .codecs import dynamic_map, fp8_root_table
+from .codecs import de8_bucket_table, de8_padded_mids, dynamic_map, fp8_root_table
 
 try:  # the extension is optional: without it fuyou runs the torch reference path
     from fuyou import _adam as _ext
@@ -45,9 +45,9 @@ def _tables() -> tuple:
     global _TABLES
     if _TABLES is None:
         root = fp8_root_table()
-        smap, smid = dynamic_map(True)
-        umap, umid = dynamic_map(False)
-        keep = (root, smap, smid, umap, umid)
+        smap, umap = dynamic_map(True)[0], dynamic_map(False)[0]
+        keep = (root, smap, de8_padded_mids(True), umap, de8_padded_mids(False),
+                de8_bucket_table(True), de8_bucket_table(False))
         _TABLES = (keep, tuple(t.data_ptr() for t in keep))
     return _TABLES[1]
 

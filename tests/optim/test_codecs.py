@@ -11,6 +11,8 @@ from fuyou.optim.codecs import (
     FP8_GROUP,
     SMALL_NUMEL,
     decode_master_ref,
+    de8_bucket_table,
+    de8_padded_mids,
     decode_moment,
     dynamic_map,
     e4m3_values,
@@ -159,3 +161,23 @@ def test_bad_codec_names():
         StateConfig(master="bf16")
     with pytest.raises(ValueError, match="unknown state kind"):
         state_layout(StateConfig(), "grad", 10)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_de8_bucket_table_is_the_nearest_search(seeded, signed):
+    """The fused kernel's one-probe search (bucket of the top 16 bits + one compare) equals
+    bucketize over the midpoints, at random points, at the midpoints themselves and at the edges."""
+    values, mids = dynamic_map(signed)
+    table = de8_bucket_table(signed).long()
+    padded = de8_padded_mids(signed)
+    u = torch.cat([
+        torch.rand(100_000) * 2 - 1,
+        torch.exp(-torch.rand(50_000) * 20) * torch.sign(torch.randn(50_000)),
+        mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45]),
+    ])
+    if not signed:
+        u = u.abs()
+    lo = table[(u.view(torch.int32).long() & 0xFFFFFFFF) >> 16]
+    probe = lo + (padded[lo] < u).long()
+    assert torch.equal(probe, torch.bucketize(u, mids))
