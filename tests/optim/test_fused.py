@@ -9,7 +9,7 @@ from fuyou.optim.codecs import SMALL_NUMEL
 
 from .conftest import clone_parts, make_parts
 
-pytestmark = pytest.mark.skipif(not fused.available(), reason=f"fuyou._adam not built: {fused.import_error()}")
+needs_kernel = pytest.mark.skipif(not fused.available(), reason=f"fuyou._adam not built: {fused.import_error()}")
 
 # Both ISA builds when the CPU has AVX2 (the portable build always).
 SIMD = [False, True] if fused.has_avx2() else [False]
@@ -32,6 +32,7 @@ def _assert_parts_equal(a, b):
             assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), f"{kind}.{name} differs"
 
 
+@needs_kernel
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.states}-{c.master}-{c.weights}")
 @pytest.mark.parametrize("simd", SIMD)
 def test_fused_equals_reference_bitwise(seeded, cfg, simd):
@@ -46,6 +47,7 @@ def test_fused_equals_reference_bitwise(seeded, cfg, simd):
         _assert_parts_equal(ref, out)
 
 
+@needs_kernel
 @pytest.mark.parametrize("n", [1, 127, SMALL_NUMEL - 1, 3 * 1024 + 5])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_fused_sizes_and_threads(seeded, n, threads):
@@ -59,6 +61,7 @@ def test_fused_sizes_and_threads(seeded, n, threads):
     _assert_parts_equal(ref, out)
 
 
+@needs_kernel
 @pytest.mark.parametrize("beta1,grad_scale", [(0.3, 1.0), (0.9, 0.25), (0.0, 1.0)])
 def test_fused_lerp_branches_and_grad_scale(seeded, beta1, grad_scale):
     """beta1 < 0.5 takes aten lerp's other formula; grad_scale multiplies the gradient first."""
@@ -74,6 +77,7 @@ def test_fused_lerp_branches_and_grad_scale(seeded, beta1, grad_scale):
     _assert_parts_equal(ref, out)
 
 
+@needs_kernel
 def test_fused_against_torch_adamw(seeded):
     """fp32 state vs torch.optim.AdamW: moments bit-exact; master within the sqrt's rounding.
 
@@ -106,6 +110,7 @@ def test_fused_against_torch_adamw(seeded):
         assert torch.equal(parts["weights"]["value"], parts["master"]["value"])
 
 
+@needs_kernel
 def test_fused_rejects_bad_parts():
     cfg = StateConfig(states="fp8")
     n = SMALL_NUMEL
@@ -124,3 +129,17 @@ def test_backend_choice(monkeypatch):
     adamw_update_(cfg, torch.ones(8), parts, step=1, lr=1e-3)
     with pytest.raises(ValueError, match="counts from 1"):
         adamw_update_(cfg, torch.ones(8), parts, step=0, lr=1e-3)
+
+
+def test_without_extension_falls_back_to_torch(monkeypatch):
+    """No fuyou._adam: auto picks the torch path; asking for the fused one names the fix."""
+    monkeypatch.setattr(fused, "_ext", None)
+    monkeypatch.setattr(fused, "_IMPORT_ERROR", "not built")
+    monkeypatch.delenv("FUYOU_ADAM_BACKEND", raising=False)
+    cfg = StateConfig(states="fp8", master="bf16+rem")
+    n = SMALL_NUMEL + 1
+    parts = make_parts(cfg, torch.ones(n))
+    adamw_update_(cfg, torch.ones(n), parts, step=1, lr=1e-3)
+    assert parts["exp_avg"]["absmax"][0] > 0
+    with pytest.raises(RuntimeError, match="build_ext"):
+        adamw_update_(cfg, torch.ones(n), parts, step=2, lr=1e-3, backend="fused")
