@@ -38,10 +38,14 @@ EXT_SETTINGS = {
     # AVX2/FMA code paths use function target attributes and are dispatched at run time, so the
     # module still loads on a CPU without them.
     "adam": lambda: dict(
-        extra_compile_args=["-O3", "-fopenmp", "-pthread"],
+        # -ffp-contract=off: the kernel places every fused multiply-add itself, to round exactly
+        # where torch's AdamW does (bit-exact fp32 master); -fno-math-errno lets sqrt vectorize; -fno-trapping-math lets branch-free selects vectorize (no FP traps are enabled).
+        extra_compile_args=["-O3", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"],
         extra_link_args=["-fopenmp", "-pthread"],
         libraries=[],
         define_macros=[],
+        # The kernel body lives in .inc files included by both ISA builds: rebuild when they change.
+        depends=sorted(glob.glob(os.path.join("csrc", "adam", "*.inc")) + glob.glob(os.path.join("csrc", "adam", "*.h"))),
     ),
 }
 

@@ -1,15 +1,31 @@
 """Optimizer math (AdamW reference), optimizer-state codecs and the fused CPU kernel binding."""
 from .adamw import adamw_step_
-from .state import KINDS, OPTIM_KINDS, PartSpec, StateConfig, adamw_update_, decode_master, decode_weights, init_state_, state_layout
+from .state import (
+    KINDS,
+    OPTIM_KINDS,
+    SMALL_NUMEL,
+    PartSpec,
+    StateConfig,
+    adamw_update_,
+    bytes_per_param_step,
+    decode_master,
+    decode_state,
+    decode_weights,
+    init_state_,
+    state_layout,
+)
 
 __all__ = [
     "KINDS",
     "OPTIM_KINDS",
+    "SMALL_NUMEL",
     "PartSpec",
     "StateConfig",
     "adamw_step_",
     "adamw_update_",
+    "bytes_per_param_step",
     "decode_master",
+    "decode_state",
     "decode_weights",
     "init_state_",
     "state_layout",

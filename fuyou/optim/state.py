@@ -8,27 +8,45 @@ lays the parts out in the block's files; the runtime hands this module flat tens
     layout = state_layout(cfg, "exp_avg", numel)     # [PartSpec(name, numel, dtype), ...]
     init_state_(cfg, value_fp32, parts)               # import: fill every kind from fp32 weights
     adamw_update_(cfg, grad, parts, step=..., lr=...) # one AdamW step, writes new compute weights
+
+The codecs are in codecs.py (plain-torch references); the fused C++ kernel (fuyou._adam, fused.py)
+runs the whole update in one pass when it is built, and reproduces the references.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
+from . import fused
 from .adamw import adamw_step_
+from .codecs import (
+    MASTER_CODECS,
+    SMALL_NUMEL,
+    STATE_CODECS,
+    PartSpec,
+    decode_master_ref,
+    decode_moment,
+    encode_master_,
+    encode_moment_,
+    master_layout,
+    moment_layout,
+)
 
 KINDS = ("weights", "master", "exp_avg", "exp_avg_sq")
 OPTIM_KINDS = ("master", "exp_avg", "exp_avg_sq")
-# Tensors smaller than this keep fp32 state whatever the codec (norm weights, biases): compressing
-# them saves nothing measurable and costs accuracy.
-SMALL_NUMEL = 4096
-
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MASTER_CODECS = ("fp32",)
-STATE_CODECS = ("fp32",)
+# FUYOU_ADAM_BACKEND=torch forces the plain-torch reference path; `fused` requires the C++ kernel.
+BACKENDS = ("auto", "fused", "torch")
 
 Parts = Dict[str, torch.Tensor]
+
+__all__ = [
+    "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "PartSpec", "StateConfig", "adamw_update_",
+    "bytes_per_param_step", "decode_master", "decode_state", "decode_weights", "init_state_", "state_layout",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,8 +54,8 @@ class StateConfig:
     """How each kind of state is encoded in the store."""
 
     weights: str = "fp32"  # compute weights streamed to the device: fp32 | bf16
-    master: str = "fp32"  # master weights: fp32
-    states: str = "fp32"  # AdamW moments exp_avg / exp_avg_sq: fp32
+    master: str = "fp32"  # master weights: fp32 | bf16+rem (exact fp32 as bf16 + 16-bit remainder)
+    states: str = "fp32"  # AdamW moments exp_avg / exp_avg_sq: fp32 | bf16 | fp8 (E4M3+DRE) | de8
 
     def __post_init__(self):
         if self.weights not in WEIGHT_DTYPES:
@@ -51,26 +69,40 @@ class StateConfig:
         return {"weights": self.weights, "master": self.master, "states": self.states}
 
 
-@dataclass(frozen=True)
-class PartSpec:
-    """One flat stored array of a kind of state."""
-
-    name: str
-    numel: int
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-
 def state_layout(cfg: StateConfig, kind: str, numel: int) -> list[PartSpec]:
     """The parts that store `kind` of a parameter of `numel` elements."""
     if kind == "weights":
         return [PartSpec("value", numel, WEIGHT_DTYPES[cfg.weights])]
-    if kind in OPTIM_KINDS:
-        return [PartSpec("value", numel, torch.float32)]
+    if kind == "master":
+        return master_layout(cfg.master, numel)
+    if kind in ("exp_avg", "exp_avg_sq"):
+        return moment_layout(cfg.states, numel)
     raise ValueError(f"unknown state kind {kind!r}; expected one of {KINDS}")
+
+
+def bytes_per_param_step(cfg: StateConfig, numel: int = 1 << 24) -> dict:
+    """Store bytes moved per parameter in one training step, for a tensor of `numel` elements.
+
+    The step reads the compute weights twice (forward and backward), reads and writes master and
+    both moments (the optimizer), and writes the new compute weights. Group scales are included.
+    """
+    def per_param(kind: str) -> float:
+        return sum(p.nbytes for p in state_layout(cfg, kind, numel)) / numel
+
+    w, master = per_param("weights"), per_param("master")
+    m, v = per_param("exp_avg"), per_param("exp_avg_sq")
+    out = {
+        "weights_read": 2 * w,
+        "master_read": master,
+        "exp_avg_read": m,
+        "exp_avg_sq_read": v,
+        "master_write": master,
+        "exp_avg_write": m,
+        "exp_avg_sq_write": v,
+        "weights_write": w,
+    }
+    out["total"] = sum(out.values())
+    return out
 
 
 def decode_weights(cfg: StateConfig, parts: Parts) -> torch.Tensor:
@@ -80,7 +112,14 @@ def decode_weights(cfg: StateConfig, parts: Parts) -> torch.Tensor:
 
 def decode_master(cfg: StateConfig, parts: Parts) -> torch.Tensor:
     """The exact fp32 master value as a flat tensor."""
-    return parts["value"].float()
+    return decode_master_ref(parts)
+
+
+def decode_state(cfg: StateConfig, kind: str, parts: Parts, numel: int) -> torch.Tensor:
+    """A moment (`exp_avg` / `exp_avg_sq`) as a new flat fp32 tensor."""
+    if kind not in ("exp_avg", "exp_avg_sq"):
+        raise ValueError(f"decode_state decodes exp_avg or exp_avg_sq, not {kind!r}; use decode_master/decode_weights")
+    return decode_moment(parts, numel, signed=kind == "exp_avg")
 
 
 @torch.no_grad()
@@ -92,10 +131,23 @@ def _emit_weights(cfg: StateConfig, master: torch.Tensor, out: Parts) -> None:
 def init_state_(cfg: StateConfig, value: torch.Tensor, parts: Dict[str, Parts]) -> None:
     """Fill every kind of a parameter's state from its imported value (moments start at zero)."""
     flat = value.reshape(-1).float()
-    parts["master"]["value"].copy_(flat)
-    parts["exp_avg"]["value"].zero_()
-    parts["exp_avg_sq"]["value"].zero_()
+    encode_master_(flat, parts["master"])
+    zeros = torch.zeros_like(flat)
+    encode_moment_(zeros, parts["exp_avg"], signed=True)
+    encode_moment_(zeros, parts["exp_avg_sq"], signed=False)
     _emit_weights(cfg, flat, parts["weights"])
+
+
+def _pick_backend(backend: Optional[str]) -> str:
+    backend = backend or os.environ.get("FUYOU_ADAM_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"AdamW backend {backend!r} unknown; choose one of {', '.join(BACKENDS)} (FUYOU_ADAM_BACKEND)")
+    if backend == "auto":
+        return "fused" if fused.available() else "torch"
+    if backend == "fused" and not fused.available():
+        raise RuntimeError(f"fused AdamW requested but fuyou._adam is not built ({fused.import_error()}); "
+                           "run `python setup.py build_ext --inplace` or use backend='torch'")
+    return backend
 
 
 @torch.no_grad()
@@ -111,25 +163,30 @@ def adamw_update_(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     grad_scale: float = 1.0,
+    backend: Optional[str] = None,
+    threads: Optional[int] = None,
 ) -> None:
     """One AdamW step of one parameter: updates master and moments, writes the new compute weights.
 
     `grad` is the flat fp32 gradient; `grad_scale` multiplies it first (gradient clipping), as
-    torch.nn.utils.clip_grad_norm_ does in place.
+    torch.nn.utils.clip_grad_norm_ does in place. `backend` (default: FUYOU_ADAM_BACKEND or auto)
+    picks the fused C++ kernel or the torch reference; `threads` defaults to torch.get_num_threads().
     """
+    if step < 1:
+        raise ValueError(f"AdamW step counts from 1, got {step}")
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if _pick_backend(backend) == "fused":
+        fused.adamw_fused_(cfg.weights, grad, parts, grad_scale=grad_scale, threads=threads, **hyper)
+        return
     if grad_scale != 1.0:
         grad = grad * grad_scale
-    master = parts["master"]["value"]
-    adamw_step_(
-        master,
-        grad,
-        parts["exp_avg"]["value"],
-        parts["exp_avg_sq"]["value"],
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-    )
+    numel = grad.numel()
+    master = decode_master_ref(parts["master"])
+    m = decode_moment(parts["exp_avg"], numel, signed=True)
+    v = decode_moment(parts["exp_avg_sq"], numel, signed=False)
+    # Correctly rounded sqrt, as the fused kernel: both backends give the same bits on any CPU.
+    adamw_step_(master, grad.reshape(-1).float(), m, v, exact_sqrt=True, **hyper)
+    encode_master_(master, parts["master"])
+    encode_moment_(m, parts["exp_avg"], signed=True)
+    encode_moment_(v, parts["exp_avg_sq"], signed=False)
     _emit_weights(cfg, master, parts["weights"])

@@ -1,0 +1,72 @@
+// Python binding of the fused AdamW: buffer addresses arrive as ints (the caller keeps the
+// tensors alive and checks dtypes/contiguity); the GIL is released for the whole update.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "adam.h"
+
+namespace py = pybind11;
+using namespace fuyou_adam;
+
+namespace {
+
+template <typename T>
+T* ptr(const py::handle& h) {
+  return reinterpret_cast<T*>(h.cast<uintptr_t>());
+}
+
+MomentBuf moment_from(const py::tuple& t) {
+  if (t.size() != 4) throw std::invalid_argument("moment must be (codec, values, absmax, k16)");
+  MomentBuf b;
+  b.codec = t[0].cast<int>();
+  if (b.codec < kStateFp32 || b.codec > kStateDe8) throw std::invalid_argument("unknown moment codec id");
+  b.values = ptr<void>(t[1]);
+  b.scale = ptr<float>(t[2]);
+  b.k16 = ptr<uint8_t>(t[3]);
+  return b;
+}
+
+void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tuple v, py::tuple weights,
+           py::tuple hyper, py::tuple tables, int threads, bool simd) {
+  AdamArgs a;
+  a.numel = numel;
+  a.grad = reinterpret_cast<const float*>(grad);
+  if (master.size() != 3 || weights.size() != 2 || hyper.size() != 8 || tables.size() != 7)
+    throw std::invalid_argument("adamw: master (codec, hi, lo), weights (codec, ptr), 8 hyper values, 7 tables");
+  a.master_codec = master[0].cast<int>();
+  a.master_hi = ptr<void>(master[1]);
+  a.master_lo = ptr<void>(master[2]);
+  a.m = moment_from(m);
+  a.v = moment_from(v);
+  a.weights_codec = weights[0].cast<int>();
+  a.weights = ptr<void>(weights[1]);
+  a.h.decay = float(hyper[0].cast<double>());
+  a.h.lerp_w = float(hyper[1].cast<double>());
+  a.h.beta2 = float(hyper[2].cast<double>());
+  a.h.one_minus_beta2 = float(hyper[3].cast<double>());
+  a.h.bc2_sqrt = float(hyper[4].cast<double>());
+  a.h.eps = float(hyper[5].cast<double>());
+  a.h.neg_step_size = float(hyper[6].cast<double>());
+  const double gs = hyper[7].cast<double>();
+  a.h.grad_scale = float(gs);
+  a.h.scale_grad = gs != 1.0;
+  a.t.fp8_root = ptr<const float>(tables[0]);
+  a.t.de8_signed_map = ptr<const float>(tables[1]);
+  a.t.de8_signed_mid = ptr<const float>(tables[2]);
+  a.t.de8_unsigned_map = ptr<const float>(tables[3]);
+  a.t.de8_unsigned_mid = ptr<const float>(tables[4]);
+  a.t.de8_signed_bucket = ptr<const uint8_t>(tables[5]);
+  a.t.de8_unsigned_bucket = ptr<const uint8_t>(tables[6]);
+  py::gil_scoped_release release;
+  fused_adamw(a, threads, simd);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_adam, mod) {
+  mod.doc() = "fuyou fused CPU AdamW over compressed optimizer state";
+  mod.def("adamw", &adamw, py::arg("numel"), py::arg("grad"), py::arg("master"), py::arg("m"), py::arg("v"),
+          py::arg("weights"), py::arg("hyper"), py::arg("tables"), py::arg("threads"), py::arg("simd") = true);
+  mod.def("has_avx2", &cpu_has_avx2_fma, "whether this CPU runs the AVX2/FMA build");
+}

@@ -1,0 +1,120 @@
+"""Binding of the fused C++ AdamW (fuyou._adam): checks the parts, hands their addresses over.
+
+The kernel reproduces codecs.py + adamw.py: bit-exact for fp32 / bf16 moments and fp32 /
+bf16+rem master; for fp8 and de8 it decodes exactly as the references do and encodes fp8 with a
+fast log2/exp2 (a code may differ by one step from the reference at a rounding boundary).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from .codecs import de8_bucket_table, de8_padded_mids, dynamic_map, fp8_root_table
+
+try:  # the extension is optional: without it fuyou runs the torch reference path
+    from fuyou import _adam as _ext
+
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - exercised when the build failed
+    _ext = None
+    _IMPORT_ERROR = str(exc)
+
+Parts = Dict[str, torch.Tensor]
+
+_STATE_IDS = {"fp32": 0, "bf16": 1, "fp8": 2, "de8": 3}
+_WEIGHT_IDS = {torch.float32: 0, torch.bfloat16: 1}
+_TABLES: Optional[tuple] = None
+
+
+def available() -> bool:
+    return _ext is not None
+
+
+def import_error() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+def has_avx2() -> bool:
+    return bool(_ext is not None and _ext.has_avx2())
+
+
+def _tables() -> tuple:
+    """Addresses of the shared lookup tables (kept alive in module globals)."""
+    global _TABLES
+    if _TABLES is None:
+        root = fp8_root_table()
+        smap, umap = dynamic_map(True)[0], dynamic_map(False)[0]
+        keep = (root, smap, de8_padded_mids(True), umap, de8_padded_mids(False),
+                de8_bucket_table(True), de8_bucket_table(False))
+        _TABLES = (keep, tuple(t.data_ptr() for t in keep))
+    return _TABLES[1]
+
+
+def _addr(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> int:
+    if t.dtype != dtype or t.numel() != numel or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(
+            f"{what}: expected a contiguous CPU {dtype} tensor of {numel} elements, got {t.dtype} "
+            f"{tuple(t.shape)} on {t.device}; build the parts with state_layout()"
+        )
+    return t.data_ptr()
+
+
+def _moment(parts: Parts, numel: int, what: str) -> tuple:
+    groups = lambda size: -(-numel // size)  # noqa: E731
+    if "value" in parts:
+        codec = "fp32" if parts["value"].dtype == torch.float32 else "bf16"
+        dtype = torch.float32 if codec == "fp32" else torch.bfloat16
+        return (_STATE_IDS[codec], _addr(parts["value"], dtype, numel, f"{what}.value"), 0, 0)
+    codes = _addr(parts["codes"], torch.uint8, numel, f"{what}.codes")
+    if "k16" in parts:
+        g = groups(128)
+        return (_STATE_IDS["fp8"], codes, _addr(parts["absmax"], torch.float32, g, f"{what}.absmax"),
+                _addr(parts["k16"], torch.uint8, g, f"{what}.k16"))
+    return (_STATE_IDS["de8"], codes, _addr(parts["absmax"], torch.float32, groups(256), f"{what}.absmax"), 0)
+
+
+def _master(parts: Parts, numel: int) -> tuple:
+    if "value" in parts:
+        return (0, _addr(parts["value"], torch.float32, numel, "master.value"), 0)
+    return (1, _addr(parts["hi"], torch.bfloat16, numel, "master.hi"), _addr(parts["lo"], torch.int16, numel, "master.lo"))
+
+
+def hyper_values(*, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 grad_scale: float) -> tuple:
+    """The per-step scalars, computed in double exactly as torch.optim.AdamW does."""
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    return (1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(bias_correction2), eps,
+            -(lr / bias_correction1), grad_scale)
+
+
+@torch.no_grad()
+def adamw_fused_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
+                 threads: Optional[int] = None, simd: bool = True) -> None:
+    """One fused AdamW step over the parts (codecs read from the parts themselves)."""
+    if _ext is None:
+        raise RuntimeError(f"fuyou._adam is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`")
+    grad = grad.reshape(-1)
+    if grad.dtype != torch.float32 or not grad.is_contiguous():
+        grad = grad.float().contiguous()
+    numel = grad.numel()
+    w = parts["weights"]["value"]
+    expected = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(weights_codec)
+    if expected is None or w.dtype != expected:
+        raise ValueError(f"weights part is {w.dtype} but the weights codec is {weights_codec!r}; "
+                         "the fused path emits fp32 or bf16 weights laid out by state_layout()")
+    args = (
+        numel,
+        _addr(grad, torch.float32, numel, "grad"),
+        _master(parts["master"], numel),
+        _moment(parts["exp_avg"], numel, "exp_avg"),
+        _moment(parts["exp_avg_sq"], numel, "exp_avg_sq"),
+        (_WEIGHT_IDS[w.dtype], _addr(w, w.dtype, numel, "weights.value")),
+        hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                     grad_scale=grad_scale),
+        _tables(),
+    )
+    _ext.adamw(*args, threads=int(threads or torch.get_num_threads()), simd=simd)
