@@ -138,12 +138,18 @@ def init_state_(cfg: StateConfig, value: torch.Tensor, parts: Dict[str, Parts]) 
     _emit_weights(cfg, flat, parts["weights"])
 
 
-def _pick_backend(backend: Optional[str]) -> str:
+def _fp32_mode(cfg: StateConfig) -> bool:
+    return cfg.master == "fp32" and cfg.states == "fp32"
+
+
+def _pick_backend(backend: Optional[str], cfg: StateConfig) -> str:
     backend = backend or os.environ.get("FUYOU_ADAM_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"AdamW backend {backend!r} unknown; choose one of {', '.join(BACKENDS)} (FUYOU_ADAM_BACKEND)")
     if backend == "auto":
-        return "fused" if fused.available() else "torch"
+        # fp32 mode keeps torch.optim.AdamW's own arithmetic (its sqrt included), so that fuyou in
+        # fp32 mode trains exactly like plain PyTorch; the compressed codecs take the fused kernel.
+        return "fused" if fused.available() and not _fp32_mode(cfg) else "torch"
     if backend == "fused" and not fused.available():
         raise RuntimeError(f"fused AdamW requested but fuyou._adam is not built ({fused.import_error()}); "
                            "run `python setup.py build_ext --inplace` or use backend='torch'")
@@ -165,8 +171,12 @@ def adamw_update_(
     grad_scale: float = 1.0,
     backend: Optional[str] = None,
     threads: Optional[int] = None,
+    exact_sqrt: Optional[bool] = None,
 ) -> None:
     """One AdamW step of one parameter: updates master and moments, writes the new compute weights.
+
+    `exact_sqrt` (torch path): None = torch's own sqrt in fp32 mode (as torch.optim.AdamW), the
+    correctly rounded one otherwise (as the fused kernel, always).
 
     `grad` is the flat fp32 gradient; `grad_scale` multiplies it first (gradient clipping), as
     torch.nn.utils.clip_grad_norm_ does in place. `backend` (default: FUYOU_ADAM_BACKEND or auto)
@@ -175,7 +185,7 @@ def adamw_update_(
     if step < 1:
         raise ValueError(f"AdamW step counts from 1, got {step}")
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if _pick_backend(backend) == "fused":
+    if _pick_backend(backend, cfg) == "fused":
         fused.adamw_fused_(cfg.weights, grad, parts, grad_scale=grad_scale, threads=threads, **hyper)
         return
     if grad_scale != 1.0:
@@ -184,8 +194,10 @@ def adamw_update_(
     master = decode_master_ref(parts["master"])
     m = decode_moment(parts["exp_avg"], numel, signed=True)
     v = decode_moment(parts["exp_avg_sq"], numel, signed=False)
-    # Correctly rounded sqrt, as the fused kernel: both backends give the same bits on any CPU.
-    adamw_step_(master, grad.reshape(-1).float(), m, v, exact_sqrt=True, **hyper)
+    # Compressed codecs: correctly rounded sqrt, as the fused kernel, so both backends give the same
+    # bits on any CPU. fp32 mode: torch's sqrt, as torch.optim.AdamW.
+    exact = not _fp32_mode(cfg) if exact_sqrt is None else exact_sqrt
+    adamw_step_(master, grad.reshape(-1).float(), m, v, exact_sqrt=exact, **hyper)
     encode_master_(master, parts["master"])
     encode_moment_(m, parts["exp_avg"], signed=True)
     encode_moment_(v, parts["exp_avg_sq"], signed=False)

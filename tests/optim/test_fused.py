@@ -42,7 +42,7 @@ def test_fused_equals_reference_bitwise(seeded, cfg, simd):
     out = clone_parts(ref)
     for step in range(1, 5):
         g = _grad(n, step)
-        adamw_update_(cfg, g, ref, step=step, backend="torch", **HYPER)
+        adamw_update_(cfg, g, ref, step=step, backend="torch", exact_sqrt=True, **HYPER)
         fused.adamw_fused_(cfg.weights, g, out, step=step, simd=simd, threads=2, **HYPER)
         _assert_parts_equal(ref, out)
 

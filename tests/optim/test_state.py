@@ -7,8 +7,10 @@ from fuyou.optim import StateConfig, adamw_step_, adamw_update_, decode_master, 
 from .conftest import make_parts
 
 
-def test_reference_path_fp32_matches_adamw_step(seeded):
-    """backend="torch" is adamw_step_ with the correctly rounded sqrt, bit for bit."""
+@pytest.mark.parametrize("exact_sqrt", [False, True])
+def test_reference_path_fp32_matches_adamw_step(seeded, exact_sqrt):
+    """backend="torch" in fp32 mode is adamw_step_ bit for bit: with torch's sqrt by default (as
+    torch.optim.AdamW), with the correctly rounded one when asked (as the fused kernel)."""
     n = 10_007
     cfg = StateConfig()
     w0 = torch.randn(n)
@@ -16,8 +18,8 @@ def test_reference_path_fp32_matches_adamw_step(seeded):
     p, m, v = w0.clone(), torch.zeros(n), torch.zeros(n)
     for step in range(1, 4):
         g = torch.randn(n)
-        adamw_step_(p, g, m, v, step=step, lr=1e-2, weight_decay=0.1, exact_sqrt=True)
-        adamw_update_(cfg, g, parts, step=step, lr=1e-2, weight_decay=0.1, backend="torch")
+        adamw_step_(p, g, m, v, step=step, lr=1e-2, weight_decay=0.1, exact_sqrt=exact_sqrt)
+        adamw_update_(cfg, g, parts, step=step, lr=1e-2, weight_decay=0.1, backend="torch", exact_sqrt=exact_sqrt if exact_sqrt else None)
     assert torch.equal(parts["master"]["value"], p)
     assert torch.equal(parts["exp_avg"]["value"], m)
     assert torch.equal(parts["exp_avg_sq"]["value"], v)
