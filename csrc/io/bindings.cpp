@@ -28,6 +28,11 @@ Op parse_op(const std::string& op) {
 struct PyEngine {
   std::unique_ptr<Engine> engine;
   std::string kind;
+  EngineConfig cfg;
+  Engine& get() {
+    if (!engine) throw std::runtime_error("I/O engine abandoned after fork; create a new one");
+    return *engine;
+  }
 };
 
 }  // namespace
@@ -61,26 +66,34 @@ PYBIND11_MODULE(_io, m) {
              auto e = std::make_unique<PyEngine>();
              e->engine = fuyou::io::make_engine(kind, cfg);  // runtime_error: io_uring cannot run here
              e->kind = e->engine->name();
+             e->cfg = cfg;
              return e;
            }),
-           py::arg("kind") = "auto", py::arg("queue_depth") = 32, py::arg("chunk_bytes") = size_t(1) << 20)
+           py::arg("kind") = "auto", py::arg("queue_depth") = 8, py::arg("chunk_bytes") = size_t(8) << 20)
       .def_property_readonly("name", [](const PyEngine& e) { return e.kind; })
-      .def_property_readonly("queue_depth", [](const PyEngine& e) { return e.engine->config().queue_depth; })
-      .def_property_readonly("chunk_bytes", [](const PyEngine& e) { return e.engine->config().chunk_bytes; })
+      .def_property_readonly("abandoned", [](const PyEngine& e) { return !e.engine; })
+      .def_property_readonly("queue_depth", [](const PyEngine& e) { return e.cfg.queue_depth; })
+      .def_property_readonly("chunk_bytes", [](const PyEngine& e) { return e.cfg.chunk_bytes; })
       .def(
           "submit",
           [](PyEngine& e, const std::string& op, int fd, uintptr_t ptr, size_t nbytes, int64_t offset) {
             Op o = parse_op(op);
+            Engine& eng = e.get();
             py::gil_scoped_release nogil;
-            return e.engine->submit(o, fd, reinterpret_cast<void*>(ptr), nbytes, offset);
+            return eng.submit(o, fd, reinterpret_cast<void*>(ptr), nbytes, offset);
           },
           py::arg("op"), py::arg("fd"), py::arg("ptr"), py::arg("nbytes"), py::arg("offset"),
           "Start reading/writing nbytes at address ptr from/to file offset; returns a Handle")
       .def(
           "set_fault",
-          [](PyEngine& e, int64_t nth, int err, int64_t short_bytes) { e.engine->set_fault(nth, err, short_bytes); },
+          [](PyEngine& e, int64_t nth, int err, int64_t short_bytes) { e.get().set_fault(nth, err, short_bytes); },
           py::arg("nth"), py::arg("err") = 0, py::arg("short_bytes") = 0,
           "Test hook: the nth chunk transfer from now fails with errno err, or moves only short_bytes; nth=0 clears")
+      .def(
+          "abandon",
+          [](PyEngine& e) { (void)e.engine.release(); },
+          "After fork(): drop the inherited engine without running its destructor (its threads "
+          "exist only in the parent); the engine is unusable afterwards")
       .def(
           "register_buffers",
           [](PyEngine& e, const std::vector<std::pair<uintptr_t, size_t>>& bufs) {
@@ -90,8 +103,9 @@ PYBIND11_MODULE(_io, m) {
               ptrs.push_back(reinterpret_cast<const void*>(b.first));
               sizes.push_back(b.second);
             }
+            Engine& eng = e.get();
             py::gil_scoped_release nogil;
-            return e.engine->register_buffers(ptrs.data(), sizes.data(), int(ptrs.size()));
+            return eng.register_buffers(ptrs.data(), sizes.data(), int(ptrs.size()));
           },
           py::arg("buffers"),
           "Register (address, size) buffers as io_uring fixed buffers (replaces earlier ones; [] clears). "

@@ -23,9 +23,9 @@ enum class Op : int { Read = 0, Write = 1 };
 
 struct EngineConfig {
   // In-flight chunks: io_uring submission depth, or the number of pread/pwrite threads.
-  int queue_depth = 32;
+  int queue_depth = 8;
   // Chunk size of a request (a multiple of 4096 for O_DIRECT files).
-  size_t chunk_bytes = size_t(1) << 20;
+  size_t chunk_bytes = size_t(8) << 20;
 };
 
 // Outcome of a finished request. err == 0: all `bytes` done. Otherwise `err` is the errno of the

@@ -1,6 +1,7 @@
 """The C++ engine (fuyou._io) through fuyou.store.engine: chunking, fault hook, errno, fixed buffers."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -160,3 +161,27 @@ def test_measure_disk_reports_rates(tmp_path):
     assert res["read_gbps"] > 0 and res["write_gbps"] > 0
     assert res["size_bytes"] == 4 << 20
     assert not os.path.exists(tmp_path / "probe.bin")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_engine_works_in_a_forked_child(data_file, kind):
+    path, src = data_file
+    be = EngineBackend(kind, EngineConfig(queue_depth=2, chunk_bytes=CHUNK))
+    dst = aligned_empty(src.numel())
+    with DirectFile(path, "r", backend=be) as f:
+        f.pread(dst).get()  # the parent's engine has started its threads
+    expected = src.numpy().tobytes()
+    pid = os.fork()
+    if pid == 0:  # child: gets a fresh engine; exits without the inherited one's destructor
+        code = 1
+        try:  # no torch kernels here: its OpenMP pool may not survive fork()
+            ctypes.memset(dst.data_ptr(), 0, dst.numel())
+            with DirectFile(path, "r", backend=be) as f:
+                f.pread(dst).get()
+            code = 0 if ctypes.string_at(dst.data_ptr(), dst.numel()) == expected else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with DirectFile(path, "r", backend=be) as f:  # the parent's engine is untouched
+        assert f.pread(dst).get() == src.numel()
