@@ -6,11 +6,13 @@ import errno
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from fuyou.store import ALIGN, DirectFile, aligned_empty
+from fuyou.store.backends import PythonBackend
 
 engine = pytest.importorskip("fuyou.store.engine")
 if engine._io is None:
@@ -164,9 +166,32 @@ def test_measure_disk_reports_rates(tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_requests_from_many_threads(data_file, kind):
+    path, src = data_file
+    be = EngineBackend(kind, EngineConfig(queue_depth=4, chunk_bytes=CHUNK))
+    n = src.numel()
+    dsts = [[aligned_empty(n) for _ in range(8)] for _ in range(4)]
+
+    def reader(bufs):
+        with DirectFile(path, "r", backend=be) as f:
+            futs = [f.pread(b) for b in bufs]
+            return [fut.get() for fut in futs]
+
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(reader, dsts))
+    assert done == [[n] * 8] * 4
+    for bufs in dsts:
+        for b in bufs:
+            assert torch.equal(b, src)
+
+
+@pytest.mark.parametrize("kind", KINDS + ["python"])
 def test_engine_works_in_a_forked_child(data_file, kind):
     path, src = data_file
-    be = EngineBackend(kind, EngineConfig(queue_depth=2, chunk_bytes=CHUNK))
+    if kind == "python":
+        be = PythonBackend(threads=2, chunk_bytes=CHUNK)
+    else:
+        be = EngineBackend(kind, EngineConfig(queue_depth=2, chunk_bytes=CHUNK))
     dst = aligned_empty(src.numel())
     with DirectFile(path, "r", backend=be) as f:
         f.pread(dst).get()  # the parent's engine has started its threads
