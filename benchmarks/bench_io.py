@@ -6,7 +6,8 @@ alike), `--runs` times; the table shows medians in GB/s (1e9 B/s) and the ratio 
 over the grid (fio direct=1, io_uring or libaio). Participants:
 
   fuyou:<backend>  DirectFile over "uring", "threads", "python" (chunk = request size, queue depth =
-                   chunks in flight / threads); one request for the whole file, as the store does
+                   chunks in flight / threads); one request for the whole file, as the store does;
+                   "uring-fixed" = uring with the buffer registered (io_uring fixed buffers)
   fio              direct=1, same file, bs = request size, iodepth = queue depth (skipped if absent)
   deepspeed-aio    DeepSpeed's aio_handle (libaio; block_size, queue_depth; page-locked buffer);
                    JIT-built on first use (~5-7 min, cached in ~/.cache/torch_extensions); skipped
@@ -76,7 +77,10 @@ class FuyouRunner:
                 self._cache[key] = PythonBackend(threads=qd, chunk_bytes=rs)
             else:
                 cfg = fy_engine.EngineConfig(queue_depth=qd, chunk_bytes=rs)
-                self._cache[key] = fy_engine.EngineBackend(self.backend_name, cfg)
+                be = fy_engine.EngineBackend(self.backend_name.replace("-fixed", ""), cfg)
+                if self.backend_name.endswith("-fixed") and not be.register_buffers([self.buf]):
+                    raise RuntimeError("io_uring refused to register the buffer (RLIMIT_MEMLOCK?)")
+                self._cache[key] = be
         return self._cache[key]
 
     def run(self, op: str, rs: int, qd: int) -> float:
@@ -170,7 +174,8 @@ class BufferedRunner:
 def build_runners(args, path: str, size: int, buf: torch.Tensor, notes: list[str]):
     runners = []
     for name in args.backends:
-        if name in ("uring", "threads") and (fy_engine._io is None or (name == "uring" and not fy_engine.uring_works())):
+        if name in ("uring", "uring-fixed", "threads") and (
+                fy_engine._io is None or (name.startswith("uring") and not fy_engine.uring_works())):
             notes.append(f"fuyou:{name} skipped: {'fuyou._io not built' if fy_engine._io is None else 'io_uring unavailable'}")
             continue
         runners.append(FuyouRunner(name, path, buf))
@@ -255,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--points", default="", help="explicit grid, e.g. '1x8,4x16' (request MiB x queue depth)")
     ap.add_argument("--dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
                     help="directory of the test file (on the disk to measure)")
-    ap.add_argument("--backends", default="uring,threads,python", help="fuyou backends to run")
+    ap.add_argument("--backends", default="uring,uring-fixed,threads,python", help="fuyou backends to run")
     ap.add_argument("--fio-engine", default="io_uring", choices=["io_uring", "libaio"])
     ap.add_argument("--ds-threads", type=int, default=1, help="DeepSpeed intra_op_parallelism (its default: 1)")
     ap.add_argument("--no-fio", action="store_true")

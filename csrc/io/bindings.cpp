@@ -71,6 +71,8 @@ PYBIND11_MODULE(_io, m) {
            }),
            py::arg("kind") = "auto", py::arg("queue_depth") = 8, py::arg("chunk_bytes") = size_t(8) << 20)
       .def_property_readonly("name", [](const PyEngine& e) { return e.kind; })
+      .def_property_readonly("fixed_transfers", [](PyEngine& e) { return e.get().fixed_transfers(); },
+                             "transfers issued on registered buffers so far")
       .def_property_readonly("abandoned", [](const PyEngine& e) { return !e.engine; })
       .def_property_readonly("queue_depth", [](const PyEngine& e) { return e.cfg.queue_depth; })
       .def_property_readonly("chunk_bytes", [](const PyEngine& e) { return e.cfg.chunk_bytes; })

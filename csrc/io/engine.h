@@ -97,6 +97,8 @@ class Engine {
   void set_fault(int64_t nth, int err, int64_t short_bytes) { fault_.set(nth, err, short_bytes); }
   // Optional: pin buffers once (io_uring fixed buffers); chunks inside one skip per-I/O pinning.
   // Returns false where the engine does not use them. Call with no I/O in flight.
+  // Transfers issued on registered (fixed) buffers so far: shows the registration is in use.
+  int64_t fixed_transfers() const { return fixed_transfers_.load(std::memory_order_relaxed); }
   virtual bool register_buffers(const void* const* ptrs, const size_t* sizes, int n) {
     (void)ptrs, (void)sizes, (void)n;
     return false;
@@ -112,6 +114,7 @@ class Engine {
   int64_t transfer_bytes(Chunk* c);
   EngineConfig cfg_;
   Fault fault_;
+  std::atomic<int64_t> fixed_transfers_{0};
 };
 
 // Thread pool of blocking pread/pwrite: always available.

@@ -128,6 +128,7 @@ class UringEngine final : public Engine {
       char* p = c->buf + c->done;
       const uint64_t off = uint64_t(c->offset) + c->done;
       const int idx = fixed_index(p, size_t(want));
+      if (idx >= 0) fixed_transfers_.fetch_add(1, std::memory_order_relaxed);
       if (c->op == Op::Read) {
         if (idx >= 0)
           io_uring_prep_read_fixed(sqe, c->fd, p, unsigned(want), off, idx);

@@ -47,6 +47,9 @@ class EngineConfig:
             raise ValueError(f"chunk_bytes={self.chunk_bytes} must be a positive multiple of 4096, at most 1 GiB")
 
 
+_FIXED_MAX_BYTES = 1 << 30  # io_uring's limit on one registered buffer
+
+
 class _EngineFuture:
     """Completion of one engine request; result() waits with the GIL released."""
 
@@ -105,12 +108,24 @@ class EngineBackend:
         `short_bytes` (the engine must then finish the rest); nth=0 clears it."""
         self._engine.set_fault(nth, err, short_bytes)
 
+    @property
+    def fixed_transfers(self) -> int:
+        """Transfers issued on registered buffers so far (0 unless register_buffers took)."""
+        return self._engine.fixed_transfers
+
     def register_buffers(self, buffers) -> bool:
         """Pin long-lived buffers (tensors or (address, size) pairs) as io_uring fixed buffers; a
-        chunk inside one skips per-I/O page pinning. Call with no I/O in flight."""
+        chunk inside one skips per-I/O page pinning. Call with no I/O in flight; [] clears.
+
+        The kernel takes at most 1 GiB per fixed buffer, so larger ones are registered in 1 GiB
+        pieces (a chunk that straddles two pieces goes the ordinary way). False where refused
+        (no io_uring, or RLIMIT_MEMLOCK too small): I/O then works as before.
+        """
         pairs = []
         for b in buffers:
-            pairs.append((b.data_ptr(), b.numel() * b.element_size()) if hasattr(b, "data_ptr") else tuple(b))
+            ptr, size = (b.data_ptr(), b.numel() * b.element_size()) if hasattr(b, "data_ptr") else tuple(b)
+            for start in range(0, size, _FIXED_MAX_BYTES):
+                pairs.append((ptr + start, min(_FIXED_MAX_BYTES, size - start)))
         return self._engine.register_buffers(pairs)
 
 

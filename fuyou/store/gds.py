@@ -76,6 +76,11 @@ def _host_array_from(ptr: int, nbytes: int):
     return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
 
 
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 view (any shape, 0-d included)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 def _check(tensor: torch.Tensor, nbytes: Optional[int], file_offset: int) -> int:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_contiguous():
         raise ValueError("device I/O needs a contiguous torch.Tensor; pass tensor.contiguous()")
@@ -153,10 +158,10 @@ def submit_device(op: str, path: str, tensor: torch.Tensor, file_offset: int = 0
         return _Done(0)
     if tensor.device.type == "cpu" and tensor.data_ptr() % ALIGN == 0:  # else through the bounce
         f = DirectFile(path, "r" if op == "read" else "rw")
-        fut = (f.pread if op == "read" else f.pwrite)(tensor.view(torch.uint8).view(-1), nbytes, file_offset)
+        fut = (f.pread if op == "read" else f.pwrite)(_byte_view(tensor), nbytes, file_offset)
         return _ClosingFuture(fut, f)
     if tensor.device.type == "cuda" and kvikio_status()[0]:
-        return _kvikio_submit(op, path, tensor.view(torch.uint8).view(-1)[:nbytes], nbytes, file_offset, tensor)
+        return _kvikio_submit(op, path, _byte_view(tensor)[:nbytes], nbytes, file_offset, tensor)
     return _Done(_bounce(op, path, tensor, nbytes, file_offset))
 
 
@@ -177,7 +182,7 @@ class _ClosingFuture:
 def _bounce(op: str, path: str, tensor: torch.Tensor, nbytes: int, file_offset: int) -> int:
     """No usable GDS, or an unaligned host tensor: through an aligned host buffer (synchronous)."""
     host = aligned_empty(aligned_bytes(nbytes), pin=tensor.is_cuda)[:nbytes]
-    dev = tensor.view(torch.uint8).view(-1)[:nbytes]
+    dev = _byte_view(tensor)[:nbytes]
     if op == "read":
         with DirectFile(path, "r") as f:
             f.pread(host, nbytes, file_offset).get()

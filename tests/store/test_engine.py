@@ -129,6 +129,9 @@ def test_uring_registered_buffers(data_file):
     finally:
         assert be.register_buffers([])
     assert torch.equal(dst, src)
+    # Body: 16 chunks of 64 KiB, all inside the registered buffer; the 3 KiB tail goes through
+    # DirectFile's own bounce buffer (not registered).
+    assert be.fixed_transfers == 16
     assert EngineBackend("threads").register_buffers([dst]) is False
 
 
@@ -210,3 +213,19 @@ def test_engine_works_in_a_forked_child(data_file, kind):
     assert os.waitstatus_to_exitcode(status) == 0
     with DirectFile(path, "r", backend=be) as f:  # the parent's engine is untouched
         assert f.pread(dst).get() == src.numel()
+
+
+@pytest.mark.skipif("uring" not in KINDS, reason="io_uring cannot run here")
+def test_register_splits_at_the_fixed_buffer_limit(data_file, monkeypatch):
+    path, src = data_file
+    monkeypatch.setattr(engine, "_FIXED_MAX_BYTES", 256 << 10)  # 1 GiB in production; small here
+    be = EngineBackend("uring", EngineConfig(queue_depth=4, chunk_bytes=CHUNK))
+    dst = aligned_empty(src.numel())
+    assert be.register_buffers([dst])  # 5 pieces, the last one short
+    try:
+        with DirectFile(path, "r", backend=be) as f:
+            assert f.pread(dst).get() == src.numel()
+    finally:
+        be.register_buffers([])
+    assert torch.equal(dst, src)
+    assert be.fixed_transfers == 16  # 64 KiB chunks never straddle the 256 KiB pieces

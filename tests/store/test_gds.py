@@ -12,7 +12,7 @@ KVIKIO_OK, KVIKIO_WHY = gds.kvikio_status()
 needs_kvikio = pytest.mark.skipif(not KVIKIO_OK, reason=f"kvikio cannot do I/O here: {KVIKIO_WHY}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SHAPES = [(1,), (1000,), (129, 257), (1024 + 3,)]  # odd sizes: tails inside the last 4 KiB
+SHAPES = [(), (1,), (1000,), (129, 257), (1024 + 3,)]  # odd sizes: tails inside the last 4 KiB
 
 
 def _tensor(shape, device="cpu", seed=0) -> torch.Tensor:
