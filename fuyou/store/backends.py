@@ -61,9 +61,14 @@ class PythonBackend:
 
     def __init__(self, threads: int = PY_THREADS, chunk_bytes: int = PY_CHUNK_BYTES):
         self.chunk_bytes = chunk_bytes
+        self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fuyou-io")
+        self._pid = os.getpid()
 
     def submit(self, op: str, fd: int, ptr: int, nbytes: int, offset: int, path: str):
+        if self._pid != os.getpid():  # forked child: the pool's threads stayed in the parent
+            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="fuyou-io")
+            self._pid = os.getpid()
         futs = []
         for start in range(0, nbytes, self.chunk_bytes):
             n = min(self.chunk_bytes, nbytes - start)

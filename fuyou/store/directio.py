@@ -78,29 +78,22 @@ class IOFuture:
                 raise self._error
             if self._result is None:
                 total = 0
-                try:
-                    for p in self._parts:
+                err = None
+                for p in self._parts:  # wait for every part: none may still write into a freed buffer
+                    try:
                         total += p.result()
-                    if self._finish is not None:
+                    except BaseException as exc:  # noqa: BLE001 - the first error is raised below
+                        err = err or exc
+                try:
+                    if err is None and self._finish is not None:
                         self._finish()
-                except BaseException as exc:
-                    self._error = exc
-                    raise
                 finally:
                     self._keepalive = None
+                if err is not None:
+                    self._error = err
+                    raise err
                 self._result = total
             return self._result
-
-
-class _DoneFuture:
-    def __init__(self, n: int):
-        self._n = n
-
-    def result(self) -> int:
-        return self._n
-
-    def done(self) -> bool:
-        return True
 
 
 _direct_warned = False
@@ -171,7 +164,10 @@ class DirectFile:
 
     def _submit(self, op: str, ptr: int, nbytes: int, offset: int):
         if _fault_hook is not None:
-            _fault_hook(op, self.path, offset, nbytes)
+            try:
+                _fault_hook(op, self.path, offset, nbytes)
+            except OSError as exc:  # reported by get(), like a failing disk, after the other parts
+                return _FailedPart(exc)
         return self.backend.submit(op, self.fd, ptr, nbytes, offset, self.path)
 
     def pread(self, buf: torch.Tensor, size: Optional[int] = None, file_offset: int = 0) -> IOFuture:
@@ -206,6 +202,19 @@ class DirectFile:
             ctypes.memmove(bounce.data_ptr(), ptr + body, tail)
             parts.append(_TailPart(self._submit("write", bounce.data_ptr(), ALIGN, file_offset + body), tail))
         return IOFuture(parts, None, keepalive=(buf, bounce))
+
+
+class _FailedPart:
+    """A request part refused by the fault hook: its error surfaces from IOFuture.get()."""
+
+    def __init__(self, exc: OSError):
+        self._exc = exc
+
+    def result(self) -> int:
+        raise self._exc
+
+    def done(self) -> bool:
+        return True
 
 
 class _TailPart:
