@@ -45,6 +45,10 @@ def _add_finetune(sub) -> None:
     p.add_argument("--cpu-mem", type=_size, default=None, help="pinned host memory budget, e.g. 8GiB (default: what the plan needs, at most half the RAM)")
     p.add_argument("--prefetch-depth", type=int, default=2, help="blocks read ahead of the one computing")
     p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="dtype of the compute weights kept in the store")
+    p.add_argument("--master", choices=["fp32", "bf16+rem"], default="fp32", help="master weights: fp32, or bf16 + 16-bit remainder (exact fp32 in 2+2 bytes)")
+    p.add_argument(
+        "--optim-states", choices=["fp32", "bf16", "fp8", "de8"], default="fp32", help="AdamW moments codec: fp8 = E4M3 with dynamic range expansion per 128, de8 = dynamic 8-bit per 256"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (and of a preset's initial weights)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="compute device (default: cuda when present)")
     p.add_argument("--io-backend", default="auto", help="store I/O backend: auto, python, threads, uring (auto = fastest available)")
@@ -109,7 +113,7 @@ def _finetune(args) -> int:
         max_grad_norm=args.max_grad_norm,
         verify_reads=args.verify_reads,
         disk_mode=args.disk_mode,
-        state=StateConfig(weights=args.weights),
+        state=StateConfig(weights=args.weights, master=args.master, states=args.optim_states),
         optim=OptimConfig(lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),
         memory=MemoryConfig(gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem, prefetch_depth=args.prefetch_depth),
