@@ -49,6 +49,12 @@ def _add_finetune(sub) -> None:
     p.add_argument(
         "--optim-states", choices=["fp32", "bf16", "fp8", "de8"], default="fp32", help="AdamW moments codec: fp8 = E4M3 with dynamic range expansion per 128, de8 = dynamic 8-bit per 256"
     )
+    p.add_argument(
+        "--linear",
+        choices=["fp8-blockwise", "mxfp4", "nvfp4"],
+        default=None,
+        help="run the decoder layers' linear GEMMs in this low-precision recipe (Triton on CUDA, the torch reference on CPU); default: the weights' dtype",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (and of a preset's initial weights)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="compute device (default: cuda when present)")
     p.add_argument("--io-backend", default="auto", help="store I/O backend: auto, python, threads, uring (auto = fastest available)")
@@ -113,6 +119,7 @@ def _finetune(args) -> int:
         max_grad_norm=args.max_grad_norm,
         verify_reads=args.verify_reads,
         disk_mode=args.disk_mode,
+        linear=args.linear,
         state=StateConfig(weights=args.weights, master=args.master, states=args.optim_states),
         optim=OptimConfig(lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),

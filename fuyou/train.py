@@ -146,7 +146,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     set_default_backend(cfg.io_backend)
     device = resolve_device(cfg.device)
     source = ModelSource(cfg.model)
-    skeleton = Skeleton(source.config)
+    skeleton = Skeleton(source.config, linear=cfg.linear)
     tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
     if tokenizer is None:
         raise ValueError(f"preset {cfg.model} has no bundled tokenizer; pass --model with a directory holding one")

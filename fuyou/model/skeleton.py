@@ -78,7 +78,7 @@ def layer_block_name(i: int) -> str:
 class Skeleton:
     """The meta-device model plus its block partition. See module docstring."""
 
-    def __init__(self, hf_config, *, attn_implementation: str = "sdpa"):
+    def __init__(self, hf_config, *, attn_implementation: str = "sdpa", linear: Optional[str] = None):
         from transformers import AutoModelForCausalLM
 
         self.config = hf_config
@@ -91,6 +91,11 @@ class Skeleton:
                 f"{arch[0]} is not a causal language model transformers can build ({exc}); use a decoder-only *ForCausalLM checkpoint"
             ) from None
         model.eval()  # dropout off: the backward recomputes each block and must see the same forward
+        if linear is not None:
+            from ..kernels import convert_to_low_precision
+
+            # Same Parameter objects under the same names: the partition and the store are unchanged.
+            convert_to_low_precision(model, linear)
         self.model = model
         self._check_supported()
         self.base = model.base_model
