@@ -182,7 +182,13 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
                     break
                 batch = dataset.batch(position, cfg.batch.batch_size)
                 position += cfg.batch.batch_size
-                meta = {"data_position": position, "seed": cfg.seed, "data": os.path.abspath(cfg.data or DEFAULT_CORPUS)}
+                meta = {
+                    "data_position": position,  # rows consumed: the data order is a function of (seed, position)
+                    "seed": cfg.seed,
+                    "data": os.path.abspath(cfg.data or DEFAULT_CORPUS),
+                    "lr_schedule": {"lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps},  # position = the step
+                    "rng": "none consumed by a step (dropout is off; the data order is seeded)",
+                }
                 try:
                     res = rt.step(batch, train_meta=meta)
                 except OSError as exc:

@@ -29,6 +29,10 @@ class Batch:
     labels: torch.Tensor  # [B, S] int64, -100 where no loss
     attention_mask: Optional[torch.Tensor]  # [B, S] int64, or None when there is no padding
 
+    def to(self, device) -> "Batch":
+        mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
+        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True), mask)
+
     def split(self, parts: int) -> List["Batch"]:
         mb = self.input_ids.shape[0] // parts
         out = []

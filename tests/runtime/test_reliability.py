@@ -182,3 +182,36 @@ def test_export_round_trip(tmp_path):
     assert os.path.isfile(tmp_path / "out" / "tokenizer.json")
     # A non-empty target is refused.
     assert main(["export", "--store", str(tmp_path / "store"), "--to", str(tmp_path / "out")]) == 2
+
+
+def test_sigterm_stops_after_the_step_in_flight(cli_setup):
+    import signal
+    import sys
+    import time
+
+    tmp_path, args = cli_setup
+    store = str(tmp_path / "store")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.Popen([sys.executable, "-m", "fuyou.cli", "finetune", *args, "--store", store, "--steps", "500"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while committed_step(store) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopping on SIGTERM" in err and "--resume" in err
+    step = committed_step(store)
+    assert 2 <= step < 500
+    assert main(["finetune", *args, "--store", store, "--resume", "--steps", "1"]) == 0
+    assert committed_step(store) == step + 1
+
+
+def committed_step(store):
+    path = os.path.join(store, "manifest.json")
+    if not os.path.exists(path):
+        return 0
+    try:
+        return json.load(open(path))["step"]
+    except (json.JSONDecodeError, OSError):  # read while being replaced: ask again
+        return 0
