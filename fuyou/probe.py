@@ -265,16 +265,17 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3) -> float:
 # -- whole probe ---------------------------------------------------------------------------------
 def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAULT_FILE_BYTES, layer: Optional[dict] = None,
                 log: Callable[[str], None] = lambda _s: None) -> Tuple[Rates, dict]:
-    """Measure every rate; return (Rates, details)."""
+    """Measure every rate; return (Rates, details). A small `file_bytes` also shrinks the copy and
+    optimizer probes (quick, noisier figures)."""
     log("storage (DirectFile, O_DIRECT, fsync per file) ...")
     disk = probe_storage(store_dir, file_bytes)
     log("host/device copies ...")
-    copies = probe_copies(device)
+    copies = probe_copies(device, min(256 << 20, max(file_bytes, 1 << 20)))
     log("compute (one decoder layer, forward + recompute + backward) ...")
     comp = probe_compute(device, **(layer or {}))
     mm = probe_matmul(device)
     log("optimizer (gradient norm + AdamW, fp32) ...")
-    opt = probe_optim()
+    opt = probe_optim(min(8 << 20, max(file_bytes // 16, 1 << 16)))
     rates = Rates(
         read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"],
         compute_flops=comp["compute_flops"], optim_params_per_s=opt, compute_call_s=comp["compute_call_s"],
