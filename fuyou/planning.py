@@ -136,7 +136,7 @@ def ssd_need_bytes(shape: ModelShape) -> int:
     return 2 * sum(lay.kinds[k].file_bytes for lay in shape.store.layouts.values() for k in KINDS)
 
 
-def _candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int) -> Optional[Candidate]:
+def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int) -> Optional[Candidate]:
     """The plan (micro, depth, opt_slots) as the runtime realises it, or None if the runtime's slot
     planner would turn those budgets into another plan (which is enumerated on its own)."""
     from .runtime import step_spec
@@ -164,11 +164,15 @@ def _candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_s
     owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0])
     spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch)
 
+    n_files = len(KINDS) * len(shape.store.block_names)
+
     def build():
         g = build_step_graph(spec)
         for t in g.tasks:
             if t.kind == "compute":
                 t.meta["calls"] = micro
+        # The runtime commits after the graph: manifest switch, then the superseded files go.
+        g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")], files=n_files)
         return g
 
     knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
@@ -203,14 +207,14 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     """Enumerate, predict and choose (see module docstring)."""
     shape = shape or model_shape(load_model_config(cfg.model), cfg.state)
     micros = _divisors(cfg.batch.batch_size) if cfg.search_micro_batches else [cfg.batch.micro_batches]
-    naive = _candidate(shape, cfg, cfg.batch.micro_batches, 0, 1)
+    naive = candidate(shape, cfg, cfg.batch.micro_batches, 0, 1)
     cands = [naive] if naive is not None else []
     for micro in micros:
         for depth in range(cfg.max_prefetch_depth + 1):
             for k in range(1, MAX_OPT_SLOTS + 1):
                 if (micro, depth, k) == (cfg.batch.micro_batches, 0, 1):
                     continue
-                c = _candidate(shape, cfg, micro, depth, k)
+                c = candidate(shape, cfg, micro, depth, k)
                 if c is not None:
                     cands.append(c)
     if not cands:

@@ -7,7 +7,7 @@ they became ready (ties: graph order), one per free thread. A task's duration co
     read / write / h2d / d2h   latency + nbytes / lane bandwidth
     compute                    latency + calls * call overhead + flops / FLOP rate
     optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel)
-    commit                     latency
+    commit                     latency + files deleted * per-file cost
 
 Lanes are assumed independent (no shared memory bandwidth or cores between them): where they are
 not (a 2-core host running compute and the optimizer at once), the measured step is slower and the
@@ -39,6 +39,7 @@ class Rates:
     optim_params_per_s: float  # optimizer updates per second (parameters)
     latency_s: Mapping[str, float] = field(default_factory=dict)  # fixed cost per task, by kind
     compute_call_s: float = 0.0  # fixed cost per micro-batch call inside a compute task
+    commit_file_s: float = 0.0  # cost per file a commit deletes (meta "files" of a commit task)
 
     def __post_init__(self):
         for f in fields(self):
@@ -47,9 +48,9 @@ class Rates:
                 bad = {k: x for k, x in v.items() if k not in KINDS or not (x >= 0 and math.isfinite(x))}
                 if bad:
                     raise ValueError(f"latency_s {bad} invalid: keys must be task kinds {KINDS}, values finite seconds >= 0")
-            elif f.name == "compute_call_s":
+            elif f.name in ("compute_call_s", "commit_file_s"):
                 if not (v >= 0 and math.isfinite(v)):
-                    raise ValueError(f"compute_call_s must be finite and >= 0, got {v}")
+                    raise ValueError(f"{f.name} must be finite and >= 0, got {v}")
             elif not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"rate {f.name} must be finite and > 0, got {v}; measure it with `fuyou probe` or pass it by hand")
 
@@ -87,7 +88,7 @@ class Rates:
             # No parameter count: an optimizer pass is bound by the host memory it streams;
             # 16 bytes per parameter (fp32 master, two moments, gradient) turns it into params.
             return lat + task.nbytes / 16 / self.optim_params_per_s
-        return lat  # commit
+        return lat + int(task.meta.get("files", 0)) * self.commit_file_s  # commit
 
 
 @dataclass
