@@ -28,11 +28,11 @@ from fuyou.model.skeleton import Skeleton  # noqa: E402
 from fuyou.model.source import ModelSource, preset_config  # noqa: E402
 from fuyou.optim.state import StateConfig  # noqa: E402
 from fuyou.planning import PlanConfig, candidate, model_shape  # noqa: E402
-from fuyou.probe import FILES_PER_READ_TASK, FILES_PER_WRITE_TASK, machine_info, probe_compute, probe_optim, probe_storage  # noqa: E402
+from fuyou.probe import machine_info, probe_rates  # noqa: E402
 from fuyou.profile import profile_step  # noqa: E402
 from fuyou.runtime import Runtime  # noqa: E402
 from scheduler import Trace  # noqa: E402
-from scheduler.costmodel import Rates, predict  # noqa: E402
+from scheduler.costmodel import Rates, fit_rates, predict  # noqa: E402
 
 
 def hidden512_config():
@@ -50,7 +50,21 @@ CONFIGS = [
 ]
 
 
-def run_config(name, make_cfg, batch, memory, root, steps, storage):
+def bracket(a: Rates, b: Rates) -> Rates:
+    """Rates whose time per unit is the mean of a's and b's."""
+    d = {}
+    for k, v in a.to_json().items():
+        w = b.to_json()[k]
+        if k == "latency_s":
+            d[k] = {x: (v.get(x, 0) + w.get(x, 0)) / 2 for x in set(v) | set(w)}
+        elif k in ("compute_call_s", "commit_file_s"):
+            d[k] = (v + w) / 2
+        else:
+            d[k] = 2 / (1 / v + 1 / w)
+    return Rates.from_json(d)
+
+
+def run_config(name, make_cfg, batch, memory, root, steps, file_bytes, loaded):
     hf = make_cfg()
     src = ModelSource("llama-tiny")
     src.config = hf  # a preset-like model built in code: random init, no checkpoint files
@@ -62,13 +76,14 @@ def run_config(name, make_cfg, batch, memory, root, steps, storage):
     store_dir = os.path.join(root, "store")
     shutil.rmtree(store_dir, ignore_errors=True)
     store = import_model(src, store_dir, state)
-    comp = probe_compute(torch.device("cpu"), hidden=hf.hidden_size, intermediate=hf.intermediate_size, heads=hf.num_attention_heads,
-                         kv_heads=hf.num_key_value_heads, batch=batch.micro_batch_size, seq_len=batch.seq_len)
     layer_numel = shape.store.layouts[shape.store.block_names[1]].numel
-    opt = probe_optim(layer_numel)  # at the size of one block: what an optimizer task touches
-    rates = Rates(read_Bps=storage["read_Bps"], write_Bps=storage["write_Bps"], h2d_Bps=5e9, d2h_Bps=5e9, compute_flops=comp["compute_flops"],
-                  optim_params_per_s=opt, compute_call_s=comp["compute_call_s"], commit_file_s=storage["unlink_file_s"],
-                  latency_s={"read": FILES_PER_READ_TASK * storage["read_file_s"], "write": FILES_PER_WRITE_TASK * storage["write_file_s"], "commit": storage["commit_s"]})
+    layer = dict(hidden=hf.hidden_size, intermediate=hf.intermediate_size, heads=hf.num_attention_heads, kv_heads=hf.num_key_value_heads,
+                 batch=batch.micro_batch_size, seq_len=batch.seq_len)
+    # Probed in the same run, at this configuration's layer shape and block size, with the other
+    # lanes busy (probe_rates(loaded=True)).
+    # Probed just before and just after the run (the machine's load drifts by the minute); the two
+    # are combined by averaging each rate's time per unit.
+    before, _ = probe_rates(torch.device("cpu"), root, file_bytes=file_bytes, layer=layer, optim_numel=layer_numel, loaded=loaded)
     trace = Trace()
     rt = Runtime(store, Skeleton(hf), device=torch.device("cpu"), memory=memory, batch=batch, optim=OptimConfig(lr=1e-4), trace=trace)
     g = torch.Generator().manual_seed(0)
@@ -79,6 +94,8 @@ def run_config(name, make_cfg, batch, memory, root, steps, storage):
             results.append(rt.step(Batch(ids, ids.clone(), None)))
     finally:
         rt.close()
+    after, _ = probe_rates(torch.device("cpu"), root, file_bytes=file_bytes, layer=layer, optim_numel=layer_numel, loaded=loaded)
+    rates = bracket(before, after)
     p = rt.plan
     cand = candidate(shape, PlanConfig(batch=batch, device="cpu"), batch.micro_batches, memory.prefetch_depth if p.weight_slots == memory.prefetch_depth + 1 else p.weight_slots - 1, p.opt_slots)
     assert cand.knobs["weight_slots"] == p.weight_slots and cand.knobs["opt_slots"] == p.opt_slots, (cand.knobs, p)
@@ -90,19 +107,22 @@ def run_config(name, make_cfg, batch, memory, root, steps, storage):
     for r in later:
         spans.append((max(e.end_ns for e in r.events) - min(e.start_ns for e in r.events)) / 1e9)
         fitted.append(profile_step(r.events).predicted.get("fitted from this trace", float("nan")))
-    prof = profile_step(sorted(later, key=lambda r: r.seconds)[len(later) // 2].events)
+    mid = sorted(later, key=lambda r: r.seconds)[len(later) // 2].events
+    prof = profile_step(mid)
     return {
         "name": name, "slots": f"W{p.weight_slots} O{p.opt_slots}", "params": store.numel(), "pred": pred.step_s, "bottleneck": pred.bottleneck,
         "wall": wall, "span": statistics.median(spans), "fitted": statistics.median(fitted), "steps": [r.seconds for r in results],
-        "rates": rates, "busy_pred": pred.busy_fraction(), "busy_meas": prof.busy, "stalls": prof.stalls_s,
+        "rates": rates, "fitted_rates": fit_rates(mid, rates), "busy_pred": pred.busy_fraction(), "busy_meas": prof.busy, "stalls": prof.stalls_s,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--dir", default="/tmp/fuyou-bench-predict")
     ap.add_argument("--only", type=int, default=None, help="run only configuration i (0-based)")
+    ap.add_argument("--probe-bytes", type=int, default=128 << 20, help="bytes of the storage probe")
+    ap.add_argument("--isolated", action="store_true", help="probe each resource alone (not with the other lanes busy)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for probe and runs (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -115,19 +135,17 @@ def main() -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_bytes'] / 2**30:.1f} GiB RAM, torch {info['torch']} "
           f"({info['torch_threads']} threads), {info['date']}; load average {os.getloadavg()[0]:.1f} at start (shared machine)")
     t0 = time.perf_counter()
-    storage = probe_storage(args.dir, 256 << 20, repeats=5)
-    print(f"storage (DirectFile, 8 files, median of 5): read {storage['read_Bps'] / 1e9:.2f} GB/s, write {storage['write_Bps'] / 1e9:.2f} GB/s, "
-          f"per-file latency read {storage['read_file_s'] * 1e3:.1f} ms, write+fsync {storage['write_file_s'] * 1e3:.1f} ms, "
-          f"commit {storage['commit_s'] * 1e3:.1f} ms + {storage['unlink_file_s'] * 1e3:.2f} ms/file")
     rows = []
     for i, (name, make_cfg, batch, memory) in enumerate(CONFIGS):
         if args.only is not None and i != args.only:
             continue
-        r = run_config(name, make_cfg, batch, memory, args.dir, args.steps, storage)
+        r = run_config(name, make_cfg, batch, memory, args.dir, args.steps, args.probe_bytes, not args.isolated)
         rows.append(r)
-        rt = r["rates"]
-        print(f"\n{name}: {r['params'] / 1e6:.1f} M params, slots {r['slots']}; compute {rt.compute_flops / 1e9:.1f} GFLOP/s + {rt.compute_call_s * 1e3:.2f} ms/call, "
-              f"optim {rt.optim_params_per_s / 1e6:.0f} M params/s; steps (s) {', '.join(f'{s:.2f}' for s in r['steps'])}")
+        print(f"\n{name}: {r['params'] / 1e6:.1f} M params, slots {r['slots']}; steps (s) {', '.join(f'{s:.2f}' for s in r['steps'])}")
+        for label, rt in (("probed", r["rates"]), ("fitted", r["fitted_rates"])):
+            print(f"  {label:6} read {rt.read_Bps / 1e9:.2f} GB/s + {rt.latency_s.get('read', 0) * 1e3:.1f} ms, write {rt.write_Bps / 1e9:.2f} GB/s + "
+                  f"{rt.latency_s.get('write', 0) * 1e3:.1f} ms, compute {rt.compute_flops / 1e9:.1f} GFLOP/s + {rt.compute_call_s * 1e3:.2f} ms/call "
+                  f"+ {rt.latency_s.get('compute', 0) * 1e3:.2f} ms/task, optim {rt.optim_params_per_s / 1e6:.0f} M params/s")
         print("  busy predicted " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in r["busy_pred"].items()))
         print("  busy measured  " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in r["busy_meas"].items()))
         print("  compute stalls " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["stalls"].items()))

@@ -233,11 +233,20 @@ def default_rates(device: str) -> Rates:
 def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
     """(MemoryConfig, BatchConfig) of the planned run, for `fuyou finetune --plan auto`.
 
-    Raises ValueError naming the minimum budgets when nothing fits."""
+    Budgets left None get the runtime's own defaults on this machine (host: half the RAM; CUDA: 90%
+    of the free device memory). Raises ValueError naming the minimum budgets when nothing fits."""
+    import dataclasses
+
+    import psutil
+
     if rates is None:
         from .probe import load_rates
 
         rates, _src = load_rates(cfg.device)
+    if cfg.cpu_mem_bytes is None:
+        cfg = dataclasses.replace(cfg, cpu_mem_bytes=psutil.virtual_memory().total // 2)
+    if cfg.gpu_mem_bytes is None and cfg.device == "cuda":
+        cfg = dataclasses.replace(cfg, gpu_mem_bytes=int(torch.cuda.mem_get_info()[0] * 0.9))
     plan = make_plan(cfg, rates)
     if not plan.fits:
         raise ValueError("no plan fits the budgets; " + minimum_message(plan))

@@ -85,8 +85,9 @@ def _median_time(fn: Callable[[], None], repeats: int, min_s: float = 0.0, max_r
 
 
 # -- storage -------------------------------------------------------------------------------------
-def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3) -> dict:
-    """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does."""
+def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3, background: Optional[Callable[[], None]] = None) -> dict:
+    """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does;
+    `background` runs meanwhile (see _Busy)."""
     from .store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
 
     if total_bytes < files * ALIGN:
@@ -137,11 +138,12 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
             finally:
                 os.close(fd)
 
-        t_write = _median_time(write_all, repeats)
-        t_read = _median_time(read_all, repeats)
-        t_wsmall = _median_time(write_small, repeats) / files
-        t_rsmall = _median_time(read_small, repeats) / files
-        t_commit = _median_time(commit_like, repeats)
+        with _Busy(background):
+            t_write = _median_time(write_all, repeats)
+            t_read = _median_time(read_all, repeats)
+            t_wsmall = _median_time(write_small, repeats) / files
+            t_rsmall = _median_time(read_small, repeats) / files
+            t_commit = _median_time(commit_like, repeats)
         t0 = time.perf_counter()
         for p in paths:
             os.unlink(p + ".s")
@@ -201,6 +203,77 @@ def _layer_config(hidden: int, intermediate: int, heads: int, kv_heads: int):
     )
 
 
+class _Busy:
+    """Runs `fn` in a loop on a thread for the duration of a `with` block.
+
+    The lanes of a step run together: on a small host, storage I/O shares cores (and the GIL) with
+    the compute and optimizer threads. Rates probed with the other lanes busy are the rates a lane
+    gets in a step; rates probed alone overstate it (on the 2-vCPU dev box, by 1.5-4x)."""
+
+    def __init__(self, fn: Optional[Callable[[], None]]):
+        import threading
+
+        self.fn, self.stop, self.thread = fn, threading.Event(), None
+
+    def __enter__(self):
+        import threading
+
+        if self.fn is not None:
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.fn()
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        return False
+
+
+class LayerRunner:
+    """One decoder layer run as the runtime runs it: forward, then recompute + backward."""
+
+    def __init__(self, device: torch.device, hidden: int, intermediate: int, heads: int, kv_heads: int):
+        from .model.skeleton import Skeleton
+
+        self.device, self.hidden = device, hidden
+        self.dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        self.sk = Skeleton(_layer_config(hidden, intermediate, heads, kv_heads))
+        self.sk.move_buffers(device)
+        self.g = torch.Generator().manual_seed(0)
+        self.names = [n for b in self.sk.blocks if b.name != self.sk.blocks[-1].name for n in b.params]
+        weights = {n: (torch.randn(self.sk.params[n].numel, generator=self.g) * 0.02).to(device=device, dtype=self.dtype) for n in self.names}
+        self.layer_numel = sum(self.sk.params[n].numel for n in self.sk.blocks[1].params)
+        self.sk.attach(weights, requires_grad=True)
+
+    def runner(self, rows: int, seq_len: int) -> Tuple[Callable[[], None], int]:
+        """(run, model FLOPs of one run): both calls of a layer for `rows` sequences."""
+        sk, device = self.sk, self.device
+        ids = torch.randint(0, 256, (rows, seq_len), generator=self.g).to(device)
+        with torch.no_grad():
+            h, kwargs = sk.embed_forward(ids, None)
+        h = h.to(self.dtype)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+        def run():
+            with torch.no_grad():
+                sk.layer_forward(0, h, kwargs)
+            x = h.detach().requires_grad_(True)
+            y = sk.layer_forward(0, x, kwargs)
+            y.backward(torch.ones_like(y))
+            sync()
+
+        tokens = rows * seq_len
+        return run, 4 * (2 * self.layer_numel * tokens + 2 * seq_len * self.hidden * tokens)  # fwd + 3 x fwd
+
+    def close(self) -> None:
+        self.sk.detach(self.names)
+
+
 def probe_compute(
     device: torch.device,
     *,
@@ -212,46 +285,24 @@ def probe_compute(
     seq_len: int = 128,
     repeats: int = 5,
     min_s: float = 1.0,
+    background: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Model FLOP/s of a decoder layer's forward + (recompute + backward), counted as the step graph
     counts them (stepgraph.consumer_flops), at two micro-batch sizes: the difference gives the
-    fixed cost of one call, the rest the rate."""
-    from .model.skeleton import Skeleton
-
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    sk = Skeleton(_layer_config(hidden, intermediate, heads, kv_heads))
-    sk.move_buffers(device)
-    g = torch.Generator().manual_seed(0)
-    names = [n for b in sk.blocks if b.name != sk.blocks[-1].name for n in b.params]
-    weights = {n: (torch.randn(sk.params[n].numel, generator=g) * 0.02).to(device=device, dtype=dtype) for n in names}
-    layer_numel = sum(sk.params[n].numel for n in sk.blocks[1].params)
-    sk.attach(weights, requires_grad=True)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fixed cost of one call, the rest the rate. `background` runs meanwhile (see _Busy)."""
+    layer = LayerRunner(device, hidden, intermediate, heads, kv_heads)
     out = {}
     try:
         for rows in (batch, max(1, batch // 4)):
-            ids = torch.randint(0, 256, (rows, seq_len), generator=g).to(device)
-            with torch.no_grad():
-                h, kwargs = sk.embed_forward(ids, None)
-            h = h.to(dtype)
-
-            def run():
-                with torch.no_grad():
-                    sk.layer_forward(0, h, kwargs)
-                x = h.detach().requires_grad_(True)
-                y = sk.layer_forward(0, x, kwargs)
-                y.backward(torch.ones_like(y))
-                sync()
-
+            run, flops = layer.runner(rows, seq_len)
             run()  # warm-up
             run()
-            tokens = rows * seq_len
-            flops = 4 * (2 * layer_numel * tokens + 2 * seq_len * hidden * tokens)  # fwd + 3 x fwd
-            # Two calls per run (forward, then recompute + backward).
-            out[rows] = (flops, _median_time(run, repeats, min_s) / 2, tokens)
+            with _Busy(background):
+                # Two calls per run (forward, then recompute + backward).
+                out[rows] = (flops, _median_time(run, repeats, min_s) / 2)
     finally:
-        sk.detach(names)
-    (f_big, t_big, _), (f_small, t_small, _) = out[batch], out[max(1, batch // 4)]
+        layer.close()
+    (f_big, t_big), (f_small, t_small) = out[batch], out[max(1, batch // 4)]
     # Per call: t = call_s + flops / rate. Two points give call_s; noise on a shared machine can
     # push it anywhere, so it is clipped to [0, half the probed call] and the rate is then set so
     # that the probed shape itself is reproduced exactly.
@@ -262,6 +313,26 @@ def probe_compute(
     rate = (f_big / 2) / (t_big - call_s)
     return {"compute_flops": rate, "compute_call_s": call_s, "layer_flops_per_s_at_shape": f_big / (2 * t_big),
             "shape": {"hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads, "batch": batch, "seq_len": seq_len}}
+
+
+def io_loop(store_dir: str, nbytes: int = 16 << 20) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """(step, cleanup): one write + fsync and one read of an `nbytes` file per step, as the
+    store's write and read lanes do during a training step."""
+    from .store.directio import DirectFile, aligned_bytes, aligned_empty
+
+    buf = aligned_empty(aligned_bytes(nbytes))
+    buf.zero_()
+    fd, path = tempfile.mkstemp(prefix="fuyou-probe-bg-", dir=store_dir)
+    os.close(fd)
+
+    def step():
+        with DirectFile(path, "w") as f:
+            f.pwrite(buf).get()
+            f.fsync()
+        with DirectFile(path, "r") as f:
+            f.pread(buf).get()
+
+    return step, lambda: os.path.exists(path) and os.unlink(path)
 
 
 def probe_matmul(device: torch.device, m: int = 1024, k: int = 1024, n: int = 2816, repeats: int = 5) -> float:
@@ -280,7 +351,7 @@ def probe_matmul(device: torch.device, m: int = 1024, k: int = 1024, n: int = 28
 
 
 # -- optimizer -----------------------------------------------------------------------------------
-def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5) -> float:
+def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, background: Optional[Callable[[], None]] = None) -> float:
     """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_ (fp32)."""
     from .optim.state import StateConfig, adamw_update_
 
@@ -294,30 +365,44 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5) -> f
         adamw_update_(cfg, grad, parts, step=1, lr=1e-4)
 
     run()
-    return numel / _median_time(run, repeats, min_s)
+    with _Busy(background):
+        return numel / _median_time(run, repeats, min_s)
 
 
 # -- whole probe ---------------------------------------------------------------------------------
 def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAULT_FILE_BYTES, layer: Optional[dict] = None,
-                log: Callable[[str], None] = lambda _s: None) -> Tuple[Rates, dict]:
-    """Measure every rate; return (Rates, details). A small `file_bytes` also shrinks the copy and
-    optimizer probes (quick, noisier figures)."""
-    log("storage (DirectFile, O_DIRECT, fsync per file) ...")
-    disk = probe_storage(store_dir, file_bytes)
-    log("host/device copies ...")
-    copies = probe_copies(device, min(256 << 20, max(file_bytes, 1 << 20)))
-    log("compute (one decoder layer, forward + recompute + backward) ...")
-    comp = probe_compute(device, **(layer or {}))
-    mm = probe_matmul(device)
-    log("optimizer (gradient norm + AdamW, fp32) ...")
-    opt = probe_optim(min(8 << 20, max(file_bytes // 16, 1 << 16)))
+                optim_numel: Optional[int] = None, loaded: bool = True, log: Callable[[str], None] = lambda _s: None) -> Tuple[Rates, dict]:
+    """Measure every rate; return (Rates, details). With `loaded`, storage and the optimizer are
+    measured while a decoder layer computes, and compute while storage reads and writes (the
+    state of a step; see _Busy). A small `file_bytes` also shrinks the copy and optimizer probes."""
+    layer = dict(layer or {})
+    shape = {k: layer.get(k, d) for k, d in (("hidden", 1024), ("intermediate", 2816), ("heads", 16), ("kv_heads", 16))}
+    rows, seq = layer.get("batch", 8), layer.get("seq_len", 128)
+    bg_layer = LayerRunner(device, **shape) if loaded else None
+    bg_compute = bg_layer.runner(rows, seq)[0] if bg_layer else None
+    bg_io, io_cleanup = io_loop(store_dir, min(16 << 20, max(file_bytes // 8, 1 << 20))) if loaded else (None, lambda: None)
+    what = " with a decoder layer computing meanwhile" if loaded else ""
+    try:
+        log(f"storage (DirectFile, O_DIRECT, fsync per file){what} ...")
+        disk = probe_storage(store_dir, file_bytes, background=bg_compute)
+        log("host/device copies ...")
+        copies = probe_copies(device, min(256 << 20, max(file_bytes, 1 << 20)))
+        log("compute (one decoder layer, forward + recompute + backward)" + (" with storage busy meanwhile" if loaded else "") + " ...")
+        comp = probe_compute(device, **shape, batch=rows, seq_len=seq, background=bg_io)
+        mm = probe_matmul(device)
+        log(f"optimizer (gradient norm + AdamW, fp32){what} ...")
+        opt = probe_optim(optim_numel or min(8 << 20, max(file_bytes // 16, 1 << 16)), background=bg_compute)
+    finally:
+        io_cleanup()
+        if bg_layer is not None:
+            bg_layer.close()
     rates = Rates(
         read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"],
         compute_flops=comp["compute_flops"], optim_params_per_s=opt, compute_call_s=comp["compute_call_s"],
         latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
         commit_file_s=disk["unlink_file_s"],
     )
-    details = {"storage": disk, "copies": copies, "compute": comp, "matmul_flops": mm, "optim_params_per_s": opt}
+    details = {"loaded": loaded, "storage": disk, "copies": copies, "compute": comp, "matmul_flops": mm, "optim_params_per_s": opt}
     return rates, details
 
 

@@ -69,3 +69,27 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     capsys.readouterr()
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
     assert "probed" in capsys.readouterr().out
+
+
+def test_auto_memory_config_is_what_the_runtime_builds():
+    """The hook behind `fuyou finetune --plan auto`: its settings make the runtime's slot planner
+    build the planned slots, within the budgets."""
+    import torch
+
+    from fuyou.config import BatchConfig
+    from fuyou.plan import plan_memory
+    from fuyou.planning import PlanConfig, auto_memory_config, load_model_config, model_shape
+    from fuyou.optim.state import StateConfig
+
+    cfg = PlanConfig(model="llama-tiny", batch=BatchConfig(batch_size=4, micro_batches=2, seq_len=32), device="cpu", cpu_mem_bytes=20 << 20, gpu_mem_bytes=64 << 20)
+    mem, batch = auto_memory_config(cfg)
+    assert mem.cpu_mem_bytes <= 20 << 20 and mem.gpu_mem_bytes <= 64 << 20 and batch.batch_size == 4
+    hf = load_model_config("llama-tiny")
+    shape = model_shape(hf, StateConfig())
+    plan = plan_memory(shape.store, shape.cons, tied=shape.tied, device=torch.device("cpu"), compute_dtype=torch.float32, hidden_size=hf.hidden_size,
+                       intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size, micro_batch_size=batch.micro_batch_size,
+                       micro_batches=batch.micro_batches, seq_len=batch.seq_len, prefetch_depth=mem.prefetch_depth,
+                       cpu_budget=mem.cpu_mem_bytes, device_budget=mem.gpu_mem_bytes)
+    assert plan.weight_slots == mem.prefetch_depth + 1 and plan.cpu_bytes() <= mem.cpu_mem_bytes
+    with pytest.raises(ValueError, match="--cpu-mem"):
+        auto_memory_config(PlanConfig(model="llama-tiny", device="cpu", cpu_mem_bytes=1 << 20))
