@@ -72,6 +72,7 @@ def add_subcommands(sub) -> None:
     q.add_argument("--intermediate", type=int, default=2816, help="MLP size of the probed decoder layer")
     q.add_argument("--heads", type=int, default=16, help="attention heads of the probed layer")
     q.add_argument("--tokens", type=int, default=512, help="tokens per probed call (sequences of 128)")
+    q.add_argument("--isolated", action="store_true", help="probe each resource alone (default: storage and optimizer with a layer computing, compute with storage busy, as in a step)")
     q.add_argument("--out", default=None, help="where to save the rates JSON (default: the user config dir, see `fuyou plan`)")
 
     r = sub.add_parser("profile", help="summarize a trace of `fuyou finetune --trace DIR`: timeline PNG and table", formatter_class=fmt)
@@ -148,7 +149,7 @@ def _probe(args) -> int:
     device = torch.device(_device(args.device))
     console = Console()
     layer = {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads, "kv_heads": args.heads, "batch": max(1, args.tokens // 128), "seq_len": 128}
-    rates, details = probe_rates(device, args.store_dir, file_bytes=args.size, layer=layer, log=lambda s: console.print(s, style="dim"))
+    rates, details = probe_rates(device, args.store_dir, file_bytes=args.size, layer=layer, loaded=not args.isolated, log=lambda s: console.print(s, style="dim"))
     path = save_rates(rates, details, device, args.out)
     info = machine_info(device)
     t = Table(title=f"fuyou probe: {info['cpu']}, {info['cores']} cores, {info['ram_bytes'] / 2**30:.1f} GiB RAM, {info['date']}")

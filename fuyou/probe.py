@@ -85,6 +85,21 @@ def _median_time(fn: Callable[[], None], repeats: int, min_s: float = 0.0, max_r
 
 
 # -- storage -------------------------------------------------------------------------------------
+def _commit_like(directory: str) -> None:
+    """What Store.commit does: a small JSON file written and fsynced, renamed, the directory fsynced."""
+    tmpf = os.path.join(directory, "manifest.json.tmp")
+    with open(tmpf, "w") as f:
+        f.write("{}" * 1024)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmpf, os.path.join(directory, "manifest.json"))
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3, background: Optional[Callable[[], None]] = None) -> dict:
     """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does;
     `background` runs meanwhile (see _Busy)."""
@@ -124,26 +139,12 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
                 with DirectFile(p + ".s", "r") as f:
                     f.pread(small).get()
 
-        def commit_like():
-            # What Store.commit does: a small JSON file written and fsynced, renamed, dir fsynced.
-            tmpf = os.path.join(tmp, "manifest.json.tmp")
-            with open(tmpf, "w") as f:
-                f.write("{}" * 1024)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmpf, os.path.join(tmp, "manifest.json"))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
         with _Busy(background):
             t_write = _median_time(write_all, repeats)
             t_read = _median_time(read_all, repeats)
             t_wsmall = _median_time(write_small, repeats) / files
             t_rsmall = _median_time(read_small, repeats) / files
-            t_commit = _median_time(commit_like, repeats)
+            t_commit = _median_time(lambda: _commit_like(tmp), repeats)
         t0 = time.perf_counter()
         for p in paths:
             os.unlink(p + ".s")

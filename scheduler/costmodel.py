@@ -195,14 +195,6 @@ def _summarize(graph: Graph, start: List[float], end: List[float], cause: List[O
     return Prediction(makespan, busy, critical, moved, trace)
 
 
-def lane_intervals(events: Iterable[TraceEvent]) -> Dict[str, List[tuple]]:
-    """{lane: sorted [(start_ns, end_ns)]} of a set of events."""
-    out: Dict[str, List[tuple]] = {}
-    for e in events:
-        out.setdefault(e.lane, []).append((e.start_ns, e.end_ns))
-    return {k: sorted(v) for k, v in out.items()}
-
-
 def fit_rates(events: Iterable[TraceEvent], base: Rates) -> Rates:
     """Rates that reproduce the measured task durations: per kind, a least-squares line
     duration = latency + size / rate over the events (size: bytes, FLOPs or parameters), falling

@@ -1,5 +1,4 @@
 """Planner: synthetic candidates (pure scheduler) and property tests over random model configs."""
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
