@@ -93,3 +93,12 @@ def test_auto_memory_config_is_what_the_runtime_builds():
     assert plan.weight_slots == mem.prefetch_depth + 1 and plan.cpu_bytes() <= mem.cpu_mem_bytes
     with pytest.raises(ValueError, match="--cpu-mem"):
         auto_memory_config(PlanConfig(model="llama-tiny", device="cpu", cpu_mem_bytes=1 << 20))
+
+
+def test_plan_from_config_dir_without_weights(tmp_path, capsys):
+    from tests.helpers import tiny_config
+
+    tiny_config("qwen2").save_pretrained(str(tmp_path / "m"))
+    assert main(["plan", "--model", str(tmp_path / "m"), "--device", "cpu", "--batch-size", "2", "--micro-batches", "1", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen plan" in out and "predicted step" in out
