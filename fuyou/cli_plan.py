@@ -37,7 +37,8 @@ def _positive(text: str) -> float:
 def _add_rate_flags(p) -> None:
     g = p.add_argument_group("machine rates (default: the saved `fuyou probe` result, else conservative defaults)")
     g.add_argument("--rates", default=None, help="JSON file of rates (a `fuyou probe` output, or an object of Rates fields)")
-    g.add_argument("--read-gbps", "--ssd-bw", dest="read_gbps", type=_positive, default=None, help="storage read GB/s")
+    g.add_argument("--ssd-bw", dest="ssd_gbps", type=_positive, default=None, help="storage GB/s, read and write (unless given apart)")
+    g.add_argument("--read-gbps", type=_positive, default=None, help="storage read GB/s")
     g.add_argument("--write-gbps", type=_positive, default=None, help="storage write GB/s")
     g.add_argument("--h2d-gbps", type=_positive, default=None, help="host -> device GB/s")
     g.add_argument("--d2h-gbps", type=_positive, default=None, help="device -> host GB/s")
@@ -102,9 +103,13 @@ def resolve_rates(args, device: str):
     else:
         rates, source = load_rates(device)
     changes = {field: getattr(args, flag) * scale for flag, field, scale in RATE_FLAGS if getattr(args, flag) is not None}
+    if args.ssd_gbps is not None:
+        changes.setdefault("read_Bps", args.ssd_gbps * 1e9)
+        changes.setdefault("write_Bps", args.ssd_gbps * 1e9)
+    named = (["--ssd-bw"] if args.ssd_gbps is not None else []) + [f"--{f.replace('_', '-')}" for f, _, _ in RATE_FLAGS if getattr(args, f) is not None]
     if changes:
         rates = rates.replace(**changes)
-        source += "; overridden by flags: " + ", ".join(f"--{f.replace('_', '-')}" for f, _, _ in RATE_FLAGS if getattr(args, f) is not None)
+        source += "; overridden by flags: " + ", ".join(named)
     return rates, source
 
 
@@ -173,7 +178,7 @@ def _profile(args) -> int:
     by_step = steps_of(events)
     step = pick_step(by_step, args.step)
     rates = {}
-    if args.rates or any(getattr(args, f) is not None for f, _, _ in RATE_FLAGS) or _saved_rates_exist():
+    if args.rates or args.ssd_gbps is not None or any(getattr(args, f) is not None for f, _, _ in RATE_FLAGS) or _saved_rates_exist():
         r, source = resolve_rates(args, "cuda" if any(e.kind == "h2d" for e in events) and _device(None) == "cuda" else "cpu")
         rates[source.split(" (")[0]] = r
     prof = profile_step(by_step[step], rates)

@@ -31,7 +31,7 @@ def test_plan_too_small_names_minimum(capsys):
 def test_plan_rates_from_flags_and_file(tmp_path, capsys):
     assert main(["plan", "--device", "cpu", "--ssd-bw", "3", "--compute-tflops", "0.1", "--max-prefetch-depth", "1"]) == 0
     out = capsys.readouterr().out
-    assert "3.00 GB/s" in out and "--read-gbps" in out
+    assert "storage read  │ 3.00 GB/s" in out and "storage write │ 3.00 GB/s" in out and "--ssd-bw" in out
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"read_Bps": 2e9, "write_Bps": 1e9, "h2d_Bps": 1e9, "d2h_Bps": 1e9, "compute_flops": 1e11, "optim_params_per_s": 1e9}))
     assert main(["plan", "--device", "cpu", "--rates", str(f), "--max-prefetch-depth", "1"]) == 0
