@@ -289,24 +289,28 @@ def probe_compute(
     background: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Model FLOP/s of a decoder layer's forward + (recompute + backward), counted as the step graph
-    counts them (stepgraph.consumer_flops), at two micro-batch sizes: the difference gives the
-    fixed cost of one call, the rest the rate. `background` runs meanwhile (see _Busy)."""
+    counts them (stepgraph.consumer_flops), at the given micro-batch and at a near-empty call: the
+    line through both gives the fixed cost of one call and the rate. `background` runs meanwhile
+    (see _Busy)."""
     layer = LayerRunner(device, hidden, intermediate, heads, kv_heads)
+    # The second point is a near-empty call (one sequence of 8 tokens): its time is almost all
+    # fixed cost, which pins the intercept far better than two large calls do under noise.
+    points = {"big": (batch, seq_len), "small": (1, min(8, seq_len))}
     out = {}
     try:
-        for rows in (batch, max(1, batch // 4)):
-            run, flops = layer.runner(rows, seq_len)
+        for key, (rows, seq) in points.items():
+            run, flops = layer.runner(rows, seq)
             run()  # warm-up
             run()
             with _Busy(background):
                 # Two calls per run (forward, then recompute + backward).
-                out[rows] = (flops, _median_time(run, repeats, min_s) / 2)
+                out[key] = (flops, _median_time(run, repeats, min_s) / 2)
     finally:
         layer.close()
-    (f_big, t_big), (f_small, t_small) = out[batch], out[max(1, batch // 4)]
-    # Per call: t = call_s + flops / rate. Two points give call_s; noise on a shared machine can
-    # push it anywhere, so it is clipped to [0, half the probed call] and the rate is then set so
-    # that the probed shape itself is reproduced exactly.
+    (f_big, t_big), (f_small, t_small) = out["big"], out["small"]
+    # Per call: t = call_s + flops / rate. Noise on a shared machine can still push the intercept
+    # anywhere, so it is clipped to [0, half the probed call] and the rate is then set so that the
+    # probed shape itself is reproduced exactly.
     call_s = 0.0
     if f_big > f_small and t_big > t_small:
         call_s = t_big - (t_big - t_small) * f_big / (f_big - f_small)
