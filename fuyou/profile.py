@@ -232,7 +232,10 @@ def _consistent(graph, by_name: Dict[str, TraceEvent]) -> bool:
 # -- output ------------------------------------------------------------------------------------------
 def draw_timeline(events: List[TraceEvent], path: str, predicted: Optional[Prediction] = None, title: str = "") -> str:
     """PNG: one row per lane, one bar per task (measured; the predicted timeline below it)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("the timeline needs matplotlib; install it with pip install 'fuyou[profile]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
