@@ -1,0 +1,274 @@
+"""Plan a run before running it: from a model's config alone (no weights), the batch, the codecs and
+the memory budgets, choose the runtime's knobs and predict the step.
+
+Knobs the runtime has today, searched here: prefetch depth (weight staging slots = depth + 1), the
+number of micro-batches (divisors of the batch size) and optimizer slots (1..MAX_OPT_SLOTS). Each
+candidate is realised exactly as the runtime would: `plan_memory` (the runtime's own slot planner)
+is called with the budgets the candidate hands to the runtime, and the step graph is the runtime's
+own (`build_step_graph` over `step_spec`), so what is predicted is what will run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from scheduler.costmodel import Rates
+from scheduler.planner import Candidate, PlanResult, choose
+
+from .config import BatchConfig, MemoryConfig
+from .optim.state import KINDS, WEIGHT_DTYPES, StateConfig
+from .plan import MAX_OPT_SLOTS, BudgetError, consumers, plan_memory
+from .stepgraph import assign_opt_slots, build_step_graph
+
+MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
+UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
+NOT_YET_IN_RUNTIME = (
+    ("activation placement", "block inputs stay on the device; swapping them to CPU or SSD is not yet in the runtime"),
+    ("CPU cache tier", "no blocks are kept resident in host memory across steps yet: every step streams all of them"),
+)
+
+# Rates used when `fuyou probe` has not been run: deliberately low (so a plan errs slow), from
+# DESIGN §5 for the CPU figures (2-vCPU EPYC dev box) and one PCIe 4 x16 NVMe-less H100 host for CUDA.
+DEFAULT_RATES = {
+    "cpu": Rates(read_Bps=1.0e9, write_Bps=0.8e9, h2d_Bps=5e9, d2h_Bps=5e9, compute_flops=40e9, optim_params_per_s=300e6,
+                 latency_s={"read": 2e-3, "write": 10e-3}),
+    "cuda": Rates(read_Bps=2.0e9, write_Bps=1.5e9, h2d_Bps=12e9, d2h_Bps=12e9, compute_flops=200e12, optim_params_per_s=500e6,
+                  latency_s={"read": 1e-3, "write": 5e-3, "compute": 1e-3}),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """What `fuyou plan` is asked: the model, the step's shape, the codecs and the budgets."""
+
+    model: str = "llama-tiny"  # preset name or a Hugging Face model directory (config.json suffices)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    device: str = "cpu"  # "cuda" or "cpu": where the compute runs
+    gpu_mem_bytes: Optional[int] = None  # device budget; None = unconstrained
+    cpu_mem_bytes: Optional[int] = None  # host (pinned) budget; None = unconstrained
+    ssd_bytes: Optional[int] = None  # store capacity; None = unconstrained
+    max_prefetch_depth: int = MAX_PREFETCH_DEPTH
+    search_micro_batches: bool = True  # False: keep batch.micro_batches
+
+    def __post_init__(self):
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device {self.device!r} unknown; pass --device cuda or --device cpu")
+        for name in ("gpu_mem_bytes", "cpu_mem_bytes", "ssd_bytes"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name.replace('_bytes', '').replace('_', '-')} must be > 0")
+        if not 0 <= self.max_prefetch_depth <= 64:
+            raise ValueError(f"max prefetch depth must be in 0..64, got {self.max_prefetch_depth}")
+
+
+@dataclass
+class ModelShape:
+    """A model's layout from its config alone: skeleton, dry store (no files), consumers."""
+
+    hf_config: object
+    skeleton: object
+    store: object
+    cons: list
+    tied: bool
+    numel: int
+
+
+def load_model_config(model: str):
+    """The HF config of a preset or a model directory; weights are not needed."""
+    from .model.source import PRESETS, ModelSource
+
+    if model in PRESETS:
+        return ModelSource(model).config
+    path = os.path.abspath(model)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--model {model}: neither a preset ({', '.join(PRESETS)}) nor a directory holding config.json")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ValueError(f"{path}/config.json cannot be read as a transformers config ({exc}); check the file") from None
+
+
+def model_shape(hf_config, state: StateConfig) -> ModelShape:
+    from .model.skeleton import Skeleton
+    from .store.store import Store, new_manifest
+
+    sk = Skeleton(hf_config)
+    blocks = [{"name": b.name, "params": [{"name": n, "shape": list(sk.params[n].shape), "numel": sk.params[n].numel} for n in b.params]} for b in sk.blocks]
+    info = {"source": "plan", "architecture": type(sk.model).__name__, "fingerprint": "", "numel": sk.numel()}
+    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), new_manifest(info, state, blocks))
+    borrowed = {b.name: tuple(o for o, _ in b.borrowed) for b in sk.blocks}
+    return ModelShape(hf_config, sk, store, consumers(store.block_names, borrowed), sk.tied, sk.numel())
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _plan_memory(shape: ModelShape, device: torch.device, compute_dtype, batch: BatchConfig, depth: int, cpu: int, gpu: int):
+    hf = shape.hf_config
+    return plan_memory(
+        shape.store,
+        shape.cons,
+        tied=shape.tied,
+        device=device,
+        compute_dtype=compute_dtype,
+        hidden_size=hf.hidden_size,
+        intermediate_size=getattr(hf, "intermediate_size", 4 * hf.hidden_size),
+        vocab_size=hf.vocab_size,
+        micro_batch_size=batch.micro_batch_size,
+        micro_batches=batch.micro_batches,
+        seq_len=batch.seq_len,
+        prefetch_depth=depth,
+        cpu_budget=cpu,
+        device_budget=gpu,
+    )
+
+
+def ssd_need_bytes(shape: ModelShape) -> int:
+    """Store capacity a run needs: every state file, twice (a step writes new versions of all of them
+    before its commit deletes the old ones)."""
+    return 2 * sum(lay.kinds[k].file_bytes for lay in shape.store.layouts.values() for k in KINDS)
+
+
+def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int) -> Optional[Candidate]:
+    """The plan (micro, depth, opt_slots) as the runtime realises it, or None if the runtime's slot
+    planner would turn those budgets into another plan (which is enumerated on its own)."""
+    from .runtime import step_spec
+
+    device = torch.device(cfg.device)
+    stored = WEIGHT_DTYPES[cfg.state.weights]
+    compute_dtype = torch.float32 if device.type == "cpu" else stored
+    batch = BatchConfig(batch_size=cfg.batch.batch_size, micro_batches=micro, seq_len=cfg.batch.seq_len)
+    try:
+        sizes = _plan_memory(shape, device, compute_dtype, batch, depth, UNCONSTRAINED, UNCONSTRAINED)
+    except BudgetError:
+        return None
+    w = depth + 1
+    cpu = w * sizes.stage_slot_bytes + (opt_slots + sizes.tied_slot) * sizes.opt_slot_bytes
+    full_dev = sizes.device_bytes()  # with depth + 1 device slots (or none when no copy is needed)
+    gpu = full_dev if cfg.gpu_mem_bytes is None else min(full_dev, cfg.gpu_mem_bytes)
+    try:
+        plan = _plan_memory(shape, device, compute_dtype, batch, depth, cpu, gpu)
+    except BudgetError:
+        plan = sizes  # does not fit the device budget at all: keep it, the planner reports the need
+        plan.weight_slots, plan.opt_slots = w, opt_slots
+        gpu = full_dev
+    if (plan.weight_slots, plan.opt_slots) != (w, opt_slots):
+        return None
+    owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0])
+    spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch)
+
+    n_files = len(KINDS) * len(shape.store.block_names)
+
+    def build():
+        g = build_step_graph(spec)
+        for t in g.tasks:
+            if t.kind == "compute":
+                t.meta["calls"] = micro
+        # The runtime commits after the graph: manifest switch, then the superseded files go.
+        g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")], files=n_files)
+        return g
+
+    knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
+    memory = {"gpu": plan.device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape)}
+    pref = (micro != cfg.batch.micro_batches, depth)
+    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1), cpu_mem_bytes=cpu, prefetch_depth=depth), "batch": batch}
+    return Candidate(knobs, memory, build, pref, {"plan": plan, "run": run_cfg})
+
+
+@dataclass
+class Plan:
+    """A planned run: the planner's result and what the user asked."""
+
+    cfg: PlanConfig
+    shape: ModelShape
+    rates: Rates
+    rates_source: str
+    result: PlanResult
+
+    @property
+    def fits(self) -> bool:
+        return self.result.best is not None
+
+    def memory_config(self) -> MemoryConfig:
+        return self.result.best.candidate.extra["run"]["memory"]
+
+    def batch_config(self) -> BatchConfig:
+        return self.result.best.candidate.extra["run"]["batch"]
+
+
+def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape: Optional[ModelShape] = None) -> Plan:
+    """Enumerate, predict and choose (see module docstring)."""
+    shape = shape or model_shape(load_model_config(cfg.model), cfg.state)
+    micros = _divisors(cfg.batch.batch_size) if cfg.search_micro_batches else [cfg.batch.micro_batches]
+    naive = candidate(shape, cfg, cfg.batch.micro_batches, 0, 1)
+    cands = [naive] if naive is not None else []
+    for micro in micros:
+        for depth in range(cfg.max_prefetch_depth + 1):
+            for k in range(1, MAX_OPT_SLOTS + 1):
+                if (micro, depth, k) == (cfg.batch.micro_batches, 0, 1):
+                    continue
+                c = candidate(shape, cfg, micro, depth, k)
+                if c is not None:
+                    cands.append(c)
+    if not cands:
+        raise ValueError(f"{cfg.model}: no plan can be built for batch {cfg.batch.batch_size} x seq {cfg.batch.seq_len}; check the model config")
+    budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
+    from .runtime import LANES
+
+    result = choose(cands, budgets, rates, naive=naive, lanes=LANES)
+    return Plan(cfg, shape, rates, rates_source, result)
+
+
+def default_rates(device: str) -> Rates:
+    return DEFAULT_RATES[device]
+
+
+def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
+    """(MemoryConfig, BatchConfig) of the planned run, for `fuyou finetune --plan auto`.
+
+    Budgets left None get the runtime's own defaults on this machine (host: half the RAM; CUDA: 90%
+    of the free device memory). Raises ValueError naming the minimum budgets when nothing fits."""
+    import dataclasses
+
+    import psutil
+
+    if rates is None:
+        from .probe import load_rates
+
+        rates, _src = load_rates(cfg.device)
+    if cfg.cpu_mem_bytes is None:
+        cfg = dataclasses.replace(cfg, cpu_mem_bytes=psutil.virtual_memory().total // 2)
+    if cfg.gpu_mem_bytes is None and cfg.device == "cuda":
+        cfg = dataclasses.replace(cfg, gpu_mem_bytes=int(torch.cuda.mem_get_info()[0] * 0.9))
+    plan = make_plan(cfg, rates)
+    if not plan.fits:
+        raise ValueError("no plan fits the budgets; " + minimum_message(plan))
+    return plan.memory_config(), plan.batch_config()
+
+
+def minimum_message(plan: Plan) -> str:
+    from .memory import format_bytes
+
+    need = plan.result.minimum_budgets or {}
+    flag = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "ssd": "--ssd-mem"}
+    parts = [f"{flag[t]} {_ceil_mib(v)}" for t, v in need.items() if t in flag]
+    knobs = plan.result.minimum_candidate.knobs if plan.result.minimum_candidate else {}
+    extra = f" (with --micro-batches {knobs['micro_batches']})" if knobs else ""
+    return "the smallest budgets that fit are " + ", ".join(parts) + extra + f" [{', '.join(format_bytes(v) for v in need.values())}]"
+
+
+def _ceil_mib(n: int) -> str:
+    return f"{(int(n) + (1 << 20) - 1) >> 20}MiB"
+
+
+def tier_bytes_per_step(pred) -> Dict[str, int]:
+    """Bytes a predicted step moves per tier link."""
+    b = pred.bytes
+    return {"ssd read": b.get("read", 0), "ssd written": b.get("write", 0), "cpu->gpu": b.get("h2d", 0), "gpu->cpu": b.get("d2h", 0)}

@@ -1,0 +1,462 @@
+"""Measure this machine's rates once (`fuyou probe`) and keep them for the planner.
+
+    storage   read / write bytes/s through fuyou.store.DirectFile (the store's own I/O path: O_DIRECT,
+              one file per request, fsync after each write), plus the fixed cost per file
+    h2d/d2h   pinned host <-> device copies (CUDA); on the CPU device, the host copy that decodes
+              stored weights into the compute dtype (what the h2d lane does there)
+    compute   model FLOP/s of one decoder layer run as the runtime runs it (forward, then recompute +
+              backward), at a layer-like shape; two token counts give the fixed cost per call
+    optim     parameters/s of the runtime's optimizer task body: gradient norm pass + adamw_update_
+              on fp32 state
+The result is a JSON file in the user's config dir ($FUYOU_CONFIG_DIR, else $XDG_CONFIG_HOME/fuyou,
+else ~/.config/fuyou): rates.json, with the machine it was measured on.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import psutil
+import torch
+
+from scheduler.costmodel import Rates
+
+RATES_FILE = "rates.json"
+DEFAULT_FILE_BYTES = 512 << 20
+# Files per task in the step graph: a weights read is one file (two with a tied embedding), a
+# states read three (master, exp_avg, exp_avg_sq), a write four (those plus the new weights).
+FILES_PER_READ_TASK = 2
+FILES_PER_WRITE_TASK = 4
+
+
+def config_dir() -> str:
+    d = os.environ.get("FUYOU_CONFIG_DIR")
+    if d:
+        return d
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "fuyou")
+
+
+def rates_path() -> str:
+    return os.path.join(config_dir(), RATES_FILE)
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device.type,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _median_time(fn: Callable[[], None], repeats: int, min_s: float = 0.0, max_repeats: int = 200) -> float:
+    """Median seconds of `fn` over at least `repeats` runs and at least `min_s` seconds in all: on a
+    shared machine single runs swing several-fold (a 2-thread decoder layer on the 2-vCPU dev box
+    under load: 118-2349 ms over 20 runs), so the median needs many samples."""
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - t_start < min_s and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# -- storage -------------------------------------------------------------------------------------
+def _commit_like(directory: str) -> None:
+    """What Store.commit does: a small JSON file written and fsynced, renamed, the directory fsynced."""
+    tmpf = os.path.join(directory, "manifest.json.tmp")
+    with open(tmpf, "w") as f:
+        f.write("{}" * 1024)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmpf, os.path.join(directory, "manifest.json"))
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3, background: Optional[Callable[[], None]] = None) -> dict:
+    """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does;
+    `background` runs meanwhile (see _Busy)."""
+    from .store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
+
+    if total_bytes < files * ALIGN:
+        raise ValueError(f"--size {total_bytes} is too small; give at least {files * ALIGN} bytes (e.g. 512MiB)")
+    os.makedirs(store_dir, exist_ok=True)
+    per = aligned_bytes(total_bytes // files)
+    buf = aligned_empty(per)
+    buf.random_(0, 255)
+    small = aligned_empty(ALIGN)
+    small.zero_()
+    tmp = tempfile.mkdtemp(prefix="fuyou-probe-", dir=store_dir)
+    paths = [os.path.join(tmp, f"f{i}.bin") for i in range(files)]
+    try:
+
+        def write_all():
+            for p in paths:
+                with DirectFile(p, "w") as f:
+                    f.pwrite(buf).get()
+                    f.fsync()
+
+        def read_all():
+            for p in paths:
+                with DirectFile(p, "r") as f:
+                    f.pread(buf).get()
+
+        def write_small():
+            for p in paths:
+                with DirectFile(p + ".s", "w") as f:
+                    f.pwrite(small).get()
+                    f.fsync()
+
+        def read_small():
+            for p in paths:
+                with DirectFile(p + ".s", "r") as f:
+                    f.pread(small).get()
+
+        with _Busy(background):
+            t_write = _median_time(write_all, repeats)
+            t_read = _median_time(read_all, repeats)
+            t_wsmall = _median_time(write_small, repeats) / files
+            t_rsmall = _median_time(read_small, repeats) / files
+            t_commit = _median_time(lambda: _commit_like(tmp), repeats)
+        t0 = time.perf_counter()
+        for p in paths:
+            os.unlink(p + ".s")
+        t_unlink = (time.perf_counter() - t0) / files
+    finally:
+        if os.path.exists(os.path.join(tmp, "manifest.json")):
+            os.unlink(os.path.join(tmp, "manifest.json"))
+        for p in paths:
+            for q in (p, p + ".s"):
+                if os.path.exists(q):
+                    os.unlink(q)
+        os.rmdir(tmp)
+    n = per * files
+    return {
+        "read_Bps": n / t_read,
+        "write_Bps": n / t_write,
+        "read_file_s": t_rsmall,
+        "write_file_s": t_wsmall,
+        "commit_s": t_commit,
+        "unlink_file_s": t_unlink,
+        "file_bytes": per,
+        "files": files,
+    }
+
+
+# -- copies --------------------------------------------------------------------------------------
+def probe_copies(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> dict:
+    if device.type == "cuda":
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+        def h2d():
+            dev.copy_(host, non_blocking=True)
+            torch.cuda.synchronize(device)
+
+        def d2h():
+            host.copy_(dev, non_blocking=True)
+            torch.cuda.synchronize(device)
+
+        h2d()
+        return {"h2d_Bps": nbytes / _median_time(h2d, repeats), "d2h_Bps": nbytes / _median_time(d2h, repeats)}
+    # CPU device: the h2d lane decodes stored bf16 weights into fp32 slots; bytes counted are the
+    # stored bytes, as the step graph counts them.
+    src = torch.randn(nbytes // 2 // 2, dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty(src.numel(), dtype=torch.float32)
+    rate = src.numel() * 2 / _median_time(lambda: dst.copy_(src), repeats)
+    return {"h2d_Bps": rate, "d2h_Bps": rate}
+
+
+# -- compute -------------------------------------------------------------------------------------
+def _layer_config(hidden: int, intermediate: int, heads: int, kv_heads: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=256, max_position_embeddings=8192, tie_word_embeddings=False,
+    )
+
+
+class _Busy:
+    """Runs `fn` in a loop on a thread for the duration of a `with` block.
+
+    The lanes of a step run together: on a small host, storage I/O shares cores (and the GIL) with
+    the compute and optimizer threads. Rates probed with the other lanes busy are the rates a lane
+    gets in a step; rates probed alone overstate it (on the 2-vCPU dev box, by 1.5-4x)."""
+
+    def __init__(self, fn: Optional[Callable[[], None]]):
+        import threading
+
+        self.fn, self.stop, self.thread = fn, threading.Event(), None
+
+    def __enter__(self):
+        import threading
+
+        if self.fn is not None:
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+            self.thread.start()
+        return self
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.fn()
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        return False
+
+
+class LayerRunner:
+    """One decoder layer run as the runtime runs it: forward, then recompute + backward."""
+
+    def __init__(self, device: torch.device, hidden: int, intermediate: int, heads: int, kv_heads: int):
+        from .model.skeleton import Skeleton
+
+        self.device, self.hidden = device, hidden
+        self.dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        self.sk = Skeleton(_layer_config(hidden, intermediate, heads, kv_heads))
+        self.sk.move_buffers(device)
+        self.g = torch.Generator().manual_seed(0)
+        self.names = [n for b in self.sk.blocks if b.name != self.sk.blocks[-1].name for n in b.params]
+        weights = {n: (torch.randn(self.sk.params[n].numel, generator=self.g) * 0.02).to(device=device, dtype=self.dtype) for n in self.names}
+        self.layer_numel = sum(self.sk.params[n].numel for n in self.sk.blocks[1].params)
+        self.sk.attach(weights, requires_grad=True)
+
+    def runner(self, rows: int, seq_len: int) -> Tuple[Callable[[], None], int]:
+        """(run, model FLOPs of one run): both calls of a layer for `rows` sequences."""
+        sk, device = self.sk, self.device
+        ids = torch.randint(0, 256, (rows, seq_len), generator=self.g).to(device)
+        with torch.no_grad():
+            h, kwargs = sk.embed_forward(ids, None)
+        h = h.to(self.dtype)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+        def run():
+            with torch.no_grad():
+                sk.layer_forward(0, h, kwargs)
+            x = h.detach().requires_grad_(True)
+            y = sk.layer_forward(0, x, kwargs)
+            y.backward(torch.ones_like(y))
+            sync()
+
+        tokens = rows * seq_len
+        return run, 4 * (2 * self.layer_numel * tokens + 2 * seq_len * self.hidden * tokens)  # fwd + 3 x fwd
+
+    def close(self) -> None:
+        self.sk.detach(self.names)
+
+
+def probe_compute(
+    device: torch.device,
+    *,
+    hidden: int = 1024,
+    intermediate: int = 2816,
+    heads: int = 16,
+    kv_heads: int = 16,
+    batch: int = 8,
+    seq_len: int = 128,
+    repeats: int = 5,
+    min_s: float = 1.0,
+    background: Optional[Callable[[], None]] = None,
+) -> dict:
+    """Model FLOP/s of a decoder layer's forward + (recompute + backward), counted as the step graph
+    counts them (stepgraph.consumer_flops), at the given micro-batch and at a near-empty call: the
+    line through both gives the fixed cost of one call and the rate. `background` runs meanwhile
+    (see _Busy)."""
+    layer = LayerRunner(device, hidden, intermediate, heads, kv_heads)
+    # The second point is a near-empty call (one sequence of 8 tokens): its time is almost all
+    # fixed cost, which pins the intercept far better than two large calls do under noise.
+    points = {"big": (batch, seq_len), "small": (1, min(8, seq_len))}
+    out = {}
+    try:
+        for key, (rows, seq) in points.items():
+            run, flops = layer.runner(rows, seq)
+            run()  # warm-up
+            run()
+            with _Busy(background):
+                # Two calls per run (forward, then recompute + backward).
+                out[key] = (flops, _median_time(run, repeats, min_s) / 2)
+    finally:
+        layer.close()
+    (f_big, t_big), (f_small, t_small) = out["big"], out["small"]
+    # Per call: t = call_s + flops / rate. Noise on a shared machine can still push the intercept
+    # anywhere, so it is clipped to [0, half the probed call] and the rate is then set so that the
+    # probed shape itself is reproduced exactly.
+    call_s = 0.0
+    if f_big > f_small and t_big > t_small:
+        call_s = t_big - (t_big - t_small) * f_big / (f_big - f_small)
+    call_s = min(max(call_s, 0.0), 0.5 * t_big)
+    rate = (f_big / 2) / (t_big - call_s)
+    return {"compute_flops": rate, "compute_call_s": call_s, "layer_flops_per_s_at_shape": f_big / (2 * t_big),
+            "shape": {"hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads, "batch": batch, "seq_len": seq_len}}
+
+
+def io_loop(store_dir: str, nbytes: int = 16 << 20) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """(step, cleanup): one write + fsync and one read of an `nbytes` file per step, as the
+    store's write and read lanes do during a training step."""
+    from .store.directio import DirectFile, aligned_bytes, aligned_empty
+
+    buf = aligned_empty(aligned_bytes(nbytes))
+    buf.zero_()
+    fd, path = tempfile.mkstemp(prefix="fuyou-probe-bg-", dir=store_dir)
+    os.close(fd)
+
+    def step():
+        with DirectFile(path, "w") as f:
+            f.pwrite(buf).get()
+            f.fsync()
+        with DirectFile(path, "r") as f:
+            f.pread(buf).get()
+
+    return step, lambda: os.path.exists(path) and os.unlink(path)
+
+
+def probe_matmul(device: torch.device, m: int = 1024, k: int = 1024, n: int = 2816, repeats: int = 5) -> float:
+    """Plain GEMM FLOP/s (fp32 on CPU, bf16 on CUDA), for reference beside the layer rate."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def run():
+        a @ b
+        sync()
+
+    run()
+    return 2 * m * k * n / _median_time(run, repeats)
+
+
+# -- optimizer -----------------------------------------------------------------------------------
+def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, background: Optional[Callable[[], None]] = None) -> float:
+    """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_ (fp32)."""
+    from .optim.state import StateConfig, adamw_update_
+
+    cfg = StateConfig()
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(numel, generator=g)
+    parts = {k: {"value": torch.randn(numel, generator=g).abs_()} for k in ("master", "exp_avg", "exp_avg_sq", "weights")}
+
+    def run():
+        float(grad.double().pow(2).sum())
+        adamw_update_(cfg, grad, parts, step=1, lr=1e-4)
+
+    run()
+    with _Busy(background):
+        return numel / _median_time(run, repeats, min_s)
+
+
+# -- whole probe ---------------------------------------------------------------------------------
+def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAULT_FILE_BYTES, layer: Optional[dict] = None,
+                optim_numel: Optional[int] = None, loaded: bool = True, log: Callable[[str], None] = lambda _s: None) -> Tuple[Rates, dict]:
+    """Measure every rate; return (Rates, details). With `loaded`, storage and the optimizer are
+    measured while a decoder layer computes, and compute while storage reads and writes (the
+    state of a step; see _Busy). A small `file_bytes` also shrinks the copy and optimizer probes."""
+    layer = dict(layer or {})
+    shape = {k: layer.get(k, d) for k, d in (("hidden", 1024), ("intermediate", 2816), ("heads", 16), ("kv_heads", 16))}
+    rows, seq = layer.get("batch", 8), layer.get("seq_len", 128)
+    bg_layer = LayerRunner(device, **shape) if loaded else None
+    bg_compute = bg_layer.runner(rows, seq)[0] if bg_layer else None
+    bg_io, io_cleanup = io_loop(store_dir, min(16 << 20, max(file_bytes // 8, 1 << 20))) if loaded else (None, lambda: None)
+    what = " with a decoder layer computing meanwhile" if loaded else ""
+    try:
+        log(f"storage (DirectFile, O_DIRECT, fsync per file){what} ...")
+        disk = probe_storage(store_dir, file_bytes, background=bg_compute)
+        log("host/device copies ...")
+        copies = probe_copies(device, min(256 << 20, max(file_bytes, 1 << 20)))
+        log("compute (one decoder layer, forward + recompute + backward)" + (" with storage busy meanwhile" if loaded else "") + " ...")
+        comp = probe_compute(device, **shape, batch=rows, seq_len=seq, background=bg_io)
+        mm = probe_matmul(device)
+        log(f"optimizer (gradient norm + AdamW, fp32){what} ...")
+        opt = probe_optim(optim_numel or min(8 << 20, max(file_bytes // 16, 1 << 16)), background=bg_compute)
+    finally:
+        io_cleanup()
+        if bg_layer is not None:
+            bg_layer.close()
+    rates = Rates(
+        read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"],
+        compute_flops=comp["compute_flops"], optim_params_per_s=opt, compute_call_s=comp["compute_call_s"],
+        latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
+        commit_file_s=disk["unlink_file_s"],
+    )
+    details = {"loaded": loaded, "storage": disk, "copies": copies, "compute": comp, "matmul_flops": mm, "optim_params_per_s": opt}
+    return rates, details
+
+
+def save_rates(rates: Rates, details: dict, device: torch.device, path: Optional[str] = None) -> str:
+    path = path or rates_path()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    doc = {"format": "fuyou-rates", "version": 1, "machine": machine_info(device), "rates": rates.to_json(), "details": details}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def read_rates_file(path: str) -> Tuple[Rates, dict]:
+    """Rates from a probe file or a plain JSON object of Rates fields; (rates, machine info)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read rates file {path} ({exc}); run `fuyou probe` again or fix the file") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"rates file {path} is not a JSON object; run `fuyou probe` again")
+    body = doc.get("rates", doc)
+    try:
+        return Rates.from_json(body), doc.get("machine", {})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rates file {path}: {exc}") from None
+
+
+def load_rates(device: str, path: Optional[str] = None) -> Tuple[Rates, str]:
+    """Saved probe rates for this device kind, else the planner's conservative defaults; with a
+    sentence saying which."""
+    from .planning import default_rates
+
+    path = path or rates_path()
+    if os.path.isfile(path):
+        rates, machine = read_rates_file(path)
+        if machine.get("device", device) == device:
+            return rates, f"probed {machine.get('date', '?')} on {machine.get('cpu', '?')}" + (f" / {machine['gpu']}" if "gpu" in machine else "") + f" ({path})"
+    return default_rates(device), f"conservative defaults for {device} (no `fuyou probe` result for this device at {path})"
+
+
+def rates_table(rates: Rates) -> Dict[str, str]:
+    lat = rates.latency_s
+    return {
+        "storage read": f"{rates.read_Bps / 1e9:.2f} GB/s" + (f" + {lat['read'] * 1e3:.1f} ms/task" if lat.get("read") else ""),
+        "storage write": f"{rates.write_Bps / 1e9:.2f} GB/s" + (f" + {lat['write'] * 1e3:.1f} ms/task" if lat.get("write") else ""),
+        "h2d / d2h": f"{rates.h2d_Bps / 1e9:.2f} / {rates.d2h_Bps / 1e9:.2f} GB/s",
+        "compute": f"{rates.compute_flops / 1e12:.3f} TFLOP/s (model FLOPs)" + (f" + {rates.compute_call_s * 1e3:.2f} ms/call" if rates.compute_call_s else ""),
+        "optimizer": f"{rates.optim_params_per_s / 1e6:.0f} M params/s",
+    }

@@ -1,0 +1,248 @@
+"""Predict how long a task graph takes, by simulating the executor on modelled task durations.
+
+The simulation is the executor's own policy (executor.py): every lane has a fixed number of threads;
+a task becomes ready when its last dependency ends; each lane starts its ready tasks in the order
+they became ready (ties: graph order), one per free thread. A task's duration comes from `Rates`:
+
+    read / write / h2d / d2h   latency + nbytes / lane bandwidth
+    compute                    latency + calls * call overhead + flops / FLOP rate
+    optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel)
+    commit                     latency + files deleted * per-file cost
+
+Lanes are assumed independent (no shared memory bandwidth or cores between them): where they are
+not (a 2-core host running compute and the optimizer at once), the measured step is slower and the
+profiler's fitted rates show by how much.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, Iterable, List, Mapping, Optional
+
+from .graph import KINDS, Graph, Task
+from .trace import Trace, TraceEvent
+
+_BANDWIDTH_FIELD = {"read": "read_Bps", "write": "write_Bps", "h2d": "h2d_Bps", "d2h": "d2h_Bps"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rates:
+    """Throughput of each resource of a machine, and fixed per-task costs."""
+
+    read_Bps: float  # storage read bandwidth, bytes/s
+    write_Bps: float  # storage write bandwidth (fsync included), bytes/s
+    h2d_Bps: float  # host -> device copy bandwidth, bytes/s
+    d2h_Bps: float  # device -> host copy bandwidth, bytes/s
+    compute_flops: float  # model FLOP/s of the compute lane (model FLOPs, not hardware peak)
+    optim_params_per_s: float  # optimizer updates per second (parameters)
+    latency_s: Mapping[str, float] = field(default_factory=dict)  # fixed cost per task, by kind
+    compute_call_s: float = 0.0  # fixed cost per micro-batch call inside a compute task
+    commit_file_s: float = 0.0  # cost per file a commit deletes (meta "files" of a commit task)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "latency_s":
+                bad = {k: x for k, x in v.items() if k not in KINDS or not (x >= 0 and math.isfinite(x))}
+                if bad:
+                    raise ValueError(f"latency_s {bad} invalid: keys must be task kinds {KINDS}, values finite seconds >= 0")
+            elif f.name in ("compute_call_s", "commit_file_s"):
+                if not (v >= 0 and math.isfinite(v)):
+                    raise ValueError(f"{f.name} must be finite and >= 0, got {v}")
+            elif not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"rate {f.name} must be finite and > 0, got {v}; measure it with `fuyou probe` or pass it by hand")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["latency_s"] = dict(self.latency_s)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object]) -> "Rates":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown rate field(s) {sorted(unknown)}; known: {sorted(names)}")
+        kw = dict(d)
+        kw["latency_s"] = dict(kw.get("latency_s") or {})
+        return cls(**kw)
+
+    def replace(self, **changes) -> "Rates":
+        d = self.to_json()
+        d.update(changes)
+        return Rates.from_json(d)
+
+    def task_seconds(self, task: Task) -> float:
+        lat = float(self.latency_s.get(task.kind, 0.0))
+        if task.kind in _BANDWIDTH_FIELD:
+            return lat + task.nbytes / getattr(self, _BANDWIDTH_FIELD[task.kind])
+        if task.kind == "compute":
+            calls = int(task.meta.get("calls", 1))
+            return lat + calls * self.compute_call_s + task.flops / self.compute_flops
+        if task.kind == "optim":
+            numel = task.meta.get("numel")
+            if numel is not None:
+                return lat + int(numel) / self.optim_params_per_s
+            # No parameter count: an optimizer pass is bound by the host memory it streams;
+            # 16 bytes per parameter (fp32 master, two moments, gradient) turns it into params.
+            return lat + task.nbytes / 16 / self.optim_params_per_s
+        return lat + int(task.meta.get("files", 0)) * self.commit_file_s  # commit
+
+
+@dataclass
+class Prediction:
+    """What the simulation says about one run of a graph."""
+
+    step_s: float  # makespan
+    busy_s: Dict[str, float]  # per lane: total task time
+    critical_s: Dict[str, float]  # per lane: its share of the critical path (sums to step_s)
+    bytes: Dict[str, int]  # per lane: bytes moved
+    trace: Trace  # simulated events (origin 0)
+
+    @property
+    def bottleneck(self) -> str:
+        """The lane holding most of the critical path (what to speed up first)."""
+        return max(self.critical_s, key=lambda k: (self.critical_s[k], self.busy_s.get(k, 0.0))) if self.critical_s else ""
+
+    def busy_fraction(self) -> Dict[str, float]:
+        return {k: (v / self.step_s if self.step_s > 0 else 0.0) for k, v in self.busy_s.items()}
+
+
+def predict(graph: Graph, rates: Rates, lanes: Optional[Mapping[str, int]] = None, step: Optional[int] = None) -> Prediction:
+    """Simulate `graph` on `rates` with `lanes` threads per lane (default one each)."""
+    durations = [rates.task_seconds(t) for t in graph.tasks]
+    return simulate(graph, durations, lanes, step)
+
+
+def simulate(graph: Graph, durations: List[float], lanes: Optional[Mapping[str, int]] = None, step: Optional[int] = None) -> Prediction:
+    """List-schedule `graph` with the given task durations (seconds); see the module docstring."""
+    tasks = graph.tasks
+    if len(durations) != len(tasks):
+        raise ValueError(f"{len(durations)} durations for {len(tasks)} tasks")
+    index = {id(t): i for i, t in enumerate(tasks)}
+    dependents: List[List[int]] = [[] for _ in tasks]
+    waiting = [len(t.deps) for t in tasks]
+    for i, t in enumerate(tasks):
+        for d in t.deps:
+            dependents[index[id(d)]].append(i)
+    threads = {lane: max(1, int((lanes or {}).get(lane, 1))) for lane in graph.lanes()}
+    free = dict(threads)
+    queues: Dict[str, deque] = {lane: deque() for lane in threads}
+    start = [0.0] * len(tasks)
+    end = [0.0] * len(tasks)
+    cause: List[Optional[int]] = [None] * len(tasks)  # the task whose end let this one start
+    lane_last: Dict[str, Optional[int]] = {lane: None for lane in threads}
+    ready_by: List[Optional[int]] = [None] * len(tasks)
+    running: list = []  # heap of (end, index)
+
+    def dispatch(now: float) -> None:
+        for lane, q in queues.items():
+            while q and free[lane]:
+                i = q.popleft()
+                free[lane] -= 1
+                start[i], end[i] = now, now + durations[i]
+                # Started at a lane-freeing event or at its own readiness: remember which.
+                cause[i] = ready_by[i] if (ready_by[i] is not None and end[ready_by[i]] >= now) else lane_last[lane]
+                heapq.heappush(running, (end[i], i))
+
+    for i, t in enumerate(tasks):
+        if not t.deps:
+            queues[t.lane].append(i)
+    dispatch(0.0)
+    done = 0
+    while running:
+        now, i = heapq.heappop(running)
+        batch = [i]
+        while running and running[0][0] == now:
+            batch.append(heapq.heappop(running)[1])
+        newly = []
+        for j in batch:
+            done += 1
+            free[tasks[j].lane] += 1
+            lane_last[tasks[j].lane] = j
+            for k in dependents[j]:
+                waiting[k] -= 1
+                if waiting[k] == 0:
+                    ready_by[k] = max((index[id(d)] for d in tasks[k].deps), key=lambda x: end[x])
+                    newly.append(k)
+        for k in sorted(newly):
+            queues[tasks[k].lane].append(k)
+        dispatch(now)
+    if done != len(tasks):
+        raise ValueError("the graph has a dependency cycle: some tasks never became ready")
+    return _summarize(graph, start, end, cause, step)
+
+
+def _summarize(graph: Graph, start: List[float], end: List[float], cause: List[Optional[int]], step: Optional[int]) -> Prediction:
+    tasks = graph.tasks
+    busy: Dict[str, float] = {lane: 0.0 for lane in graph.lanes()}
+    moved: Dict[str, int] = {lane: 0 for lane in graph.lanes()}
+    trace = Trace()
+    trace.origin_ns = 0
+    for i, t in enumerate(tasks):
+        busy[t.lane] += end[i] - start[i]
+        moved[t.lane] += t.nbytes if t.kind != "optim" else 0
+        trace.record(TraceEvent(t.name, t.kind, t.lane, int(round(start[i] * 1e9)), int(round(end[i] * 1e9)), t.nbytes, t.flops, step, dict(t.meta)))
+    critical: Dict[str, float] = {lane: 0.0 for lane in graph.lanes()}
+    makespan = max(end, default=0.0)
+    if tasks:
+        i: Optional[int] = max(range(len(tasks)), key=lambda x: (end[x], x))
+        while i is not None:
+            critical[tasks[i].lane] += end[i] - start[i]
+            i = cause[i]
+    return Prediction(makespan, busy, critical, moved, trace)
+
+
+def fit_rates(events: Iterable[TraceEvent], base: Rates) -> Rates:
+    """Rates that reproduce the measured task durations: per kind, a least-squares line
+    duration = latency + size / rate over the events (size: bytes, FLOPs or parameters), falling
+    back to size-weighted means where the sizes do not vary. Kinds absent keep `base`'s values."""
+    by_kind: Dict[str, List[tuple]] = {}
+    for e in events:
+        if e.kind == "optim":
+            size = float(e.meta.get("numel", e.nbytes / 16))
+        elif e.kind == "compute":
+            size = float(e.flops)
+        else:
+            size = float(e.nbytes)
+        by_kind.setdefault(e.kind, []).append((size, e.duration_s))
+    changes: Dict[str, object] = {}
+    latency = dict(base.latency_s)
+    for kind, pts in by_kind.items():
+        if kind == "commit":
+            latency[kind] = sum(d for _s, d in pts) / len(pts)
+            continue
+        fit = _fit_line(pts)
+        if fit is None:
+            continue
+        lat, rate = fit
+        latency[kind] = lat
+        name = _BANDWIDTH_FIELD.get(kind) or {"compute": "compute_flops", "optim": "optim_params_per_s"}[kind]
+        changes[name] = rate
+    changes["latency_s"] = latency
+    if "compute" in by_kind:
+        changes["compute_call_s"] = 0.0  # folded into the fitted compute latency
+    return base.replace(**changes)
+
+
+def _fit_line(pts: List[tuple]) -> Optional[tuple]:
+    """(intercept >= 0, 1/slope) of duration against size; None when no size is positive."""
+    pts = [(s, d) for s, d in pts if d >= 0]
+    total_s = sum(s for s, _ in pts)
+    if total_s <= 0:
+        return None
+    n = len(pts)
+    ms = total_s / n
+    md = sum(d for _, d in pts) / n
+    var = sum((s - ms) ** 2 for s, _ in pts)
+    if n >= 3 and var > 0:
+        slope = sum((s - ms) * (d - md) for s, d in pts) / var
+        intercept = md - slope * ms
+        if slope > 0 and intercept >= 0:
+            return intercept, 1.0 / slope
+        if slope > 0:  # a negative intercept is noise: pass the line through the origin
+            return 0.0, sum(s * s for s, _ in pts) / sum(s * d for s, d in pts)
+    total_d = sum(d for _, d in pts)
+    return (0.0, total_s / total_d) if total_d > 0 else None

@@ -1,0 +1,104 @@
+"""`fuyou plan` and `fuyou probe`: tables, saved rates, minimum budgets, one-line errors."""
+import json
+
+import pytest
+
+from fuyou.cli import main
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUYOU_CONFIG_DIR", str(tmp_path / "cfg"))
+    return tmp_path / "cfg"
+
+
+def test_plan_70b_without_weights(capsys):
+    code = main(["plan", "--model", "llama-70b", "--device", "cuda", "--gpu-mem", "70GiB", "--cpu-mem", "100GiB", "--max-prefetch-depth", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "llama-70b (70.554 B params" in out and "chosen plan" in out and "predicted step" in out
+    assert "conservative defaults for cuda" in out and "not yet in the runtime" in out
+    assert "fuyou finetune --model llama-70b" in out
+
+
+def test_plan_too_small_names_minimum(capsys):
+    code = main(["plan", "--model", "llama-70b", "--device", "cuda", "--gpu-mem", "70GiB", "--cpu-mem", "2GiB", "--max-prefetch-depth", "0"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "no plan fits" in out and "--cpu-mem" in out
+
+
+def test_plan_rates_from_flags_and_file(tmp_path, capsys):
+    assert main(["plan", "--device", "cpu", "--ssd-bw", "3", "--compute-tflops", "0.1", "--max-prefetch-depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "storage read  │ 3.00 GB/s" in out and "storage write │ 3.00 GB/s" in out and "--ssd-bw" in out
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"read_Bps": 2e9, "write_Bps": 1e9, "h2d_Bps": 1e9, "d2h_Bps": 1e9, "compute_flops": 1e11, "optim_params_per_s": 1e9}))
+    assert main(["plan", "--device", "cpu", "--rates", str(f), "--max-prefetch-depth", "1"]) == 0
+    assert "2.00 GB/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["plan", "--model", "/nonexistent/model"], "neither a preset"),
+        (["plan", "--device", "cpu", "--batch-size", "3", "--micro-batches", "2"], "not divisible"),
+        (["plan", "--device", "cpu", "--max-prefetch-depth", "-1"], "max-prefetch-depth"),
+        (["probe", "--store-dir", "/nonexistent/dir"], "not a directory"),
+    ],
+)
+def test_bad_input_is_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+
+
+def test_bad_rates_file(tmp_path, capsys):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"read_Bps": -1}))
+    assert main(["plan", "--device", "cpu", "--rates", str(f)]) == 2
+    assert "rates file" in capsys.readouterr().err
+
+
+def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
+    code = main(["probe", "--device", "cpu", "--store-dir", str(tmp_path), "--size", "2MiB", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--tokens", "256"])
+    assert code == 0
+    doc = json.loads((config_dir / "rates.json").read_text())
+    assert doc["machine"]["device"] == "cpu" and doc["rates"]["read_Bps"] > 0 and doc["rates"]["compute_flops"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["cfg"]  # the probe's files are gone
+    capsys.readouterr()
+    assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
+    assert "probed" in capsys.readouterr().out
+
+
+def test_auto_memory_config_is_what_the_runtime_builds():
+    """The hook behind `fuyou finetune --plan auto`: its settings make the runtime's slot planner
+    build the planned slots, within the budgets."""
+    import torch
+
+    from fuyou.config import BatchConfig
+    from fuyou.plan import plan_memory
+    from fuyou.planning import PlanConfig, auto_memory_config, load_model_config, model_shape
+    from fuyou.optim.state import StateConfig
+
+    cfg = PlanConfig(model="llama-tiny", batch=BatchConfig(batch_size=4, micro_batches=2, seq_len=32), device="cpu", cpu_mem_bytes=20 << 20, gpu_mem_bytes=64 << 20)
+    mem, batch = auto_memory_config(cfg)
+    assert mem.cpu_mem_bytes <= 20 << 20 and mem.gpu_mem_bytes <= 64 << 20 and batch.batch_size == 4
+    hf = load_model_config("llama-tiny")
+    shape = model_shape(hf, StateConfig())
+    plan = plan_memory(shape.store, shape.cons, tied=shape.tied, device=torch.device("cpu"), compute_dtype=torch.float32, hidden_size=hf.hidden_size,
+                       intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size, micro_batch_size=batch.micro_batch_size,
+                       micro_batches=batch.micro_batches, seq_len=batch.seq_len, prefetch_depth=mem.prefetch_depth,
+                       cpu_budget=mem.cpu_mem_bytes, device_budget=mem.gpu_mem_bytes)
+    assert plan.weight_slots == mem.prefetch_depth + 1 and plan.cpu_bytes() <= mem.cpu_mem_bytes
+    with pytest.raises(ValueError, match="--cpu-mem"):
+        auto_memory_config(PlanConfig(model="llama-tiny", device="cpu", cpu_mem_bytes=1 << 20))
+
+
+def test_plan_from_config_dir_without_weights(tmp_path, capsys):
+    from tests.helpers import tiny_config
+
+    tiny_config("qwen2").save_pretrained(str(tmp_path / "m"))
+    assert main(["plan", "--model", str(tmp_path / "m"), "--device", "cpu", "--batch-size", "2", "--micro-batches", "1", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen plan" in out and "predicted step" in out
