@@ -44,6 +44,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--gpu-mem", type=_size, default=None, help="device memory budget, e.g. 4GiB (default: 90%% of free device memory; on the CPU device what the plan needs)")
     p.add_argument("--cpu-mem", type=_size, default=None, help="pinned host memory budget, e.g. 8GiB (default: what the plan needs, at most half the RAM)")
     p.add_argument("--prefetch-depth", type=int, default=2, help="blocks read ahead of the one computing")
+    p.add_argument(
+        "--plan", choices=["auto"], default=None, help="let the planner choose --prefetch-depth, --micro-batches and the memory budgets (see `fuyou plan`)"
+    )
     p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="dtype of the compute weights kept in the store")
     p.add_argument("--master", choices=["fp32", "bf16+rem"], default="fp32", help="master weights: fp32, or bf16 + 16-bit remainder (exact fp32 in 2+2 bytes)")
     p.add_argument(
@@ -125,6 +128,17 @@ def _finetune(args) -> int:
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),
         memory=MemoryConfig(gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem, prefetch_depth=args.prefetch_depth),
     )
+    if args.plan == "auto":
+        import dataclasses
+
+        from .planning import PlanConfig, auto_memory_config
+        from .train import resolve_device
+
+        plan_cfg = PlanConfig(
+            model=args.model, batch=cfg.batch, state=cfg.state, device=resolve_device(args.device).type, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem
+        )
+        mem, batch = auto_memory_config(plan_cfg)
+        cfg = dataclasses.replace(cfg, memory=mem, batch=batch)
     trace = None
     if cfg.trace_dir:
         from scheduler import Trace
