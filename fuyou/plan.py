@@ -136,6 +136,41 @@ def plan_memory(
     return plan
 
 
+def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """On the CPU device compute in fp32 (bf16 matmul there is ~100x slower, DESIGN §5); on a GPU in
+    the stored compute-weight dtype."""
+    return torch.float32 if torch.device(device).type == "cpu" else stored
+
+
+def model_consumers(store: Store, skeleton) -> List[Consumer]:
+    borrowed = {b.name: tuple(owner for owner, _ in b.borrowed) for b in skeleton.blocks}
+    return consumers(store.block_names, borrowed)
+
+
+def plan_for_model(store: Store, skeleton, *, device, batch, prefetch_depth: int, cpu_budget, device_budget, compute_dtype=None) -> MemoryPlan:
+    """plan_memory for a Skeleton-like model (`.config`, `.tied`, `.blocks`) and a BatchConfig."""
+    hf = skeleton.config
+    device = torch.device(device)
+    if compute_dtype is None:
+        compute_dtype = compute_dtype_for(device, store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype)
+    return plan_memory(
+        store,
+        model_consumers(store, skeleton),
+        tied=skeleton.tied,
+        device=device,
+        compute_dtype=compute_dtype,
+        hidden_size=hf.hidden_size,
+        intermediate_size=getattr(hf, "intermediate_size", 4 * hf.hidden_size),
+        vocab_size=hf.vocab_size,
+        micro_batch_size=batch.micro_batch_size,
+        micro_batches=batch.micro_batches,
+        seq_len=batch.seq_len,
+        prefetch_depth=prefetch_depth,
+        cpu_budget=cpu_budget,
+        device_budget=device_budget,
+    )
+
+
 def _check_minimum(plan: MemoryPlan) -> None:
     need_cpu, need_dev = plan.cpu_bytes(), plan.device_bytes()
     if need_cpu > plan.cpu_budget_bytes:

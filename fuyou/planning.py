@@ -20,7 +20,7 @@ from scheduler.planner import Candidate, PlanResult, choose
 
 from .config import BatchConfig, MemoryConfig
 from .optim.state import KINDS, WEIGHT_DTYPES, StateConfig
-from .plan import MAX_OPT_SLOTS, BudgetError, consumers, plan_memory
+from .plan import MAX_OPT_SLOTS, BudgetError, compute_dtype_for, model_consumers, plan_for_model
 from .stepgraph import assign_opt_slots, build_step_graph
 
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
@@ -99,11 +99,9 @@ def model_shape(hf_config, state: StateConfig) -> ModelShape:
     from .store.store import Store, new_manifest
 
     sk = Skeleton(hf_config)
-    blocks = [{"name": b.name, "params": [{"name": n, "shape": list(sk.params[n].shape), "numel": sk.params[n].numel} for n in b.params]} for b in sk.blocks]
     info = {"source": "plan", "architecture": type(sk.model).__name__, "fingerprint": "", "numel": sk.numel()}
-    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), new_manifest(info, state, blocks))
-    borrowed = {b.name: tuple(o for o, _ in b.borrowed) for b in sk.blocks}
-    return ModelShape(hf_config, sk, store, consumers(store.block_names, borrowed), sk.tied, sk.numel())
+    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), new_manifest(info, state, sk.manifest_blocks()))
+    return ModelShape(hf_config, sk, store, model_consumers(store, sk), sk.tied, sk.numel())
 
 
 def _divisors(n: int) -> List[int]:
@@ -111,23 +109,7 @@ def _divisors(n: int) -> List[int]:
 
 
 def _plan_memory(shape: ModelShape, device: torch.device, compute_dtype, batch: BatchConfig, depth: int, cpu: int, gpu: int):
-    hf = shape.hf_config
-    return plan_memory(
-        shape.store,
-        shape.cons,
-        tied=shape.tied,
-        device=device,
-        compute_dtype=compute_dtype,
-        hidden_size=hf.hidden_size,
-        intermediate_size=getattr(hf, "intermediate_size", 4 * hf.hidden_size),
-        vocab_size=hf.vocab_size,
-        micro_batch_size=batch.micro_batch_size,
-        micro_batches=batch.micro_batches,
-        seq_len=batch.seq_len,
-        prefetch_depth=depth,
-        cpu_budget=cpu,
-        device_budget=gpu,
-    )
+    return plan_for_model(shape.store, shape.skeleton, device=device, batch=batch, prefetch_depth=depth, cpu_budget=cpu, device_budget=gpu, compute_dtype=compute_dtype)
 
 
 def ssd_need_bytes(shape: ModelShape) -> int:
@@ -142,8 +124,7 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     from .runtime import step_spec
 
     device = torch.device(cfg.device)
-    stored = WEIGHT_DTYPES[cfg.state.weights]
-    compute_dtype = torch.float32 if device.type == "cpu" else stored
+    compute_dtype = compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights])
     batch = BatchConfig(batch_size=cfg.batch.batch_size, micro_batches=micro, seq_len=cfg.batch.seq_len)
     try:
         sizes = _plan_memory(shape, device, compute_dtype, batch, depth, UNCONSTRAINED, UNCONSTRAINED)

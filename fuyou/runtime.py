@@ -22,15 +22,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from scheduler import Executor, Graph, Trace
+from scheduler import Executor, Trace
 
 from .config import BatchConfig, MemoryConfig, OptimConfig
 from .data.dataset import Batch
 from .faults import crash_point
 from .memory import Pool
-from .model.skeleton import EMBED, HEAD, Skeleton, causal_lm_loss_sum, count_targets
+from .model.skeleton import EMBED, Skeleton, count_targets
 from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights
-from .plan import Consumer, consumers, opt_region_offsets, plan_memory
+from .plan import Consumer, compute_dtype_for, model_consumers, opt_region_offsets, plan_for_model
 from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_redo_graph, build_step_graph, consumer_flops
 from .store.directio import aligned_bytes
 from .store.store import Store
@@ -80,27 +80,17 @@ class Runtime:
                 "--max-grad-norm needs --disk-mode safe: lean mode replaces each block's states before the global norm is known"
             )
         self.disk_mode = disk_mode
-        stored = store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype
-        # On the CPU device compute in fp32: bf16 matmul there is ~100x slower (DESIGN §5).
-        self.compute_dtype = torch.float32 if self.device.type == "cpu" else stored
-        self.borrowed = {b.name: tuple(owner for owner, _ in b.borrowed) for b in skeleton.blocks}
-        self.cons: List[Consumer] = consumers(store.block_names, self.borrowed)
-        cfg = skeleton.config
-        self.plan = plan_memory(
+        self.compute_dtype = compute_dtype_for(self.device, store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype)
+        self.cons: List[Consumer] = model_consumers(store, skeleton)
+        self.plan = plan_for_model(
             store,
-            self.cons,
-            tied=skeleton.tied,
+            skeleton,
             device=self.device,
-            compute_dtype=self.compute_dtype,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-            vocab_size=cfg.vocab_size,
-            micro_batch_size=batch.micro_batch_size,
-            micro_batches=batch.micro_batches,
-            seq_len=batch.seq_len,
+            batch=batch,
             prefetch_depth=memory.prefetch_depth,
             cpu_budget=memory.cpu_mem_bytes,
             device_budget=memory.gpu_mem_bytes,
+            compute_dtype=self.compute_dtype,
         )
         p = self.plan
         self.cpu_pool = Pool("cpu", p.cpu_budget_bytes, torch.device("cpu"), pin=self.device.type == "cuda")

@@ -25,7 +25,7 @@ from .model.importer import import_model, model_info
 from .model.skeleton import Skeleton
 from .model.source import DEFAULT_PRESET, ModelSource
 from .optim.state import StateConfig
-from .plan import consumers, plan_memory
+from .plan import plan_for_model
 from .runtime import Runtime, StepResult
 from .store.store import Store, StoreError, check_store_target, is_store, new_manifest, open_store, read_manifest
 
@@ -155,8 +155,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     dataset = TokenDataset(cfg.data or DEFAULT_CORPUS, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
     existing = prepare_store(cfg, source)
     # Check the memory plan on the store's layout before writing anything.
-    blocks = [{"name": b.name, "params": [{"name": n, "shape": list(skeleton.params[n].shape), "numel": skeleton.params[n].numel} for n in b.params]} for b in skeleton.blocks]
-    dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), cfg.state, blocks))
+    dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), cfg.state, skeleton.manifest_blocks()))
     _check_plan(dry, skeleton, device, cfg)
 
     t0 = time.perf_counter()
@@ -209,25 +208,8 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
 
 
 def _check_plan(store: Store, skeleton: Skeleton, device: torch.device, cfg: FinetuneConfig) -> None:
-    hf = skeleton.config
-    stored = store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype
-    borrowed = {b.name: tuple(o for o, _ in b.borrowed) for b in skeleton.blocks}
-    plan_memory(
-        store,
-        consumers(store.block_names, borrowed),
-        tied=skeleton.tied,
-        device=device,
-        compute_dtype=torch.float32 if device.type == "cpu" else stored,
-        hidden_size=hf.hidden_size,
-        intermediate_size=getattr(hf, "intermediate_size", 4 * hf.hidden_size),
-        vocab_size=hf.vocab_size,
-        micro_batch_size=cfg.batch.micro_batch_size,
-        micro_batches=cfg.batch.micro_batches,
-        seq_len=cfg.batch.seq_len,
-        prefetch_depth=cfg.memory.prefetch_depth,
-        cpu_budget=cfg.memory.cpu_mem_bytes,
-        device_budget=cfg.memory.gpu_mem_bytes,
-    )
+    m = cfg.memory
+    plan_for_model(store, skeleton, device=device, batch=cfg.batch, prefetch_depth=m.prefetch_depth, cpu_budget=m.cpu_mem_bytes, device_budget=m.gpu_mem_bytes)
 
 
 def _import(source: ModelSource, cfg: FinetuneConfig, console) -> Store:

@@ -68,11 +68,7 @@ def import_model(
     """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs."""
     skeleton = Skeleton(source.config)
     source.bind(skeleton.model)
-    blocks = [
-        {"name": b.name, "params": [{"name": n, "shape": list(skeleton.params[n].shape), "numel": skeleton.params[n].numel} for n in b.params]}
-        for b in skeleton.blocks
-    ]
-    manifest = new_manifest(model_info(source, skeleton), state_cfg, blocks)
+    manifest = new_manifest(model_info(source, skeleton), state_cfg, skeleton.manifest_blocks())
     existed = os.path.exists(store_path)
     store = create_store(store_path, manifest, backend)
     try:

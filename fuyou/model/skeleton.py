@@ -181,6 +181,13 @@ class Skeleton:
     def numel(self) -> int:
         return sum(p.numel for p in self.params.values())
 
+    def manifest_blocks(self) -> List[dict]:
+        """The block list a store manifest records: each block's parameters with shape and size."""
+        return [
+            {"name": b.name, "params": [{"name": n, "shape": list(self.params[n].shape), "numel": self.params[n].numel} for n in b.params]}
+            for b in self.blocks
+        ]
+
     # -- materialization ---------------------------------------------------------------------
     def attach(self, tensors: Dict[str, torch.Tensor], *, requires_grad: bool) -> Dict[str, nn.Parameter]:
         """Make the named parameters real: each becomes an nn.Parameter over the given tensor."""

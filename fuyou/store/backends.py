@@ -14,7 +14,7 @@ import errno
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 # 8 MiB chunks x 4 threads: on the dev machine (virtio disk) 4 threads of 8 MiB preadv read at
 # 2.0-2.4 GB/s against 1.2-1.9 GB/s for one thread (DESIGN §5).

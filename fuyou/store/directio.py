@@ -179,15 +179,14 @@ class DirectFile:
         body = size // ALIGN * ALIGN
         tail = size - body
         parts = [self._submit("read", ptr, body, file_offset)] if body else []
-        finish = bounce = None
+        bounce = aligned_empty(ALIGN) if tail else None
         if tail:
-            bounce = aligned_empty(ALIGN)
             parts.append(_TailPart(self._submit("read", bounce.data_ptr(), ALIGN, file_offset + body), tail))
 
-            def finish():
-                ctypes.memmove(ptr + body, bounce.data_ptr(), tail)
+        def copy_tail():
+            ctypes.memmove(ptr + body, bounce.data_ptr(), tail)
 
-        return IOFuture(parts, finish, keepalive=(buf, bounce))
+        return IOFuture(parts, copy_tail if tail else None, keepalive=(buf, bounce))
 
     def pwrite(self, buf: torch.Tensor, size: Optional[int] = None, file_offset: int = 0) -> IOFuture:
         """Write `size` bytes (default: the whole buffer) at `file_offset`; a tail is zero-padded to 4 KiB."""

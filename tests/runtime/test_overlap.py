@@ -1,5 +1,4 @@
 """The CPU optimizer of block b runs while the backward of the block before it computes (trace)."""
-import torch
 
 from scheduler import Trace
 from tests.helpers import random_batches, save_checkpoint, tiny_config

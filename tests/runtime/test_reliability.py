@@ -9,7 +9,6 @@ import torch
 
 from fuyou.cli import main
 from fuyou.config import BatchConfig, MemoryConfig, OptimConfig
-from fuyou.data.dataset import Batch
 from fuyou.model.importer import import_model
 from fuyou.model.skeleton import Skeleton
 from fuyou.model.source import ModelSource
