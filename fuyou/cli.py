@@ -47,7 +47,12 @@ def _add_finetune(sub) -> None:
     p.add_argument(
         "--plan", choices=["auto"], default=None, help="let the planner choose --prefetch-depth, --micro-batches and the memory budgets (see `fuyou plan`)"
     )
-    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="dtype of the compute weights kept in the store")
+    p.add_argument(
+        "--weights",
+        choices=["fp32", "bf16", "fp8"],
+        default="fp32",
+        help="compute weights kept in the store: fp32, bf16, or fp8 (E4M3, a scale per 128x128 tile; 1 B/param read per pass)",
+    )
     p.add_argument("--master", choices=["fp32", "bf16+rem"], default="fp32", help="master weights: fp32, or bf16 + 16-bit remainder (exact fp32 in 2+2 bytes)")
     p.add_argument(
         "--optim-states", choices=["fp32", "bf16", "fp8", "de8"], default="fp32", help="AdamW moments codec: fp8 = E4M3 with dynamic range expansion per 128, de8 = dynamic 8-bit per 256"

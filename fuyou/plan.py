@@ -138,8 +138,10 @@ def plan_memory(
 
 def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
     """On the CPU device compute in fp32 (bf16 matmul there is ~100x slower, DESIGN §5); on a GPU in
-    the stored compute-weight dtype."""
-    return torch.float32 if torch.device(device).type == "cpu" else stored
+    the stored compute-weight dtype, bf16 for fp8 codes."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
 
 
 def model_consumers(store: Store, skeleton) -> List[Consumer]:

@@ -29,7 +29,7 @@ from .data.dataset import Batch
 from .faults import crash_point
 from .memory import Pool
 from .model.skeleton import EMBED, Skeleton, count_targets
-from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights
+from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights, set_weight_shape_
 from .plan import Consumer, compute_dtype_for, model_consumers, opt_region_offsets, plan_for_model
 from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_redo_graph, build_step_graph, consumer_flops
 from .store.directio import aligned_bytes
@@ -127,26 +127,29 @@ class Runtime:
             off += numel
         return {"kinds": views, "grad": grad, "grads": grads}
 
-    def _weights(self, u: int) -> Dict[str, torch.Tensor]:
-        """Flat compute-dtype tensors of consumer u's parameters, in its staging or device slot."""
-        c = self.cons[u]
-        stage = self.stage[u % len(self.stage)]
-        out, off = {}, 0
-        for b in c.weight_blocks:
+    def _staged_weights(self, u: int) -> Dict[str, torch.Tensor]:
+        """Consumer u's parameters decoded from its staging slot (views, or dequantized fp8)."""
+        stage, off, out = self.stage[u % len(self.stage)], 0, {}
+        for b in self.cons[u].weight_blocks:
             kl = self.store.layouts[b].kinds["weights"]
-            views = kl.views(stage[off : off + kl.file_bytes])
-            for name, parts in views.items():
+            for name, parts in kl.views(stage[off : off + kl.file_bytes]).items():
                 out[name] = decode_weights(self.store.state_cfg, parts)
             off += kl.file_bytes
-        if not self.dslots:
-            return out
-        dslot, doff, dev = self.dslots[u % len(self.dslots)], 0, {}
+        return out
+
+    def _device_weights(self, u: int) -> Dict[str, torch.Tensor]:
+        """Consumer u's parameters in its device slot (compute dtype), flat."""
+        dslot, off, out = self.dslots[u % len(self.dslots)], 0, {}
         esize = torch.empty((), dtype=self.compute_dtype).element_size()
-        for name, t in out.items():
-            nbytes = t.numel() * esize
-            dev[name] = (t, dslot[doff : doff + nbytes].view(self.compute_dtype))
-            doff += aligned_bytes(nbytes, 256)
-        return dev
+        for b in self.cons[u].weight_blocks:
+            for name, numel in self.store.layouts[b].params:
+                out[name] = dslot[off : off + numel * esize].view(self.compute_dtype)
+                off += aligned_bytes(numel * esize, 256)
+        return out
+
+    def _weights(self, u: int) -> Dict[str, torch.Tensor]:
+        """What the compute of consumer u runs on: device slot views, or the staging views."""
+        return self._device_weights(u) if self.dslots else self._staged_weights(u)
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, batch: Batch, train_meta: Optional[dict] = None) -> StepResult:
@@ -235,12 +238,13 @@ class Runtime:
 
     def _h2d_fn(self, u: int, st: "_StepState"):
         def run():
-            pairs = self._weights(u)
+            # Decode (fp8 dequantization, upcast) here, on the h2d lane, not on the compute lane.
+            src, dst = self._staged_weights(u), self._device_weights(u)
             stream = self._streams.get("h2d")
             ctx = torch.cuda.stream(stream) if stream is not None else _null()
             with ctx:
-                for src, dst in pairs.values():
-                    dst.copy_(src, non_blocking=stream is not None)
+                for name, t in src.items():
+                    dst[name].copy_(t, non_blocking=stream is not None)
             if stream is not None:
                 stream.synchronize()  # the staging slot is reused as soon as this task ends
 
@@ -271,6 +275,7 @@ class Runtime:
                     )
             for name, _numel in self.store.layouts[b].params:
                 parts = {k: v["kinds"][k][name] for k in v["kinds"]}
+                set_weight_shape_(parts["weights"], self.store.layouts[b].shapes[name])  # the output region is fresh
                 adamw_update_(
                     cfg,
                     v["grads"][name],

@@ -19,8 +19,6 @@ if TYPE_CHECKING:  # pragma: no cover
 def run_consumer(rt: "Runtime", u: int, st: "_StepState") -> None:
     c = rt.cons[u]
     weights = rt._weights(u)
-    if rt.dslots:
-        weights = {n: dst for n, (_src, dst) in weights.items()}
     train = c.phase != "fwd"
     params = rt.sk.attach(weights, requires_grad=train)
     try:

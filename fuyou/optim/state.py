@@ -37,7 +37,11 @@ from .codecs import (
 
 KINDS = ("weights", "master", "exp_avg", "exp_avg_sq")
 OPTIM_KINDS = ("master", "exp_avg", "exp_avg_sq")
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Weight codec -> the dtype a GPU computes in. "fp8": E4M3 codes with an fp32 scale per 128x128
+# tile (the blockwise-FP8 GEMM format of fuyou.kernels) for 2-D weights of >= SMALL_NUMEL
+# elements; other parameters (norms, biases) keep bf16.
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+FP8_TILE = 128
 # FUYOU_ADAM_BACKEND=torch forces the plain-torch reference path; `fused` requires the C++ kernel.
 BACKENDS = ("auto", "fused", "torch")
 
@@ -45,7 +49,7 @@ Parts = Dict[str, torch.Tensor]
 
 __all__ = [
     "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "PartSpec", "StateConfig", "adamw_update_",
-    "bytes_per_param_step", "decode_master", "decode_state", "decode_weights", "init_state_", "state_layout",
+    "bytes_per_param_step", "decode_master", "decode_state", "decode_weights", "init_state_", "set_weight_shape_", "state_layout",
 ]
 
 
@@ -53,7 +57,7 @@ __all__ = [
 class StateConfig:
     """How each kind of state is encoded in the store."""
 
-    weights: str = "fp32"  # compute weights streamed to the device: fp32 | bf16
+    weights: str = "fp32"  # compute weights streamed to the device: fp32 | bf16 | fp8 (blockwise E4M3)
     master: str = "fp32"  # master weights: fp32 | bf16+rem (exact fp32 as bf16 + 16-bit remainder)
     states: str = "fp32"  # AdamW moments exp_avg / exp_avg_sq: fp32 | bf16 | fp8 (E4M3+DRE) | de8
 
@@ -69,9 +73,18 @@ class StateConfig:
         return {"weights": self.weights, "master": self.master, "states": self.states}
 
 
-def state_layout(cfg: StateConfig, kind: str, numel: int) -> list[PartSpec]:
-    """The parts that store `kind` of a parameter of `numel` elements."""
+def _fp8_weight(cfg: StateConfig, numel: int, shape) -> bool:
+    return cfg.weights == "fp8" and shape is not None and len(shape) == 2 and numel >= SMALL_NUMEL
+
+
+def state_layout(cfg: StateConfig, kind: str, numel: int, shape=None) -> list[PartSpec]:
+    """The parts that store `kind` of a parameter of `numel` elements (`shape` matters only to
+    fp8 weights, whose scales are per 128x128 tile; their "dims" part records [N, K])."""
     if kind == "weights":
+        if _fp8_weight(cfg, numel, shape):
+            n, k = (int(d) for d in shape)
+            tiles = -(-n // FP8_TILE) * -(-k // FP8_TILE)
+            return [PartSpec("codes", numel, torch.uint8), PartSpec("scales", tiles, torch.float32), PartSpec("dims", 2, torch.int64)]
         return [PartSpec("value", numel, WEIGHT_DTYPES[cfg.weights])]
     if kind == "master":
         return master_layout(cfg.master, numel)
@@ -80,14 +93,14 @@ def state_layout(cfg: StateConfig, kind: str, numel: int) -> list[PartSpec]:
     raise ValueError(f"unknown state kind {kind!r}; expected one of {KINDS}")
 
 
-def bytes_per_param_step(cfg: StateConfig, numel: int = 1 << 24) -> dict:
+def bytes_per_param_step(cfg: StateConfig, numel: int = 1 << 24, shape=(4096, 4096)) -> dict:
     """Store bytes moved per parameter in one training step, for a tensor of `numel` elements.
 
     The step reads the compute weights twice (forward and backward), reads and writes master and
     both moments (the optimizer), and writes the new compute weights. Group scales are included.
     """
     def per_param(kind: str) -> float:
-        return sum(p.nbytes for p in state_layout(cfg, kind, numel)) / numel
+        return sum(p.nbytes for p in state_layout(cfg, kind, numel, shape)) / numel
 
     w, master = per_param("weights"), per_param("master")
     m, v = per_param("exp_avg"), per_param("exp_avg_sq")
@@ -106,7 +119,13 @@ def bytes_per_param_step(cfg: StateConfig, numel: int = 1 << 24) -> dict:
 
 
 def decode_weights(cfg: StateConfig, parts: Parts) -> torch.Tensor:
-    """The compute weights as a flat tensor of the compute dtype (a view where possible)."""
+    """The compute weights as a flat tensor: a view of the stored value, or (fp8) dequantized fp32."""
+    if "codes" in parts:
+        from ..kernels.reference import dequantize_weight_fp8
+
+        n, k = (int(d) for d in parts["dims"])
+        scales = parts["scales"].view(-(-n // FP8_TILE), -(-k // FP8_TILE))
+        return dequantize_weight_fp8(parts["codes"], scales, (n, k)).reshape(-1)
     return parts["value"]
 
 
@@ -124,13 +143,31 @@ def decode_state(cfg: StateConfig, kind: str, parts: Parts, numel: int) -> torch
 
 @torch.no_grad()
 def _emit_weights(cfg: StateConfig, master: torch.Tensor, out: Parts) -> None:
+    if "codes" in out:
+        from ..kernels.reference import quantize_weight_fp8
+
+        n, k = (int(d) for d in out["dims"])
+        codes, scales = quantize_weight_fp8(master.reshape(n, k))  # from the exact fp32 master
+        out["codes"].copy_(codes.view(torch.uint8).reshape(-1))
+        out["scales"].copy_(scales.reshape(-1))
+        return
     out["value"].copy_(master)
+
+
+def set_weight_shape_(weights_parts: Parts, shape) -> None:
+    """Record [N, K] in an fp8 weights region before the optimizer emits into it (a no-op otherwise)."""
+    if "dims" in weights_parts:
+        weights_parts["dims"].copy_(torch.tensor([int(d) for d in shape], dtype=torch.int64))
 
 
 @torch.no_grad()
 def init_state_(cfg: StateConfig, value: torch.Tensor, parts: Dict[str, Parts]) -> None:
     """Fill every kind of a parameter's state from its imported value (moments start at zero)."""
     flat = value.reshape(-1).float()
+    if "dims" in parts["weights"]:
+        if value.dim() != 2:
+            raise ValueError(f"fp8 weights need the 2-D parameter, got shape {tuple(value.shape)}")
+        set_weight_shape_(parts["weights"], value.shape)
     encode_master_(flat, parts["master"])
     zeros = torch.zeros_like(flat)
     encode_moment_(zeros, parts["exp_avg"], signed=True)
@@ -186,7 +223,14 @@ def adamw_update_(
         raise ValueError(f"AdamW step counts from 1, got {step}")
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     if _pick_backend(backend, cfg) == "fused":
-        fused.adamw_fused_(cfg.weights, grad, parts, grad_scale=grad_scale, threads=threads, **hyper)
+        if "codes" in parts["weights"]:
+            # The kernel emits bf16/fp32 weights only: let it write a scratch copy, then quantize
+            # the new fp32 master into 128x128-tile fp8.
+            scratch = {**parts, "weights": {"value": torch.empty(grad.numel(), dtype=torch.bfloat16)}}
+            fused.adamw_fused_("bf16", grad, scratch, grad_scale=grad_scale, threads=threads, **hyper)
+            _emit_weights(cfg, decode_master_ref(parts["master"]), parts["weights"])
+            return
+        fused.adamw_fused_("bf16" if cfg.weights == "fp8" else cfg.weights, grad, parts, grad_scale=grad_scale, threads=threads, **hyper)
         return
     if grad_scale != 1.0:
         grad = grad * grad_scale

@@ -61,8 +61,8 @@ class KindLayout:
         self.kind = kind
         self.parts: List[PartRef] = []
         off = 0
-        for name, numel in params:
-            for spec in state_layout(cfg, kind, numel):
+        for name, numel, shape in params:
+            for spec in state_layout(cfg, kind, numel, shape):
                 off = (off + PART_ALIGN - 1) // PART_ALIGN * PART_ALIGN
                 self.parts.append(PartRef(name, spec.name, off, spec.numel, spec.dtype))
                 off += spec.nbytes
@@ -83,7 +83,8 @@ class BlockLayout:
 
     def __init__(self, name: str, params: List[tuple], cfg: StateConfig):
         self.name = name
-        self.params = params  # [(param name, numel)]
+        self.params = [(n, numel) for n, numel, _shape in params]  # [(param name, numel)]
+        self.shapes = {n: shape for n, _numel, shape in params}
         self.kinds = {kind: KindLayout(params, kind, cfg) for kind in KINDS}
 
     @property
@@ -120,7 +121,7 @@ class Store:
         self.state_cfg = StateConfig(**manifest["state"])
         self.layouts: Dict[str, BlockLayout] = {}
         for b in manifest["blocks"]:
-            self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"]) for p in b["params"]], self.state_cfg)
+            self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"], tuple(p["shape"])) for p in b["params"]], self.state_cfg)
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
