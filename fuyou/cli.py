@@ -45,6 +45,13 @@ def _add_finetune(sub) -> None:
     p.add_argument("--cpu-mem", type=_size, default=None, help="pinned host memory budget, e.g. 8GiB (default: what the plan needs, at most half the RAM)")
     p.add_argument("--prefetch-depth", type=int, default=2, help="blocks read ahead of the one computing")
     p.add_argument(
+        "--recompute",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="backward of a decoder layer: recompute its forward from the saved input (least memory), or keep the forward's "
+        "activations (no recompute, ~25%% less compute); auto keeps them when they fit --gpu-mem",
+    )
+    p.add_argument(
         "--plan", choices=["auto"], default=None, help="let the planner choose --prefetch-depth, --micro-batches and the memory budgets (see `fuyou plan`)"
     )
     p.add_argument(
@@ -131,7 +138,7 @@ def _finetune(args) -> int:
         state=StateConfig(weights=args.weights, master=args.master, states=args.optim_states),
         optim=OptimConfig(lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),
-        memory=MemoryConfig(gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem, prefetch_depth=args.prefetch_depth),
+        memory=MemoryConfig(gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem, prefetch_depth=args.prefetch_depth, recompute=args.recompute),
     )
     if args.plan == "auto":
         import dataclasses

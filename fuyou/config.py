@@ -55,8 +55,11 @@ class MemoryConfig:
     gpu_mem_bytes: Optional[int] = None  # device budget; None = auto (most of the free device memory)
     cpu_mem_bytes: Optional[int] = None  # pinned host budget; None = auto (what the plan needs, up to half the RAM)
     prefetch_depth: int = 2  # blocks whose weights are read ahead of the one computing
+    recompute: str = "auto"  # always | never | auto: keep the forward's activations when they fit the device budget
 
     def __post_init__(self):
+        if self.recompute not in ("always", "never", "auto"):
+            raise ValueError(f"--recompute {self.recompute!r} unknown; choose always, never or auto")
         for name in ("gpu_mem_bytes", "cpu_mem_bytes"):
             v = getattr(self, name)
             if v is not None and v <= 0:

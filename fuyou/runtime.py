@@ -91,11 +91,12 @@ class Runtime:
             cpu_budget=memory.cpu_mem_bytes,
             device_budget=memory.gpu_mem_bytes,
             compute_dtype=self.compute_dtype,
+            recompute=memory.recompute,
         )
         p = self.plan
         self.cpu_pool = Pool("cpu", p.cpu_budget_bytes, torch.device("cpu"), pin=self.device.type == "cuda")
         self.dev_pool = Pool("gpu" if self.device.type == "cuda" else "device", p.device_budget_bytes, self.device)
-        self.dev_pool.reserve(p.workspace_bytes, "compute workspace")
+        self.dev_pool.reserve(p.workspace_bytes + p.kept_bytes, "compute workspace and kept activations")
         self.stage = [self.cpu_pool.alloc(p.stage_slot_bytes) for _ in range(p.weight_slots)]
         self.dslots = [self.dev_pool.alloc(p.device_slot_bytes) for _ in range(p.device_slots)]
         self.oslots = [self.cpu_pool.alloc(p.opt_slot_bytes) for _ in range(p.opt_slots)]
@@ -360,7 +361,9 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     cfg = skeleton.config
     tokens = batch.batch_size * batch.seq_len
     flops = [
-        consumer_flops(c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer)
+        consumer_flops(
+            c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer, recompute=plan.recompute
+        )
         for c in cons
     ]
     return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops)
@@ -378,6 +381,9 @@ class _StepState:
         self.kwargs: Dict[int, dict] = {}
         self.acts: Dict[tuple, tuple] = {}  # (block index, micro-batch) -> (pool buffer, tensor)
         self.dh: Dict[int, torch.Tensor] = {}
+        self.graphs: Dict[tuple, tuple] = {}  # kept forward: (block, micro-batch) -> (input, output)
+        self.refs: Dict[int, object] = {}  # kept forward: block -> its saved-weight hooks
+        self.fwd_params: Dict[int, dict] = {}  # kept forward: block -> the Parameters its graph uses
         self.loss_sums: List[float] = []
         self.grad_started: set = set()  # blocks whose gradient region this step has zeroed
         self.grad_scale = 1.0  # clip factor of a redone optimizer pass
@@ -408,6 +414,9 @@ class _StepState:
         for buf, _t in self.acts.values():
             pool.free(buf)
         self.acts.clear()
+        self.graphs.clear()
+        self.refs.clear()
+        self.fwd_params.clear()
 
 
 class _null:

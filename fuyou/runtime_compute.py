@@ -3,6 +3,14 @@
 Kept apart from runtime.py (graph and slots) so the numerics of a step can be read in one place.
 Block indices: 0 = embedding, 1..L = decoder layers, L+1 = head; saved activation (i, m) is the
 input of block i for micro-batch m.
+
+Two ways to backpropagate a decoder layer:
+- recompute (the plan's `recompute`): the forward runs without autograd and keeps only the block
+  input; the backward reruns the block's forward from it, then backpropagates (4 passes of work);
+- keep: the forward builds the autograd graph and keeps its activations, but not the weights — the
+  weight slot is reused by the next blocks. Saved-tensor hooks record a weight (or a view of it) as
+  its offset in the slot, and the backward resolves it in the slot it re-read the same block's
+  weights into; the backward then runs without a recompute (3 passes, like plain PyTorch).
 """
 from __future__ import annotations
 
@@ -18,18 +26,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def run_consumer(rt: "Runtime", u: int, st: "_StepState") -> None:
     c = rt.cons[u]
+    index = rt.sk.block(c.block).index
+    keep = not rt.plan.recompute and rt.sk.block(c.block).is_layer
     weights = rt._weights(u)
     train = c.phase != "fwd"
-    params = rt.sk.attach(weights, requires_grad=train)
+    params = rt.sk.attach(weights, requires_grad=train or keep)
+    if keep and c.phase == "bwd":
+        params = st.fwd_params.pop(index)  # the Parameters the kept graph accumulates into
     try:
         if train and rt.device.type == "cpu":
             _bind_grads(rt, c, params, st)
-        index = rt.sk.block(c.block).index
-        if c.phase == "fwd":
+        if c.phase == "fwd" and keep:
+            _forward_keep(rt, u, index, params, st)
+        elif c.phase == "fwd":
             with torch.no_grad():
                 _forward(rt, index, st)
         elif c.phase == "head":
             _head(rt, index, st)
+        elif keep:
+            _backward_keep(rt, u, index, st)
         else:
             _backward(rt, index, st)
         if train and rt.device.type != "cpu":
@@ -38,6 +53,34 @@ def run_consumer(rt: "Runtime", u: int, st: "_StepState") -> None:
         rt.sk.detach(list(weights))
         for p in params.values():
             p.grad = None
+
+
+def _slot_of(rt, u: int) -> torch.Tensor:
+    """The buffer consumer u's compute weights live in."""
+    return rt.dslots[u % len(rt.dslots)] if rt.dslots else rt.stage[u % len(rt.stage)]
+
+
+class WeightRefs:
+    """Saved-tensor hooks of a kept forward: a tensor inside the forward's weight slot is saved as
+    (byte offset, shape, stride, dtype) and rebuilt at backward time from `bwd_slot`, which holds
+    the same block's weights at the same offsets; any other tensor (an activation) is saved as is."""
+
+    def __init__(self, fwd_slot: torch.Tensor):
+        self.fwd_slot = fwd_slot
+        self.bwd_slot = None
+
+    def pack(self, t: torch.Tensor):
+        base, ptr = self.fwd_slot.data_ptr(), t.data_ptr()
+        if t.device == self.fwd_slot.device and base <= ptr < base + self.fwd_slot.numel():
+            return (ptr - base, tuple(t.shape), tuple(t.stride()), t.dtype)
+        return t
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        offset, shape, stride, dtype = packed
+        typed = self.bwd_slot.view(dtype)
+        return torch.as_strided(typed, shape, stride, typed.storage_offset() + offset // dtype.itemsize)
 
 
 def _grad_views(rt: "Runtime", block: str, st: "_StepState") -> Dict[str, torch.Tensor]:
@@ -76,6 +119,29 @@ def _forward(rt, index: int, st) -> None:
         else:
             h = sk.layer_forward(index - 1, st.acts[(index, m)][1], st.kwargs[m])
         st.save(pool, (index + 1, m), h)
+
+
+def _forward_keep(rt, u: int, index: int, params, st) -> None:
+    refs = WeightRefs(_slot_of(rt, u))
+    for m in range(len(st.mbs)):
+        x = st.acts[(index, m)][1].detach().requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(refs.pack, refs.unpack):
+            y = rt.sk.layer_forward(index - 1, x, st.kwargs[m])
+        st.graphs[(index, m)] = (x, y)
+        st.save(rt.dev_pool, (index + 1, m), y.detach())
+    st.refs[index] = refs
+    st.fwd_params[index] = params
+
+
+def _backward_keep(rt, u: int, index: int, st) -> None:
+    refs = st.refs.pop(index)
+    refs.bwd_slot = _slot_of(rt, u)
+    for m in range(len(st.mbs)):
+        x, y = st.graphs.pop((index, m))
+        y.backward(st.dh[m])
+        st.dh[m] = x.grad
+        buf, _saved = st.take((index, m))
+        rt.dev_pool.free(buf)
 
 
 def _head(rt, index: int, st) -> None:

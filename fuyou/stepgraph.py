@@ -69,14 +69,17 @@ def assign_opt_slots(cons: List[Consumer], tied: bool, opt_slots: int, embed: st
     return out
 
 
-def consumer_flops(c: Consumer, blocks: Dict[str, BlockSizes], *, tokens: int, seq_len: int, hidden: int, is_layer: bool) -> int:
+def consumer_flops(
+    c: Consumer, blocks: Dict[str, BlockSizes], *, tokens: int, seq_len: int, hidden: int, is_layer: bool, recompute: bool = True
+) -> int:
     """Model FLOPs of a consumer: 2·params·tokens per matmul pass, plus causal attention for layers;
-    a backward is a recompute plus twice the forward; the head runs forward and backward."""
+    a backward is twice the forward, plus a recompute of the forward unless the forward kept its
+    activations; the head runs forward and backward."""
     numel = sum(blocks[b].numel for b in c.weight_blocks)
     if not is_layer and c.phase != "head":
         return 0  # the embedding is a gather
     fwd = 2 * numel * tokens + (2 * seq_len * hidden * tokens if is_layer else 0)
-    return {"fwd": fwd, "head": 3 * fwd, "bwd": 3 * fwd}[c.phase]
+    return {"fwd": fwd, "head": 3 * fwd, "bwd": (3 if recompute or not is_layer else 2) * fwd}[c.phase]
 
 
 def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:

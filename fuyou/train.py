@@ -209,7 +209,9 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
 
 def _check_plan(store: Store, skeleton: Skeleton, device: torch.device, cfg: FinetuneConfig) -> None:
     m = cfg.memory
-    plan_for_model(store, skeleton, device=device, batch=cfg.batch, prefetch_depth=m.prefetch_depth, cpu_budget=m.cpu_mem_bytes, device_budget=m.gpu_mem_bytes)
+    plan_for_model(
+        store, skeleton, device=device, batch=cfg.batch, prefetch_depth=m.prefetch_depth, cpu_budget=m.cpu_mem_bytes, device_budget=m.gpu_mem_bytes, recompute=m.recompute
+    )
 
 
 def _import(source: ModelSource, cfg: FinetuneConfig, console) -> Store:

@@ -40,11 +40,15 @@ def run_fuyou(ckpt, store_path, batches, micro, memory=MemoryConfig(), trace=Non
     [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}), ("mistral", {}), ("gpt_neox", {})],
     ids=["llama", "llama-tied", "qwen2", "mistral", "gpt_neox"],
 )
-def test_matches_plain_pytorch(tmp_path, arch, overrides):
+@pytest.mark.parametrize("recompute", ["never", "always"])
+def test_matches_plain_pytorch(tmp_path, arch, overrides, recompute):
+    """Both backward modes: kept activations (weights re-resolved from the backward's slot) and
+    recompute from the block input."""
     cfg = tiny_config(arch, **overrides)
     ckpt = save_checkpoint(str(tmp_path / "ckpt"), cfg, tokenizer=False)
     batches = random_batches(STEPS, BATCH, SEQ, cfg.vocab_size, seed=1)
-    _rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO)
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute=recompute))
+    assert rt.plan.recompute == (recompute == "always")
     ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
     torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     got = store_master_weights(str(tmp_path / "store"))
