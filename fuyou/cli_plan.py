@@ -238,7 +238,8 @@ def render_plan(plan, console) -> None:
         m = plan.memory_config()
         console.print(f"run it with: fuyou finetune --model {cfg.model} --batch-size {b.batch_size} --seq-len {b.seq_len} "
                       f"--micro-batches {plan.batch_config().micro_batches} --prefetch-depth {m.prefetch_depth} "
-                      f"--cpu-mem {m.cpu_mem_bytes} --gpu-mem {m.gpu_mem_bytes}" + (" --weights bf16" if cfg.state.weights == "bf16" else ""))
+                      f"--cpu-mem {_mib(m.cpu_mem_bytes)} --gpu-mem {_mib(m.gpu_mem_bytes)}"
+                      + (f" --weights {cfg.state.weights}" if cfg.state.weights != "fp32" else ""))
     r = Table(title=f"rates: {plan.rates_source}")
     r.add_column("resource")
     r.add_column("rate")
@@ -260,3 +261,8 @@ def _saved_rates_exist() -> bool:
 
 
 COMMANDS = {"plan": _plan, "probe": _probe, "profile": _profile}
+
+
+def _mib(n: int) -> str:
+    """A budget as a whole number of MiB, rounded up (never below what the plan needs)."""
+    return f"{-(-int(n) // (1 << 20))}MiB"
