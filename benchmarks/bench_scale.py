@@ -69,7 +69,7 @@ def plan(a) -> dict:
 def describe(p: dict, a) -> str:
     ratio = p["state_bytes"] / p["ram_bytes"]
     lines = [
-        f"model {p['model']}: {p['numel'] / 1e9:.2f} B params; training state {BYTES_PER_PARAM[a.weights]} B/param ({a.weights} weights) = {fmt_bytes(p['state_bytes'])}",
+        f"model {p['model']}: {p['numel'] / 1e6:,.1f} M params; training state {BYTES_PER_PARAM[a.weights]} B/param ({a.weights} weights) = {fmt_bytes(p['state_bytes'])}",
         f"RAM {fmt_bytes(p['ram_bytes'])}: state is {ratio:.2f}x RAM ({'more than' if ratio > 2 else 'NOT more than'} twice RAM); fuyou --cpu-mem {a.cpu_mem}",
         f"store {p['store']}: free {fmt_bytes(p['free_disk_bytes'])}, needs {fmt_bytes(p['need_disk_bytes'])} "
         f"(old + new block versions until each step commits: {DISK_FACTOR:g} x state + {DISK_MARGIN:.0%}, "
@@ -271,7 +271,8 @@ def render(a, p: dict, r: dict, info: dict) -> str:
         "lanes' busy time hidden behind compute, from fuyou's trace of the step.",
         plain_note,
         "",
-        f"Median step {median(s['seconds'] for s in steps):.1f} s; import (init straight into the store) {r['import_seconds']:.1f} s; "
+        f"Median step (steps 2..N; step 1 alone when N = 1) {median(s['seconds'] for s in (steps[1:] or steps)):.2f} s; "
+        f"import of the start checkpoint into the store {r['import_seconds']:.1f} s; "
         f"peak RSS {fmt_bytes(r['peak_rss_bytes'])} ({r['peak_rss_bytes'] / p['state_bytes']:.1%} of the state); "
         f"process disk traffic over import + steps: read {fmt_bytes(r['process_io']['read_bytes'])}, written {fmt_bytes(r['process_io']['write_bytes'])}.",
         "",

@@ -239,8 +239,10 @@ def worker_deepspeed(a) -> dict:
     import transformers.masking_utils  # noqa: F401
 
     AutoModelForCausalLM._model_mapping[type(hf)]  # resolves (imports) the model class now
-    # Built under zero.Init: otherwise the fp32 weights are silently cast to bf16 on this CPU.
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, remote_device="nvme", pin_memory=False, dtype=torch.float32):
+    # Built under zero.Init: otherwise the fp32 weights are silently cast to bf16 on this CPU. No
+    # dtype= here: zero.Init reads it from the config (neither fp16 nor bf16: fp32), while an explicit
+    # dtype is replaced by bf16 on an accelerator without fp16 (operator precedence in _set_dtype).
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, remote_device="nvme", pin_memory=False):
         model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
     state = {}
     for f in sorted(os.listdir(a.ckpt)):
@@ -251,6 +253,10 @@ def worker_deepspeed(a) -> dict:
             p.data.copy_(state[name])
     del state
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+    # The swapper names its folder after the dtype it keeps the parameters in ("float32params").
+    kept = {d for _, ds, _ in os.walk(nvme) for d in ds if d.endswith("params")} | {str(p.dtype) for p in model.parameters()}
+    if not kept <= {"float32params", "torch.float32"}:
+        raise RuntimeError(f"ZeRO-Infinity keeps the parameters as {sorted(kept)}, not fp32: the comparison would not be like for like")
     engine.eval()  # no dropout in Llama; matches the plain reference
     steps = []
     for batch in _batches(a.ckpt, a.steps, a.batch_size, a.seq_len, a.seed):
