@@ -356,6 +356,8 @@ def render(a, info: dict, results: Dict[str, dict]) -> str:
         "",
         f"Machine: {machine_line(info)}.",
         SHARED_NOTE,
+        "The three trainers run one after another, each under whatever background load the machine had then: "
+        "a ratio from one run can be off by tens of percent; compare several runs.",
         "",
         f"Model: {a.model} ({numel / 1e6:.1f} M params, random init seed {a.seed}, fp32), batch {a.batch_size} x seq {a.seq_len}, "
         f"{a.micro_batches} micro-batch(es), AdamW lr {a.lr:g}, {a.steps} steps on the bundled corpus (same rows for all). "
@@ -391,10 +393,14 @@ def _goal_lines(rows: Dict[str, dict], results: Dict[str, dict]) -> List[str]:
     tail = steps[1:] if len(steps) > 1 else steps
     med = sorted(tail, key=lambda s: s["seconds"])[len(tail) // 2]
     lines += ["", f"Where fuyou's time goes (trace of its median step, {med['seconds']:.2f} s wall): busy seconds per lane "
-              "(lanes run concurrently; a lane near the wall time is the bottleneck) and per task kind:", ""]
+              "(lanes run concurrently; a lane near the wall time is the bottleneck; task kinds shown where they differ from lanes):", ""]
     lines.append(markdown_table(["lane", "busy s", "% of step"], [[k, f"{v:.2f}", f"{100 * v / med['seconds']:.0f}%"] for k, v in sorted(med["lanes"].items(), key=lambda kv: -kv[1])]))
-    lines.append("")
-    lines.append(markdown_table(["task kind", "busy s", "% of step"], [[k, f"{v:.2f}", f"{100 * v / med['seconds']:.0f}%"] for k, v in sorted(med["kinds"].items(), key=lambda kv: -kv[1])]))
+    if med["kinds"] != med["lanes"]:
+        lines.append("")
+        lines.append(markdown_table(["task kind", "busy s", "% of step"], [[k, f"{v:.2f}", f"{100 * v / med['seconds']:.0f}%"] for k, v in sorted(med["kinds"].items(), key=lambda kv: -kv[1])]))
+    compute = med["lanes"].get("compute", 0.0)
+    lines += ["", f"Compute is busy {compute:.2f} s of the {med['seconds']:.2f} s step; the other {med['seconds'] - compute:.2f} s are "
+              "the part of reads, writes and optimizer work not hidden behind compute (plus scheduling gaps)."]
     return lines
 
 
@@ -413,6 +419,7 @@ def parse_args(argv=None):
     p.add_argument("--trace-dir", default=None, help="also save fuyou's Chrome trace here")
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "bench_step.md"))
     p.add_argument("--quick", action="store_true", help="llama-tiny, 4 steps, batch 2 x 64: a smoke run")
+    p.add_argument("--from-json", default=None, help="re-render the table of a saved run (its .json) instead of running")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -437,6 +444,17 @@ def main(argv=None) -> int:
         res = WORKERS[a.worker](a)
         with open(a.result, "w") as f:
             json.dump(res, f)
+        return 0
+    if a.from_json:
+        with open(a.from_json) as f:
+            saved = json.load(f)
+        for k in ("model", "steps", "batch_size", "seq_len", "micro_batches", "lr", "seed", "cpu_mem", "trainers"):
+            setattr(a, k, saved["args"][k])
+        text = render(a, saved["machine"], saved["results"])
+        print(text)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
         return 0
     own_scratch = a.scratch is None
     a.scratch = os.path.abspath(a.scratch or tempfile.mkdtemp(prefix="fuyou-bench-step-", dir=os.environ.get("FUYOU_BENCH_DIR")))
