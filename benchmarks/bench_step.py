@@ -384,7 +384,7 @@ def _goal_lines(rows: Dict[str, dict], results: Dict[str, dict]) -> List[str]:
         return []
     f, p = rows["fuyou"], rows["plain"]
     r = f["step_s"] / p["step_s"]
-    lines = ["", f"Goal (issue #8): fuyou <= {GOAL_RATIO}x plain in fp32: measured {r:.2f}x ({'met' if r <= GOAL_RATIO else 'NOT met'})."]
+    lines = ["", f"Goal (issue #8): fuyou <= {GOAL_RATIO}x plain in fp32: measured {r:.3f}x ({'met' if r <= GOAL_RATIO else 'NOT met'})."]
     if "deepspeed" in rows:
         d = rows["deepspeed"]
         fb, db = f["io_read_per_param"] + f["io_write_per_param"], d["io_read_per_param"] + d["io_write_per_param"]
