@@ -36,7 +36,9 @@ from benchmarks._common import (  # noqa: E402
 )
 
 BYTES_PER_PARAM = {"fp32": 16, "bf16": 14}  # weights + fp32 master + exp_avg + exp_avg_sq
-DISK_FACTOR = 2.0  # old and new version of every block live until the step commits
+# Peak disk / state: safe mode keeps old and new versions of every block until the step commits;
+# lean mode replaces each block's states as written and keeps only the old compute weights.
+DISK_FACTOR = {"safe": 2.0, "lean": 1.25}
 DISK_MARGIN = 0.05  # manifest, logs, filesystem slack
 
 
@@ -62,8 +64,18 @@ def plan(a) -> dict:
     free = shutil.disk_usage(probe).free
     if os.path.isdir(a.store):  # an old store there is replaced: its space comes back
         free += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(a.store) for f in fs)
-    need = int(state * (DISK_FACTOR + DISK_MARGIN)) + numel * CKPT_BYTES_PER_PARAM
-    return {"model": a.model, "numel": numel, "state_bytes": state, "ram_bytes": ram_bytes(), "free_disk_bytes": free, "need_disk_bytes": need, "store": os.path.abspath(a.store)}
+    ckpt = 0 if a.model in _presets() and not a.plain else numel * CKPT_BYTES_PER_PARAM
+    need = int(state * (DISK_FACTOR[a.disk_mode] + DISK_MARGIN)) + ckpt
+    return {
+        "model": a.model,
+        "numel": numel,
+        "state_bytes": state,
+        "ram_bytes": ram_bytes(),
+        "free_disk_bytes": free,
+        "need_disk_bytes": need,
+        "checkpoint_bytes": ckpt,
+        "store": os.path.abspath(a.store),
+    }
 
 
 def describe(p: dict, a) -> str:
@@ -72,8 +84,8 @@ def describe(p: dict, a) -> str:
         f"model {p['model']}: {p['numel'] / 1e6:,.1f} M params; training state {BYTES_PER_PARAM[a.weights]} B/param ({a.weights} weights) = {fmt_bytes(p['state_bytes'])}",
         f"RAM {fmt_bytes(p['ram_bytes'])}: state is {ratio:.2f}x RAM ({'more than' if ratio > 2 else 'NOT more than'} twice RAM); fuyou --cpu-mem {a.cpu_mem}",
         f"store {p['store']}: free {fmt_bytes(p['free_disk_bytes'])}, needs {fmt_bytes(p['need_disk_bytes'])} "
-        f"(old + new block versions until each step commits: {DISK_FACTOR:g} x state + {DISK_MARGIN:.0%}, "
-        f"plus the bf16 start checkpoint, {CKPT_BYTES_PER_PARAM} B/param, written beside the store)",
+        f"({a.disk_mode} disk mode: {DISK_FACTOR[a.disk_mode]:g} x state + {DISK_MARGIN:.0%}"
+        + (f", plus the bf16 start checkpoint, {CKPT_BYTES_PER_PARAM} B/param, written beside the store)" if p["checkpoint_bytes"] else "; the preset is imported directly)"),
         f"run: {a.steps} steps, batch {a.batch_size} x seq {a.seq_len}, device {a.device}",
     ]
     return "\n".join(lines)
@@ -93,9 +105,10 @@ def run(a, p: dict) -> dict:
     from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, parse_size
     from fuyou.optim.state import StateConfig
 
-    ckpt = _checkpoint(a)
+    ckpt = _checkpoint(a) if a.plain or a.model not in _presets() else a.model
     cfg = train.FinetuneConfig(
         model=ckpt,
+        disk_mode=a.disk_mode,
         store=a.store,
         steps=a.steps,
         seed=a.seed,
@@ -189,6 +202,12 @@ def worker_plain(a) -> dict:
         loss = float(ls.detach()) / total
         steps.append({"loss": loss, "seconds": time.perf_counter() - t0})
     return {"steps": steps, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _presets():
+    from fuyou.model.source import PRESETS
+
+    return PRESETS
 
 
 def _checkpoint(a) -> str:
@@ -289,6 +308,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--weights", choices=sorted(BYTES_PER_PARAM), default="fp32")
+    ap.add_argument("--disk-mode", choices=sorted(DISK_FACTOR), default="lean", help="fuyou --disk-mode (lean: peak disk ~1.25x the state)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")

@@ -65,8 +65,10 @@ class ModelSource:
         from transformers import AutoTokenizer
 
         self.preset = name
-        self.tokenizer_dir = DEFAULT_TOKENIZER_DIR if "vocab_size" not in PRESETS[name] else None
-        vocab = len(AutoTokenizer.from_pretrained(self.tokenizer_dir)) if self.tokenizer_dir else None
+        # Every preset trains on the bundled tokenizer's ids (its vocabulary fits all of them); the
+        # small presets size their embedding to it.
+        self.tokenizer_dir = DEFAULT_TOKENIZER_DIR
+        vocab = len(AutoTokenizer.from_pretrained(self.tokenizer_dir)) if "vocab_size" not in PRESETS[name] else None
         self.config = preset_config(name, vocab)
         self.path = None
 
