@@ -147,9 +147,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     device = resolve_device(cfg.device)
     source = ModelSource(cfg.model)
     skeleton = Skeleton(source.config, linear=cfg.linear)
-    tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
-    if tokenizer is None:
-        raise ValueError(f"preset {cfg.model} has no bundled tokenizer; pass --model with a directory holding one")
+    tokenizer = load_tokenizer(source.tokenizer_dir)
     if len(tokenizer) > source.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {source.config.vocab_size}; use the model's own tokenizer")
     dataset = TokenDataset(cfg.data or DEFAULT_CORPUS, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
