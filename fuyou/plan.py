@@ -22,6 +22,7 @@ from .store.directio import aligned_bytes
 from .store.store import Store
 
 MAX_OPT_SLOTS = 3  # more only adds optimizer run-ahead the backward cannot use (one block per backward)
+MAX_GRAD_SLOTS = 2  # one filled by the backward while the optimizer consumes the other
 
 
 class BudgetError(ValueError):
@@ -52,9 +53,15 @@ class MemoryPlan:
     cpu_budget_bytes: int
     device_budget_bytes: int
     kept_bytes: int = 0  # activations kept from the forward for the backward (0: the backward recomputes)
+    grad_slots: int = 1  # fp32 gradient buffers the backward cycles through (a tied embedding has its own)
+    grad_slot_bytes: int = 0
 
     def cpu_bytes(self) -> int:
-        return self.weight_slots * self.stage_slot_bytes + (self.opt_slots + self.tied_slot) * self.opt_slot_bytes
+        return (
+            self.weight_slots * self.stage_slot_bytes
+            + (self.opt_slots + self.tied_slot) * self.opt_slot_bytes
+            + (self.grad_slots + self.tied_slot) * self.grad_slot_bytes
+        )
 
     def device_bytes(self) -> int:
         return self.device_slots * self.device_slot_bytes + self.n_acts * aligned_bytes(self.act_bytes) + self.workspace_bytes + self.kept_bytes
@@ -74,16 +81,20 @@ def consumers(block_names: List[str], borrowed: dict) -> List[Consumer]:
 
 
 def opt_region_offsets(store: Store, block: str) -> dict:
-    """Byte offsets of master / exp_avg / exp_avg_sq / weights / grad inside an optimizer slot."""
+    """Byte offsets of master / exp_avg / exp_avg_sq / new weights inside an optimizer slot. The
+    block's gradient has its own slot (grad slots), so the backward of the next block need not wait
+    for this block's states to be written."""
     lay = store.layouts[block]
     off, out = 0, {}
     for kind in OPTIM_KINDS + ("weights",):
         out[kind] = off
         off += lay.kinds[kind].file_bytes
-    out["grad"] = off
-    off += aligned_bytes(lay.numel * 4)
     out["end"] = off
     return out
+
+
+def grad_slot_bytes(store: Store) -> int:
+    return max(aligned_bytes(lay.numel * 4) for lay in store.layouts.values())
 
 
 def plan_memory(
@@ -130,8 +141,9 @@ def plan_memory(
     kept = (n_blocks - 2) * micro_batches * tokens * (10 * hidden_size + 6 * intermediate_size) * esize
     ram = psutil.virtual_memory().total
     depth = prefetch_depth + 1
+    grad_slot = grad_slot_bytes(store)
     if cpu_budget is None:
-        cpu_budget = min(depth * stage + (MAX_OPT_SLOTS + tied) * opt_slot, ram // 2)
+        cpu_budget = min(depth * stage + (MAX_OPT_SLOTS + tied) * opt_slot + (MAX_GRAD_SLOTS + tied) * grad_slot, ram // 2)
     if device_budget is None:
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
@@ -140,13 +152,17 @@ def plan_memory(
             want_kept = 0 if recompute == "always" else kept
             device_budget = min(depth * dev_slot + n_acts * aligned_bytes(act) + workspace + want_kept, ram // 2)
     plan = MemoryPlan(1, 1 if copy else 0, 1, tied, stage, dev_slot, opt_slot, act, n_acts, workspace, cpu_budget, device_budget)
+    plan.grad_slot_bytes = grad_slot
     if recompute != "always":
         plan.kept_bytes = kept
         if recompute == "auto" and plan.device_bytes() > device_budget:
             plan.kept_bytes = 0  # does not fit: recompute instead
     _check_minimum(plan)
-    # Grow from the minimum while the budgets allow: optimizer slots first (they decouple the
-    # backward from state I/O), then prefetch depth.
+    # Grow from the minimum while the budgets allow: a second gradient slot first (the backward of
+    # the next block then runs while this block's optimizer does), then optimizer slots (they
+    # decouple state I/O from the optimizer), then prefetch depth.
+    if plan.cpu_bytes() + grad_slot <= cpu_budget:
+        plan.grad_slots += 1
     while plan.opt_slots < MAX_OPT_SLOTS and plan.cpu_bytes() + opt_slot <= cpu_budget:
         plan.opt_slots += 1
     while plan.weight_slots < depth and plan.cpu_bytes() + stage <= cpu_budget:
@@ -200,8 +216,9 @@ def _check_minimum(plan: MemoryPlan) -> None:
     need_cpu, need_dev = plan.cpu_bytes(), plan.device_bytes()
     if need_cpu > plan.cpu_budget_bytes:
         raise BudgetError(
-            f"--cpu-mem {format_bytes(plan.cpu_budget_bytes)} is too small: one weight slot ({format_bytes(plan.stage_slot_bytes)}) and "
-            f"{1 + plan.tied_slot} optimizer slot(s) ({format_bytes(plan.opt_slot_bytes)} each) need {format_bytes(need_cpu)}; "
+            f"--cpu-mem {format_bytes(plan.cpu_budget_bytes)} is too small: one weight slot ({format_bytes(plan.stage_slot_bytes)}), "
+            f"{1 + plan.tied_slot} optimizer slot(s) ({format_bytes(plan.opt_slot_bytes)} each) and {1 + plan.tied_slot} gradient slot(s) "
+            f"({format_bytes(plan.grad_slot_bytes)} each) need {format_bytes(need_cpu)}; "
             f"pass --cpu-mem {_round_up_mib(need_cpu)} or more"
         )
     if need_dev > plan.device_budget_bytes:

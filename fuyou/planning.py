@@ -20,7 +20,7 @@ from scheduler.planner import Candidate, PlanResult, choose
 
 from .config import BatchConfig, MemoryConfig
 from .optim.state import KINDS, WEIGHT_DTYPES, StateConfig
-from .plan import MAX_OPT_SLOTS, BudgetError, compute_dtype_for, model_consumers, plan_for_model
+from .plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, compute_dtype_for, model_consumers, plan_for_model
 from .stepgraph import assign_opt_slots, build_step_graph
 
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
@@ -131,7 +131,7 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     except BudgetError:
         return None
     w = depth + 1
-    cpu = w * sizes.stage_slot_bytes + (opt_slots + sizes.tied_slot) * sizes.opt_slot_bytes
+    cpu = w * sizes.stage_slot_bytes + (opt_slots + sizes.tied_slot) * sizes.opt_slot_bytes + (MAX_GRAD_SLOTS + sizes.tied_slot) * sizes.grad_slot_bytes
     full_dev = sizes.device_bytes()  # with depth + 1 device slots (or none when no copy is needed)
     gpu = full_dev if cfg.gpu_mem_bytes is None else min(full_dev, cfg.gpu_mem_bytes)
     try:

@@ -101,6 +101,8 @@ class Runtime:
         self.dslots = [self.dev_pool.alloc(p.device_slot_bytes) for _ in range(p.device_slots)]
         self.oslots = [self.cpu_pool.alloc(p.opt_slot_bytes) for _ in range(p.opt_slots)]
         self.tied_slot = self.cpu_pool.alloc(p.opt_slot_bytes) if p.tied_slot else None
+        self.gslots = [self.cpu_pool.alloc(p.grad_slot_bytes) for _ in range(p.grad_slots)]
+        self.tied_gslot = self.cpu_pool.alloc(p.grad_slot_bytes) if p.tied_slot else None
         skeleton.move_buffers(self.device)
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
@@ -108,6 +110,8 @@ class Runtime:
         if self.device.type == "cuda":
             self._streams = {"h2d": torch.cuda.Stream(self.device), "d2h": torch.cuda.Stream(self.device)}
         self._opt_owner = assign_opt_slots(self.cons, skeleton.tied, len(self.oslots), EMBED)
+        # Gradient slots cycle in the same backward order (a tied embedding keeps its own).
+        self._grad_owner = assign_opt_slots(self.cons, skeleton.tied, len(self.gslots), EMBED)
         self.spec = step_spec(store, self.cons, self.plan, self._opt_owner, skeleton, batch)
 
     def close(self) -> None:
@@ -118,10 +122,14 @@ class Runtime:
         idx = self._opt_owner[block]
         return self.tied_slot if idx < 0 else self.oslots[idx]
 
+    def _grad_slot(self, block: str) -> torch.Tensor:
+        idx = self._grad_owner[block]
+        return self.tied_gslot if idx < 0 else self.gslots[idx]
+
     def _opt_views(self, block: str) -> dict:
         slot, offs, lay = self._opt_slot(block), opt_region_offsets(self.store, block), self.store.layouts[block]
         views = {k: lay.kinds[k].views(slot[offs[k] : offs[k] + lay.kinds[k].file_bytes]) for k in OPTIM_KINDS + ("weights",)}
-        grad = slot[offs["grad"] : offs["grad"] + lay.numel * 4].view(torch.float32)
+        grad = self._grad_slot(block)[: lay.numel * 4].view(torch.float32)
         grads, off = {}, 0
         for name, numel in lay.params:
             grads[name] = grad[off : off + numel]
@@ -267,6 +275,10 @@ class Runtime:
             if st.grad_scale == 1.0:  # the first pass measures the norm; a redo reuses it
                 norms = {name: torch.linalg.vector_norm(g) for name, g in v["grads"].items()}
                 st.add_norms(norms)
+                if self.max_grad_norm is not None:
+                    # Kept until the commit: a clipped step is redone from these and the old states.
+                    # Written here, before the gradient slot is handed to the next block.
+                    self.store.write(b, "grad", v["grad"], version=st.step)
                 if b in st.done_blocks:
                     return  # lean mode, resumed step: this block's update is already live
                 if self.disk_mode == "lean" and not all(bool(torch.isfinite(n)) for n in norms.values()):
@@ -299,9 +311,6 @@ class Runtime:
             slot, offs, lay = self._opt_slot(b), opt_region_offsets(self.store, b), self.store.layouts[b]
             for k in OPTIM_KINDS + ("weights",):
                 self.store.write(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes], version=step)
-            if self.max_grad_norm is not None and not redo:
-                # Kept until the commit: a clipped step is redone from these and the old states.
-                self.store.write(b, "grad", slot[offs["grad"] : offs["end"]], version=step)
             if self.disk_mode == "lean":
                 self.store.commit_block(b, step, OPTIM_KINDS + ("weights",))
 
@@ -309,8 +318,7 @@ class Runtime:
 
     def _read_grad_fn(self, b: str, step: int):
         def run():
-            slot, offs = self._opt_slot(b), opt_region_offsets(self.store, b)
-            self.store.read(b, "grad", slot[offs["grad"] : offs["end"]], version=step)
+            self.store.read(b, "grad", self._grad_slot(b)[: self.store.layouts[b].numel * 4], version=step)
 
         return run
 
@@ -366,7 +374,7 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
         )
         for c in cons
     ]
-    return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops)
+    return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots)
 
 
 def _noop() -> None:

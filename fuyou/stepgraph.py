@@ -31,6 +31,13 @@ class StepSpec:
     opt_slots: int
     opt_owner: Dict[str, int]  # block -> optimizer slot index (-1: a dedicated slot)
     flops: List[int]  # per consumer
+    grad_slots: int = 2  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
+
+
+def _previous_holders(order: List[str], owner: Dict[str, int], slots: int) -> Dict[str, str]:
+    """block -> the block that used its (cycled) slot before it, in `order`."""
+    cyc = [b for b in order if owner[b] >= 0]
+    return {cyc[i]: cyc[i - slots] for i in range(slots, len(cyc))}
 
 
 class TaskBodies(Protocol):
@@ -86,12 +93,10 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     bodies = bodies or NoBodies()
     g = Graph()
     W, D, O = spec.weight_slots, spec.device_slots, spec.opt_slots
-    compute, ready, writes = [], [], {}
-    bwd_order = [c.block for c in spec.cons if c.phase != "fwd"]
-    slot_free = {}  # block -> the block whose write frees its optimizer slot
-    for i, b in enumerate(bwd_order):
-        if spec.opt_owner[b] >= 0 and i >= O:
-            slot_free[b] = bwd_order[i - O]
+    compute, ready, writes, optims = [], [], {}, {}
+    order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
+    opt_free = _previous_holders(order, spec.opt_owner, O)  # freed by that block's write
+    grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)  # freed by that block's optimizer
     for u, c in enumerate(spec.cons):
         stage_bytes = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks)
         release = (ready[u - W] if D else compute[u - W]) if u >= W else None
@@ -102,13 +107,14 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
         ready.append(read)
         deps = [read, compute[-1] if compute else None]
         if c.phase != "fwd":
-            deps += [writes[slot_free[b]] for b in c.weight_blocks if b in slot_free and spec.blocks[b].numel]
+            deps += [optims[grad_free[b]] for b in c.weight_blocks if b in grad_free]
         compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", bodies.compute(u), deps, flops=spec.flops[u], block=c.block, phase=c.phase))
         if c.phase != "fwd" and spec.blocks[c.block].numel:
             b, size = c.block, spec.blocks[c.block]
-            prev = writes[slot_free[b]] if b in slot_free else None
+            prev = writes[opt_free[b]] if b in opt_free else None
             rs = g.add(f"read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=size.states_bytes, block=b)
             op = g.add(f"optim:{b}", "optim", "optim", bodies.optim(b), [compute[-1], rs], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
+            optims[b] = op
             writes[b] = g.add(f"write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
     return g
 
@@ -118,12 +124,14 @@ def build_redo_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     bodies = bodies or NoBodies()
     g = Graph()
     order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
-    writes = {}
-    for i, b in enumerate(order):
+    opt_free = _previous_holders(order, spec.opt_owner, spec.opt_slots)
+    grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)
+    writes, optims = {}, {}
+    for b in order:
         size = spec.blocks[b]
-        prev = writes[order[i - spec.opt_slots]] if spec.opt_owner[b] >= 0 and i >= spec.opt_slots else None
-        rs = g.add(f"redo_read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=size.states_bytes, block=b)
-        rg = g.add(f"redo_read_g:{b}", "read", "read", bodies.read_grad(b), [prev], nbytes=4 * size.numel, block=b)
+        rs = g.add(f"redo_read_s:{b}", "read", "read", bodies.read_states(b), [writes.get(opt_free.get(b))], nbytes=size.states_bytes, block=b)
+        rg = g.add(f"redo_read_g:{b}", "read", "read", bodies.read_grad(b), [optims.get(grad_free.get(b))], nbytes=4 * size.numel, block=b)
         op = g.add(f"redo_optim:{b}", "optim", "optim", bodies.optim(b), [rs, rg], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
+        optims[b] = op
         writes[b] = g.add(f"redo_write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
     return g
