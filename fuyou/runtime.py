@@ -229,7 +229,7 @@ class Runtime:
         return self.store.layouts[block].numel > 0
 
     def _grad_blocks(self, c: Consumer) -> List[str]:
-        """Blocks whose optimizer-slot gradient region consumer c writes into."""
+        """Blocks whose gradient slot consumer c writes into."""
         if c.phase == "fwd":
             return []
         return [b for b in c.weight_blocks if self._owns_params(b)]

@@ -84,7 +84,7 @@ class WeightRefs:
 
 
 def _grad_views(rt: "Runtime", block: str, st: "_StepState") -> Dict[str, torch.Tensor]:
-    """The block's fp32 gradient region in its optimizer slot, zeroed by the step's first writer."""
+    """The block's fp32 gradient in its gradient slot, zeroed by the step's first writer."""
     v = rt._opt_views(block)
     if block not in st.grad_started:
         v["grad"].zero_()
@@ -93,7 +93,7 @@ def _grad_views(rt: "Runtime", block: str, st: "_StepState") -> Dict[str, torch.
 
 
 def _bind_grads(rt, c, params, st) -> None:
-    # On the host device autograd accumulates straight into the optimizer slot (no copy): an
+    # On the host device autograd accumulates straight into the gradient slot (no copy): an
     # existing .grad is accumulated into in place.
     for b in rt._grad_blocks(c):
         for name, g in _grad_views(rt, b, st).items():
