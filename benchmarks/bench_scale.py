@@ -291,7 +291,7 @@ def render(a, p: dict, r: dict, info: dict) -> str:
         plain_note,
         "",
         f"Median step (steps 2..N; step 1 alone when N = 1) {median(s['seconds'] for s in (steps[1:] or steps)):.2f} s; "
-        f"import of the start checkpoint into the store {r['import_seconds']:.1f} s; "
+        f"import of the preset into the store {r['import_seconds']:.1f} s; "
         f"peak RSS {fmt_bytes(r['peak_rss_bytes'])} ({r['peak_rss_bytes'] / p['state_bytes']:.1%} of the state); "
         f"process disk traffic over import + steps: read {fmt_bytes(r['process_io']['read_bytes'])}, written {fmt_bytes(r['process_io']['write_bytes'])}.",
         "",
