@@ -37,24 +37,41 @@ def launch(args, store, env_extra, extra_args=()):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
+def setup_run(tmp_path, text):
+    """A tiny checkpoint, its data, the finetune arguments, and the uninterrupted reference store."""
     ckpt = save_checkpoint(str(tmp_path / "ckpt"), tiny_config("llama", vocab_size=640))
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"text": f"Seven plus {i} makes a number; counting up: one, two, three."}) for i in range(80)))
+    data.write_text("\n".join(json.dumps({"text": text.format(i)}) for i in range(80)))
     args = ["--model", ckpt, "--data", str(data), "--batch-size", "4", "--micro-batches", "2", "--seq-len", "16", "--lr", "1e-3"]
-
     reference = str(tmp_path / "reference")
     assert main(["finetune", *args, "--store", reference, "--steps", str(STEPS)]) == 0
+    return args, reference
 
-    store = str(tmp_path / "crashed")
+
+def crash_at_points(args, store, points, extra_args=()) -> int:
+    """Run once per crash point (each resuming the last); return how many runs were killed."""
     kills = 0
-    for point, n in CRASH_POINTS:
+    for point, n in points:
         if committed_step(store) == STEPS:
             break
-        proc = launch(args, store, {"FUYOU_CRASH_AT": f"{point}:{n}"})
+        proc = launch(args, store, {"FUYOU_CRASH_AT": f"{point}:{n}"}, extra_args)
         _out, err = proc.communicate(timeout=300)
         assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
         kills += proc.returncode == -signal.SIGKILL
+    return kills
+
+
+def finish(args, store, extra_args=()) -> None:
+    while committed_step(store) != STEPS:
+        proc = launch(args, store, {}, extra_args)
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
+    args, reference = setup_run(tmp_path, "Seven plus {} makes a number; counting up: one, two, three.")
+    store = str(tmp_path / "crashed")
+    kills = crash_at_points(args, store, CRASH_POINTS)
     rng = random.Random(0)
     for _ in range(RANDOM_KILLS):
         if committed_step(store) == STEPS:
@@ -66,10 +83,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
             kills += 1
         _out, err = proc.communicate(timeout=300)
         assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
-    while committed_step(store) != STEPS:
-        proc = launch(args, store, {})
-        _out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
+    finish(args, store)
     assert kills >= 10, f"only {kills} kills landed"
     assert blocks_content(store) == blocks_content(reference)
     ref_m, got_m = json.load(open(os.path.join(reference, "manifest.json"))), json.load(open(os.path.join(store, "manifest.json")))
@@ -82,23 +96,11 @@ LEAN_POINTS = [("journal", 2), ("write", 10), ("optim", 3), ("journal", 5), ("co
 
 
 def test_lean_mode_sigkill_then_resume_is_bit_identical(tmp_path):
-    ckpt = save_checkpoint(str(tmp_path / "ckpt"), tiny_config("llama", vocab_size=640))
-    data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"text": f"Nine minus {i} is a number; the day after Monday is Tuesday."}) for i in range(80)))
-    args = ["--model", ckpt, "--data", str(data), "--batch-size", "4", "--micro-batches", "2", "--seq-len", "16", "--lr", "1e-3"]
-    reference = str(tmp_path / "reference")
-    assert main(["finetune", *args, "--store", reference, "--steps", str(STEPS)]) == 0
+    args, reference = setup_run(tmp_path, "Nine minus {} is a number; the day after Monday is Tuesday.")
     store = str(tmp_path / "lean")
-    kills = 0
-    for point, n in LEAN_POINTS:
-        proc = launch(args, store, {"FUYOU_CRASH_AT": f"{point}:{n}"}, ["--disk-mode", "lean"])
-        _out, err = proc.communicate(timeout=300)
-        assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
-        kills += proc.returncode == -signal.SIGKILL
-    while committed_step(store) != STEPS:
-        proc = launch(args, store, {}, ["--disk-mode", "lean"])
-        _out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
+    lean = ["--disk-mode", "lean"]
+    kills = crash_at_points(args, store, LEAN_POINTS, lean)
+    finish(args, store, lean)
     assert kills >= 5
     # Lean and safe modes compute the same steps: the stores are identical.
     assert blocks_content(store) == blocks_content(reference)
