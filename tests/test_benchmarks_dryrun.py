@@ -55,12 +55,16 @@ def test_bench_scale_refuses_small_disk(tmp_path, monkeypatch, capsys):
     assert "not enough free disk" in err and "--store" in err
 
 
-def test_disk_need_is_twice_state_plus_checkpoint(tmp_path):
-    a = bench_scale.parse_args(["--model", "llama-tiny", "--store", str(tmp_path / "s")])
-    p = bench_scale.plan(a)
+@pytest.mark.parametrize("mode,factor", [("safe", 2.0), ("lean", 1.25)])
+@pytest.mark.parametrize("plain", [False, True])
+def test_disk_need_follows_the_disk_mode(tmp_path, mode, factor, plain):
+    """Peak disk: 2x the state in safe mode, 1.25x in lean; plus the start checkpoint only when one
+    is written (plain PyTorch needs it; a preset alone is imported directly)."""
+    argv = ["--model", "llama-tiny", "--store", str(tmp_path / "s"), "--disk-mode", mode] + (["--plain"] if plain else [])
+    p = bench_scale.plan(bench_scale.parse_args(argv))
     assert p["state_bytes"] == 16 * p["numel"]
-    want = int(p["state_bytes"] * (bench_scale.DISK_FACTOR + bench_scale.DISK_MARGIN)) + bench_scale.CKPT_BYTES_PER_PARAM * p["numel"]
-    assert p["need_disk_bytes"] == want
+    ckpt = bench_scale.CKPT_BYTES_PER_PARAM * p["numel"] if plain else 0
+    assert p["need_disk_bytes"] == int(p["state_bytes"] * (factor + bench_scale.DISK_MARGIN)) + ckpt
 
 
 def test_overlap_pct():
