@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks._common import cpu_model  # noqa: E402
 from fuyou.store import DirectFile, aligned_empty  # noqa: E402
 from fuyou.store.backends import PythonBackend  # noqa: E402
 from fuyou.store import engine as fy_engine  # noqa: E402
@@ -45,12 +46,7 @@ FULL_POINTS = [(rs, qd) for rs in (1, 2, 4, 8, 16) for qd in (1, 4, 16, 64)]
 
 
 def machine_info(path: str) -> list[str]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     fs = subprocess.run(["df", "--output=source,fstype", path], capture_output=True, text=True).stdout.split()
     fio = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip() if shutil.which("fio") else "absent"
