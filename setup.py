@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _have_liburing() -> bool:
     """liburing-dev present (header + library): then the I/O engine gets its io_uring path."""
     header = any(os.path.exists(os.path.join(d, "liburing.h")) for d in ("/usr/include", "/usr/local/include"))
-    libs = glob.glob("/usr/lib/*/liburing.so") + glob.glob("/usr/lib/liburing.so") + glob.glob("/usr/local/lib/liburing.so")
+    # The shared library, or a static liburing.a (PIC) installed by hand under /usr/local/lib.
+    libs = glob.glob("/usr/lib/*/liburing.so") + glob.glob("/usr/lib/liburing.so") + glob.glob("/usr/local/lib/liburing.[as]*")
     return header and bool(libs)
 
 

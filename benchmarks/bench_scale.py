@@ -163,6 +163,7 @@ def run_plain_subprocess(a, ckpt: str) -> dict:
     out = os.path.join(a.work, "plain.json")
     args = [os.path.abspath(__file__), "--worker-plain", ckpt, "--result", out, "--device", a.device, "--steps", str(a.steps)]
     args += ["--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--lr", repr(a.lr), "--seed", str(a.seed), "--out", ""]
+    args += ["--weights", a.weights]
     proc = run_python(args)
     if proc.returncode != 0 or not os.path.exists(out):
         tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
@@ -187,6 +188,8 @@ def worker_plain(a) -> dict:
         return {"skipped": f"plain PyTorch needs > {fmt_bytes(16 * numel)} on {dev.type}, {fmt_bytes(free)} free: does not fit"}
     model = model.to(dev).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    # The same compute precision as fuyou's: bf16 compute weights there = bf16 autocast (fp32 master) here.
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.weights == "bf16" and dev.type == "cuda")
     ds = TokenDataset(DEFAULT_CORPUS, load_tokenizer(a.worker_plain), a.seq_len, seed=a.seed)
     steps = []
     for i in range(a.steps):
@@ -195,7 +198,9 @@ def worker_plain(a) -> dict:
         ids, labels = b.input_ids.to(dev), b.labels.to(dev)
         mask = None if b.attention_mask is None else b.attention_mask.to(dev)
         opt.zero_grad(set_to_none=True)
-        ls = causal_lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        ls = causal_lm_loss_sum(logits, labels)
         total = count_targets(b.labels)
         (ls / total).backward()
         opt.step()

@@ -1,25 +1,39 @@
 #!/usr/bin/env bash
-# One GPU check for an H100 machine without network, done in <= 8 minutes:
-#   install   pip install --no-deps --no-build-isolation -e .  (wheels carried in .whl/ first)
-#   tests     pytest -q tests                                  (the CUDA tests run here)
-#   gemm      benchmarks/bench_gemm.py --quick                 (skipped with a note if absent)
-#   io        benchmarks/bench_io.py, kvikio backend           (skipped with a note if absent)
-#   e2e       offloaded fine-tune of llama-1b with --gpu-mem 3GiB (< its 4.4 GB of fp32 weights):
-#             tokens/s, TFLOPS (6 x params x tokens), overlap %, next to plain PyTorch in memory
+# The GPU check: everything fuyou does only on a CUDA machine, in one script with a time limit per
+# stage, for a machine without network (an H100/H200 with PyTorch, Triton and a compiler):
+#   env      GPU, driver, CPU, memory, disk, Python packages
+#   deps     wheels carried in .gpu/whl/ (kvikio) into a private site dir; a static liburing
+#            carried in .gpu/uring/ into /usr/local (then csrc/io gets its io_uring engine)
+#   build    python setup.py build_ext --inplace (csrc/io, csrc/adam)
+#   tests    the CUDA tests: runtime on a GPU vs plain PyTorch, compiled Triton kernels, kvikio
+#   suite    the whole test suite with the GPU visible (CLI runs then default to --device cuda)
+#   finetune the README's main job (`fuyou finetune`, llama-tiny on the bundled corpus) on the GPU,
+#            with a trace of its steps
+#   gemm     benchmarks/bench_gemm.py --quick: TFLOPS vs bf16 matmul and _scaled_mm
+#   io       benchmarks/bench_io.py with the kvikio backend beside uring/threads
+#   e2e      benchmarks/bench_scale.py --device cuda --gpu-mem 3GiB --plain: an offloaded fine-tune,
+#            tokens/s, TFLOPS (6 x params x tokens), overlap %, plain PyTorch on the same GPU
 #
-#   bash benchmarks/gpu_check.sh            # runs (dry run by itself when nvidia-smi is absent)
-#   bash benchmarks/gpu_check.sh --dry-run  # prints the stages and exits 0
+#   bash benchmarks/gpu_check.sh                 # all stages (dry run by itself without nvidia-smi)
+#   bash benchmarks/gpu_check.sh --dry-run       # prints the stages and exits 0
+#   GPU_CHECK_STAGES="build tests" bash benchmarks/gpu_check.sh    # some stages only
 #
-# Each stage has its own time limit (seconds; the sum stays under 8 minutes) so one slow stage
-# cannot eat the others; a failed stage is reported and the next one still runs.
+# Logs and result tables go to $GPU_CHECK_OUT (default benchmarks/results/gpu/). A failed or timed
+# out stage is reported in the summary and the next stage still runs.
 set -u
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+OUTDIR=${GPU_CHECK_OUT:-benchmarks/results/gpu}
 E2E_MODEL=${E2E_MODEL:-llama-1b}
 E2E_GPU_MEM=${E2E_GPU_MEM:-3GiB}
 E2E_STEPS=${E2E_STEPS:-3}
-T_INSTALL=60 T_TESTS=150 T_GEMM=40 T_IO=40 T_E2E=180  # 470 s in all: inside 8 minutes with start-up slack
+E2E_WEIGHTS=${E2E_WEIGHTS:-bf16}
+JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
+T_ENV=${T_ENV:-20} T_DEPS=${T_DEPS:-40} T_BUILD=${T_BUILD:-90} T_TESTS=${T_TESTS:-150} T_SUITE=${T_SUITE:-240}
+T_FT=${T_FT:-120} T_GEMM=${T_GEMM:-60} T_IO=${T_IO:-60} T_E2E=${T_E2E:-240}
+ALL_STAGES="env deps build tests finetune suite gemm io e2e"
+STAGES=${GPU_CHECK_STAGES:-$ALL_STAGES}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if ! command -v nvidia-smi >/dev/null 2>&1; then
@@ -27,78 +41,101 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     DRY=1
 fi
 
-STAGES="install tests gemm io e2e"
+CUDA_TESTS="tests/runtime/test_cuda.py tests/kernels tests/store/test_gds.py"
+declare -A LIMIT=([env]=$T_ENV [deps]=$T_DEPS [build]=$T_BUILD [tests]=$T_TESTS [suite]=$T_SUITE [finetune]=$T_FT [gemm]=$T_GEMM [io]=$T_IO [e2e]=$T_E2E)
 declare -A DESC=(
-    [install]="install: pip install --no-index --target .whl/site .whl/*.whl (if .whl/ exists); pip install --no-deps --no-build-isolation -e ."
-    [tests]="tests: pytest -q tests (CUDA tests included), limit ${T_TESTS}s"
-    [gemm]="gemm: benchmarks/bench_gemm.py --quick (skipped with a note if absent), limit ${T_GEMM}s"
-    [io]="io: benchmarks/bench_io.py with the kvikio backend (skipped with a note if absent), limit ${T_IO}s"
-    [e2e]="e2e: benchmarks/bench_scale.py --model ${E2E_MODEL} --device cuda --gpu-mem ${E2E_GPU_MEM} --plain: offloaded fine-tune, tokens/s, TFLOPS (6*N*tokens), overlap %, plain PyTorch side by side, limit ${T_E2E}s"
+    [env]="env: nvidia-smi, CPU, memory, disk, torch/triton versions"
+    [deps]="deps: pip install --no-index --no-deps --target /tmp/fuyou-site .gpu/whl/*.whl; .gpu/uring -> /usr/local"
+    [build]="build: python setup.py build_ext --inplace -j ${JOBS}"
+    [tests]="tests: pytest ${CUDA_TESTS} (runtime on the GPU vs plain PyTorch, compiled Triton kernels, kvikio)"
+    [suite]="suite: pytest -n ${JOBS} tests (the whole suite, GPU visible)"
+    [finetune]="finetune: python -m fuyou.cli finetune --trace (the default job, device cuda by default)"
+    [gemm]="gemm: benchmarks/bench_gemm.py --quick"
+    [io]="io: benchmarks/bench_io.py --backends kvikio,uring,threads --size-gib 2 --no-fio --no-deepspeed"
+    [e2e]="e2e: benchmarks/bench_scale.py --model ${E2E_MODEL} --weights ${E2E_WEIGHTS} --device cuda --gpu-mem ${E2E_GPU_MEM} --plain: offloaded fine-tune, tokens/s, TFLOPS (6*N*tokens), overlap %, plain PyTorch side by side"
 )
 
 if [ "$DRY" = 1 ]; then
-    echo "gpu_check dry run: would run these stages (total limit $((T_INSTALL + T_TESTS + T_GEMM + T_IO + T_E2E)) s):"
-    for s in $STAGES; do echo "  ${DESC[$s]}"; done
+    total=0
+    for s in $STAGES; do total=$((total + ${LIMIT[$s]})); done
+    echo "gpu_check dry run: would run these stages (total limit ${total} s), logs in ${OUTDIR}:"
+    for s in $STAGES; do echo "  ${DESC[$s]}, limit ${LIMIT[$s]}s"; done
     exit 0
 fi
 
+mkdir -p "$OUTDIR"
 declare -A STATUS
-run_stage() {  # name, limit_s, command...
-    local name=$1 limit=$2
-    shift 2
+run_stage() {  # name, command... (output teed into $OUTDIR/<name>.log)
+    local name=$1
+    shift
+    local limit=${LIMIT[$name]}
     echo "=== $name (limit ${limit}s): $*"
     local t0=$SECONDS
-    timeout --signal=INT --kill-after=10 "$limit" "$@"
-    local rc=$?
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+    local rc=${PIPESTATUS[0]}
     STATUS[$name]="rc=$rc in $((SECONDS - t0))s"
-    [ $rc = 124 ] && STATUS[$name]="TIMED OUT after ${limit}s"
+    [ "$rc" = 124 ] && STATUS[$name]="TIMED OUT after ${limit}s"
     echo "=== $name: ${STATUS[$name]}"
+}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+stage_env() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    echo "cpus $(nproc); $(grep -m1 'model name' /proc/cpuinfo)"
+    free -g | head -2
+    df -h . /tmp | tail -2
+    uname -r
+    $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    $PY -c "import transformers, setuptools; print('transformers', transformers.__version__, 'setuptools', setuptools.__version__)"
+}
+
+stage_deps() {
+    if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fuyou-site .gpu/whl/*.whl || return 1
+    fi
+    if [ -f .gpu/uring/lib/liburing.a ]; then
+        cp -r .gpu/uring/include/. /usr/local/include/ && cp .gpu/uring/lib/liburing.a /usr/local/lib/ || return 1
+    fi
+    PYTHONPATH=/tmp/fuyou-site $PY -c "import kvikio; print('kvikio', kvikio.__version__)" || true
+}
+
+stage_build() {
+    $PY setup.py -q build_ext --inplace -j "$JOBS" || return 1
+    $PY -c "import fuyou._io as io, fuyou._adam as a; print('built: io', io.__file__, 'adam', a.__file__)"
+    $PY -c "from fuyou.store import backends; backends.get_backend(); print('I/O backends:', backends.available_backends(), 'default', backends.default_backend_name())" 
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+[ -d /tmp/fuyou-site ] || mkdir -p /tmp/fuyou-site
+export PYTHONPATH="$PWD:/tmp/fuyou-site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 
-# install
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    run_stage wheels 30 $PY -m pip install --no-index --no-deps --target .whl/site .whl/*.whl
-    export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+export PY JOBS
+export -f stage_env stage_deps stage_build  # run under timeout in a child bash
+want env && run_stage env bash -c stage_env
+want deps && run_stage deps bash -c stage_deps
+want build && run_stage build bash -c stage_build
+want tests && run_stage tests $PY -m pytest -q --no-header -p no:cacheprovider -n 8 --timeout 90 -rs $CUDA_TESTS
+if want finetune; then
+    run_stage finetune $PY -m fuyou.cli finetune --store "$PWD/.gpu-check-ft" --overwrite --trace "$OUTDIR/finetune-trace"
+    rm -rf "$PWD/.gpu-check-ft"
 fi
-run_stage install "$T_INSTALL" $PY -m pip install --no-index --no-deps --no-build-isolation -e .
-
-# tests
-run_stage tests "$T_TESTS" $PY -m pytest -q --no-header -p no:cacheprovider tests
-
-# gemm
-if [ -f benchmarks/bench_gemm.py ]; then
-    run_stage gemm "$T_GEMM" $PY benchmarks/bench_gemm.py --quick
-else
-    STATUS[gemm]="skipped: benchmarks/bench_gemm.py not in this tree"
+want suite && run_stage suite $PY -m pytest -q --no-header -p no:cacheprovider -n "$JOBS" --timeout 200 tests
+want gemm && run_stage gemm $PY benchmarks/bench_gemm.py --quick
+if want io; then
+    run_stage io $PY benchmarks/bench_io.py --backends kvikio,uring,threads --size-gib 2 --points 4x16,16x8 --runs 3 \
+        --no-fio --no-deepspeed --out "$OUTDIR/bench_io.md"
 fi
-
-# io (kvikio)
-if [ -f benchmarks/bench_io.py ]; then
-    IO_HELP=$($PY benchmarks/bench_io.py --help 2>&1)
-    IO_ARGS=()
-    grep -q -- "--quick" <<<"$IO_HELP" && IO_ARGS+=(--quick)
-    grep -q -- "--no-fio" <<<"$IO_HELP" && IO_ARGS+=(--no-fio --no-deepspeed)
-    grep -q -- "--size-gib" <<<"$IO_HELP" && ! grep -q -- "--quick" <<<"$IO_HELP" && IO_ARGS+=(--size-gib 1)
-    if $PY -c "import kvikio" 2>/dev/null && grep -q -- "--backends" <<<"$IO_HELP"; then
-        run_stage io "$T_IO" $PY benchmarks/bench_io.py "${IO_ARGS[@]}" --backends kvikio,uring
-    else
-        STATUS[io]="skipped: kvikio not importable (carry its wheels in .whl/) or bench_io.py has no --backends"
-    fi
-else
-    STATUS[io]="skipped: benchmarks/bench_io.py not in this tree"
+if want e2e; then
+    E2E_STORE=${E2E_STORE:-$PWD/.gpu-check-store}
+    run_stage e2e $PY benchmarks/bench_scale.py --model "$E2E_MODEL" --weights "$E2E_WEIGHTS" --device cuda --gpu-mem "$E2E_GPU_MEM" \
+        --cpu-mem 8GiB --steps "$E2E_STEPS" --batch-size 8 --seq-len 512 --plain --disk-mode safe --store "$E2E_STORE" \
+        --out "$OUTDIR/bench_scale_gpu.md"
+    rm -rf "$E2E_STORE"
 fi
-
-# e2e: the store on the local disk, removed afterwards
-E2E_STORE=${E2E_STORE:-$PWD/.gpu-check-store}
-run_stage e2e "$T_E2E" $PY benchmarks/bench_scale.py --model "$E2E_MODEL" --device cuda --gpu-mem "$E2E_GPU_MEM" \
-    --cpu-mem 8GiB --steps "$E2E_STEPS" --batch-size 8 --seq-len 512 --plain --store "$E2E_STORE" \
-    --out benchmarks/results/gpu_check_e2e.md
-rm -rf "$E2E_STORE"
 
 echo "=== summary"
-for s in wheels $STAGES; do
+for s in $ALL_STAGES; do
     [ -n "${STATUS[$s]:-}" ] && echo "  $s: ${STATUS[$s]}"
 done
 exit 0

@@ -9,6 +9,8 @@ import torch
 from fuyou.data.dataset import Batch
 from fuyou.model.skeleton import causal_lm_loss_sum, count_targets
 
+LR, WD = 1e-3, 0.1  # the runtime tests' AdamW settings
+
 
 def tiny_config(arch: str = "llama", **overrides):
     from transformers import GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
@@ -54,11 +56,38 @@ def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> L
     return out
 
 
-def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: float, weight_decay: float = 0.0, max_grad_norm=None):
+def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, device="cpu", state=None, linear=None):
+    """Import `ckpt` into a fresh store and train one fuyou step per batch; (runtime, step results)."""
+    from fuyou.config import BatchConfig, MemoryConfig, OptimConfig
+    from fuyou.model.importer import import_model
+    from fuyou.model.skeleton import Skeleton
+    from fuyou.model.source import ModelSource
+    from fuyou.optim.state import StateConfig
+    from fuyou.runtime import Runtime
+
+    src = ModelSource(ckpt)
+    store = import_model(src, store_path, state or StateConfig())
+    rt = Runtime(
+        store,
+        Skeleton(src.config, linear=linear),
+        device=torch.device(device),
+        memory=memory or MemoryConfig(),
+        batch=BatchConfig(batch_size=batches[0].input_ids.shape[0], micro_batches=micro, seq_len=batches[0].input_ids.shape[1]),
+        optim=OptimConfig(lr=LR, weight_decay=WD),
+        trace=trace,
+    )
+    try:
+        results = [rt.step(b) for b in batches]
+    finally:
+        rt.close()
+    return rt, results
+
+
+def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: float, weight_decay: float = 0.0, max_grad_norm=None, device="cpu"):
     """Plain PyTorch: from_pretrained, torch.optim.AdamW, the same loss and accumulation as fuyou."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     losses = []
     for batch in batches:
@@ -66,6 +95,7 @@ def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: 
         opt.zero_grad()
         loss = 0.0
         for mb in batch.split(micro_batches):
+            mb = mb.to(device)
             logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
             ls = causal_lm_loss_sum(logits, mb.labels)
             (ls / total).backward()

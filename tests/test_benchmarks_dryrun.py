@@ -14,7 +14,7 @@ from benchmarks import _common, bench_scale, bench_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-STAGES = ("install", "tests", "gemm", "io", "e2e")
+STAGES = ("env", "deps", "build", "tests", "suite", "gemm", "io", "e2e")
 
 
 def _path_without_nvidia_smi() -> str:

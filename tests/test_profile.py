@@ -10,7 +10,7 @@ from fuyou.profile import compute_stalls, graph_from_events, load_chrome_trace, 
 from scheduler import Trace
 from scheduler.trace import TraceEvent
 from tests.helpers import random_batches, save_checkpoint, tiny_config
-from tests.runtime.test_exactness import run_fuyou
+from tests.helpers import run_fuyou
 
 LANES = {"read", "compute", "optim", "write"}  # CPU device, fp32 weights: no h2d lane
 

@@ -38,6 +38,15 @@ def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad)
 
 
+def div_rn(a: torch.Tensor, c: float) -> torch.Tensor:
+    """a / c correctly rounded on every device, as the kernels' tl.math.div_rn computes it.
+
+    (torch's CUDA kernels divide by a Python scalar as a multiply by its reciprocal, which is one
+    ulp off for a divisor such as 448 or 6; a same-device tensor divisor gets the true division.)
+    """
+    return a / torch.full_like(a, c)
+
+
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     """Exact 2**ceil(log2(s)) for positive fp32 `s` (frexp, no log rounding)."""
     mant, exp = torch.frexp(s)
@@ -53,7 +62,7 @@ def pow2_floor(s: torch.Tensor) -> torch.Tensor:
 
 def fp8_scale_ref(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """scale = max(amax, eps) / 448, rounded up to a power of two when `pow2` (never clips)."""
-    scale = amax.float().clamp_min(AMAX_EPS) / FP8_MAX
+    scale = div_rn(amax.float().clamp_min(AMAX_EPS), FP8_MAX)
     return pow2_ceil(scale) if pow2 else scale
 
 
@@ -164,7 +173,7 @@ def round_e4m3_ref(v: torch.Tensor, up: bool = False) -> torch.Tensor:
 
 def nvfp4_tensor_scale_ref(x: torch.Tensor) -> torch.Tensor:
     """NVFP4's fp32 second-level scale: amax(x) / (6 * 448), shape [1]."""
-    return (x.float().abs().amax().clamp_min(AMAX_EPS) / (FP4_MAX * FP8_MAX)).reshape(1)
+    return div_rn(x.float().abs().amax().clamp_min(AMAX_EPS), FP4_MAX * FP8_MAX).reshape(1)
 
 
 def _fp4_block_scale(blocks: torch.Tensor, fmt: str, rule: str, tensor_scale) -> torch.Tensor:
@@ -172,7 +181,7 @@ def _fp4_block_scale(blocks: torch.Tensor, fmt: str, rule: str, tensor_scale) ->
     if fmt == "nvfp4":
         amax = blocks.abs().amax(dim=-1, keepdim=True)
         # Stochastic rounding rounds the block scale up: a clipped value would bias it.
-        return round_e4m3_ref(amax / FP4_MAX / tensor_scale, up=rule == "sr") * tensor_scale
+        return round_e4m3_ref(div_rn(amax, FP4_MAX) / tensor_scale, up=rule == "sr") * tensor_scale
     if rule == "rtn":  # QuEST: Gaussian-optimal clipping, power-of-two scale
         mean = blocks.sum(-1, keepdim=True) / blocks.shape[-1]
         mean_sq = (blocks * blocks).sum(-1, keepdim=True) / blocks.shape[-1]
@@ -180,7 +189,7 @@ def _fp4_block_scale(blocks: torch.Tensor, fmt: str, rule: str, tensor_scale) ->
         return pow2_floor(QUEST_GAUSSIAN_SCALE * std + 1e-8)
     # Stochastic rounding must not clip (a clipped value is biased): cover the block's amax.
     amax = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_EPS)
-    return pow2_ceil(amax / FP4_MAX)
+    return pow2_ceil(div_rn(amax, FP4_MAX))
 
 
 def fp4_quant_ref(

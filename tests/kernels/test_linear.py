@@ -11,6 +11,7 @@ from fuyou.kernels import reference as ref
 
 RECIPES = ["fp8-blockwise", "mxfp4", "nvfp4"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FAST_ACCUM_REL_ATOL = 2e-3  # as TOLERANCES["fp8_gemm_fast_accum"] in test_triton_kernels.py
 
 # Triton path vs reference path, element-wise: (rtol, atol, reason).
 PATH_TOLERANCE = {
@@ -101,7 +102,14 @@ def test_fp8_forward_is_the_dequantized_product():
     y = low_precision_linear(x, w, None, LowPrecisionConfig(recipe="fp8-blockwise", pow2_scales=True))
     xd = ref.act_dequant_ref(*ref.act_quant_ref(x.reshape(-1, 140), pow2=True))
     wd = ref.weight_dequant_ref(*ref.weight_quant_ref(w, pow2=True))
-    torch.testing.assert_close(y.reshape(-1, 130), xd @ wd.t(), rtol=1e-5, atol=1e-5)
+    want = xd @ wd.t()
+    if DEVICE == "cuda":
+        # The forward GEMM runs with fast accumulation: sm_90 fp8 MMAs keep ~14 bits within each
+        # 128-K block; the bound of test_triton_kernels' fp8_gemm_fast_accum check, on the RMS.
+        atol = FAST_ACCUM_REL_ATOL * want.pow(2).mean().sqrt().item()
+    else:
+        atol = 1e-5  # the interpreter and the reference accumulate in fp32
+    torch.testing.assert_close(y.reshape(-1, 130), want, rtol=1e-5, atol=atol)
 
 
 def test_dtype_frozen_weight_and_no_grad():

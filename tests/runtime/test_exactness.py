@@ -2,37 +2,12 @@
 import pytest
 import torch
 
-from fuyou.config import BatchConfig, MemoryConfig, OptimConfig
-from fuyou.model.importer import import_model
-from fuyou.model.skeleton import Skeleton
-from fuyou.model.source import ModelSource
-from fuyou.optim.state import StateConfig
-from fuyou.runtime import Runtime
-from tests.helpers import random_batches, reference_train, save_checkpoint, store_master_weights, tiny_config
+from fuyou.config import MemoryConfig
+from tests.helpers import LR, WD, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
 
 # fp32 everywhere: the only differences are summation order inside kernels.
 RTOL, ATOL = 1e-5, 1e-6
 STEPS, BATCH, SEQ, MICRO = 5, 4, 16, 2
-LR, WD = 1e-3, 0.1
-
-
-def run_fuyou(ckpt, store_path, batches, micro, memory=MemoryConfig(), trace=None):
-    src = ModelSource(ckpt)
-    store = import_model(src, store_path, StateConfig())
-    rt = Runtime(
-        store,
-        Skeleton(src.config),
-        device=torch.device("cpu"),
-        memory=memory,
-        batch=BatchConfig(batch_size=batches[0].input_ids.shape[0], micro_batches=micro, seq_len=batches[0].input_ids.shape[1]),
-        optim=OptimConfig(lr=LR, weight_decay=WD),
-        trace=trace,
-    )
-    try:
-        results = [rt.step(b) for b in batches]
-    finally:
-        rt.close()
-    return rt, results
 
 
 @pytest.mark.parametrize(

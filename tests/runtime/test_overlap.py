@@ -2,7 +2,7 @@
 
 from scheduler import Trace
 from tests.helpers import random_batches, save_checkpoint, tiny_config
-from tests.runtime.test_exactness import run_fuyou
+from tests.helpers import run_fuyou
 
 
 def test_optimizer_overlaps_next_backward(tmp_path):
