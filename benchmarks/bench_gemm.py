@@ -125,15 +125,22 @@ def main() -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     print(machine())
     shapes = [("square", *s) for s in SQUARES] + list(LAYERS)
-    if args.quick:
-        shapes = [shapes[0], shapes[-1], LAYERS[2]]
+    if args.quick:  # 8192^3 (the acceptance shape) and the two largest layer shapes
+        shapes = [("square", *SQUARES[-1]), LAYERS[-1], LAYERS[2]]
     print(f"{'shape':>18} {'M':>5} {'N':>5} {'K':>5} | {'bf16':>7} {'smm':>7} | {'fwd':>7} {'dgrad':>7} "
           f"{'wgrad':>7} {'fwd+q':>7} | {'x/bf':>5} {'x/smm':>5} | {'aq ms':>6} {'aqT ms':>6} {'wq ms':>6} | "
           f"{'mx4 ms':>6} {'nv4 ms':>6}")
     print("TFLOPS for GEMM columns; x/bf, x/smm = fuyou fwd speed relative to bf16 and _scaled_mm (>1 = faster)")
+    import fuyou.kernels.fp8_gemm as fp8_gemm_mod
+
+    seen = set()
     for label, m, n, k in shapes:
         row, _ = run_shape(label, m, n, k)
         print(row, flush=True)
+        for key, cfg in getattr(fp8_gemm_mod._fp8_gemm_kernel, "cache", {}).items():
+            if key not in seen:  # the tiles the autotuner chose for this shape's fwd/dgrad/wgrad
+                seen.add(key)
+                print(f"{'':>18} tuned {key[:5]}: {cfg}", flush=True)
         torch.cuda.empty_cache()
     return 0
 

@@ -9,6 +9,9 @@
 #   suite    the whole test suite with the GPU visible (CLI runs then default to --device cuda)
 #   finetune the README's main job (`fuyou finetune`, llama-tiny on the bundled corpus) on the GPU,
 #            with a trace of its steps
+#   profile  fuyou probe, then an offloaded fine-tune of llama-1b (bf16 weights, fp8 states, bf16+rem
+#            master, lean disk mode) with a trace, then `fuyou profile`: busy/overlap/stalls per
+#            lane, achieved vs predicted step time
 #   gemm     benchmarks/bench_gemm.py --quick: TFLOPS vs bf16 matmul and _scaled_mm
 #   io       benchmarks/bench_io.py with the kvikio backend beside uring/threads
 #   e2e      benchmarks/bench_scale.py --device cuda --gpu-mem 3GiB --plain: an offloaded fine-tune,
@@ -31,8 +34,8 @@ E2E_STEPS=${E2E_STEPS:-3}
 E2E_WEIGHTS=${E2E_WEIGHTS:-bf16}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
 T_ENV=${T_ENV:-20} T_DEPS=${T_DEPS:-40} T_BUILD=${T_BUILD:-90} T_TESTS=${T_TESTS:-150} T_SUITE=${T_SUITE:-240}
-T_FT=${T_FT:-120} T_GEMM=${T_GEMM:-60} T_IO=${T_IO:-60} T_E2E=${T_E2E:-240}
-ALL_STAGES="env deps build tests finetune suite gemm io e2e"
+T_FT=${T_FT:-120} T_PROF=${T_PROF:-150} T_GEMM=${T_GEMM:-60} T_IO=${T_IO:-60} T_E2E=${T_E2E:-240}
+ALL_STAGES="env deps build tests finetune suite profile gemm io e2e"
 STAGES=${GPU_CHECK_STAGES:-$ALL_STAGES}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -42,7 +45,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 
 CUDA_TESTS="tests/runtime/test_cuda.py tests/kernels tests/store/test_gds.py"
-declare -A LIMIT=([env]=$T_ENV [deps]=$T_DEPS [build]=$T_BUILD [tests]=$T_TESTS [suite]=$T_SUITE [finetune]=$T_FT [gemm]=$T_GEMM [io]=$T_IO [e2e]=$T_E2E)
+declare -A LIMIT=([env]=$T_ENV [deps]=$T_DEPS [build]=$T_BUILD [tests]=$T_TESTS [suite]=$T_SUITE [finetune]=$T_FT [profile]=$T_PROF [gemm]=$T_GEMM [io]=$T_IO [e2e]=$T_E2E)
 declare -A DESC=(
     [env]="env: nvidia-smi, CPU, memory, disk, torch/triton versions"
     [deps]="deps: pip install --no-index --no-deps --target /tmp/fuyou-site .gpu/whl/*.whl; .gpu/uring -> /usr/local"
@@ -50,6 +53,7 @@ declare -A DESC=(
     [tests]="tests: pytest ${CUDA_TESTS} (runtime on the GPU vs plain PyTorch, compiled Triton kernels, kvikio)"
     [suite]="suite: pytest -n ${JOBS} tests (the whole suite, GPU visible)"
     [finetune]="finetune: python -m fuyou.cli finetune --trace (the default job, device cuda by default)"
+    [profile]="profile: fuyou probe; fuyou finetune --model ${PROF_MODEL:-llama-1b} --weights bf16 --optim-states fp8 --master bf16+rem --disk-mode lean --trace; fuyou profile"
     [gemm]="gemm: benchmarks/bench_gemm.py --quick"
     [io]="io: benchmarks/bench_io.py --backends kvikio,uring,threads --size-gib 2 --no-fio --no-deepspeed"
     [e2e]="e2e: benchmarks/bench_scale.py --model ${E2E_MODEL} --weights ${E2E_WEIGHTS} --device cuda --gpu-mem ${E2E_GPU_MEM} --plain: offloaded fine-tune, tokens/s, TFLOPS (6*N*tokens), overlap %, plain PyTorch side by side"
@@ -105,13 +109,25 @@ stage_build() {
     $PY -c "from fuyou.store import backends; backends.get_backend(); print('I/O backends:', backends.available_backends(), 'default', backends.default_backend_name())" 
 }
 
+stage_profile() {
+    local store="$PWD/.gpu-check-prof" model=${PROF_MODEL:-llama-1b}
+    $PY -m fuyou.cli probe --store-dir "$PWD" --hidden 2048 --intermediate 5632 --heads 32 --out "$OUTDIR/probe.json" || return 1
+    $PY -m fuyou.cli finetune --model "$model" --weights bf16 --optim-states fp8 --master bf16+rem --disk-mode lean \
+        --batch-size 8 --seq-len 512 --micro-batches 2 --steps "${PROF_STEPS:-3}" --store "$store" --overwrite --trace "$OUTDIR/profile"
+    local rc=$?
+    rm -rf "$store"
+    [ $rc = 0 ] || return $rc
+    $PY -m fuyou.cli profile --trace "$OUTDIR/profile/trace.json" --rates "$OUTDIR/probe.json"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 [ -d /tmp/fuyou-site ] || mkdir -p /tmp/fuyou-site
 export PYTHONPATH="$PWD:/tmp/fuyou-site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 export PY JOBS
-export -f stage_env stage_deps stage_build  # run under timeout in a child bash
+export OUTDIR
+export -f stage_env stage_deps stage_build stage_profile  # run under timeout in a child bash
 want env && run_stage env bash -c stage_env
 want deps && run_stage deps bash -c stage_deps
 want build && run_stage build bash -c stage_build
@@ -121,6 +137,7 @@ if want finetune; then
     rm -rf "$PWD/.gpu-check-ft"
 fi
 want suite && run_stage suite $PY -m pytest -q --no-header -p no:cacheprovider -n "$JOBS" --timeout 200 tests
+want profile && run_stage profile bash -c stage_profile
 want gemm && run_stage gemm $PY benchmarks/bench_gemm.py --quick
 if want io; then
     run_stage io $PY benchmarks/bench_io.py --backends kvikio,uring,threads --size-gib 2 --points 4x16,16x8 --runs 3 \

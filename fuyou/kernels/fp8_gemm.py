@@ -20,11 +20,15 @@ import triton.language as tl
 from ._triton import check_device, pick_configs
 from .reference import FP8_DTYPE, FP8_GROUP
 
-# (BLOCK_M, BLOCK_N, GROUP_M, warps, stages). Starting points from published Hopper block-FP8
-# tables (vllm / DeepSeek-V3 use 64-128 x 128 x 128 tiles); not yet measured here: no GPU session
-# has run benchmarks/bench_gemm.py. The first entry is the one used under the interpreter.
+# (BLOCK_M, BLOCK_N, GROUP_M, warps, stages): Hopper block-FP8 tile shapes (vllm / DeepSeek-V3 use
+# 64-128 x 128-256 x 128 tiles); autotuned per shape on the GPU (bench_gemm.py prints the winner).
+# The first entry is the one used under the interpreter.
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
@@ -32,13 +36,14 @@ _CONFIGS = [
 
 
 @triton.autotune(configs=pick_configs(_CONFIGS), key=["M", "N", "K", "B_GROUP", "IMPRECISE_ACC"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sam, stride_sak, stride_sbn, stride_sbk,
     B_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share B column-tiles while they sit in L2.
     pid = tl.program_id(0)
@@ -62,9 +67,13 @@ def _fp8_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         # The partial last block is zero-filled: zero codes add nothing (the "pad" policy).
-        k_ok = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         sa = tl.load(sa_ptrs + kb * stride_sak, mask=m_ok, other=0.0)
         sb = tl.load(sb_ptrs + kb * stride_sbk, mask=n_ok, other=0.0)
         acc += tl.dot(a, b, max_num_imprecise_acc=IMPRECISE_ACC) * sa[:, None] * sb[None, :]
