@@ -71,6 +71,10 @@ class FuyouRunner:
             self._cache.clear()  # one engine at a time: its threads idle otherwise
             if self.backend_name == "python":
                 self._cache[key] = PythonBackend(threads=qd, chunk_bytes=rs)
+            elif self.backend_name == "kvikio":  # kvikio's own thread pool and task size (its defaults)
+                from fuyou.store.backends import get_backend
+
+                self._cache[key] = get_backend("kvikio")
             else:
                 cfg = fy_engine.EngineConfig(queue_depth=qd, chunk_bytes=rs)
                 be = fy_engine.EngineBackend(self.backend_name.replace("-fixed", ""), cfg)
