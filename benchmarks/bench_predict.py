@@ -11,6 +11,7 @@ and noisy: see docs/planner.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -70,6 +71,9 @@ def run_config(name, make_cfg, batch, memory, root, steps, file_bytes, loaded):
     src.config = hf  # a preset-like model built in code: random init, no checkpoint files
     state = StateConfig()
     shape = model_shape(hf, state)
+    # The configurations measure the streaming pipeline: no block cache (planner and run alike).
+    if memory != "minimum":
+        memory = dataclasses.replace(memory, cache_mem_bytes=0)
     if memory == "minimum":
         c0 = candidate(shape, PlanConfig(batch=batch, device="cpu"), batch.micro_batches, 0, 1)
         memory = c0.extra["run"]["memory"]

@@ -117,7 +117,8 @@ def run(a, p: dict) -> dict:
         state=StateConfig(weights=a.weights),
         optim=OptimConfig(lr=a.lr),
         batch=BatchConfig(batch_size=a.batch_size, micro_batches=1, seq_len=a.seq_len),
-        memory=MemoryConfig(cpu_mem_bytes=parse_size(a.cpu_mem), gpu_mem_bytes=parse_size(a.gpu_mem) if a.gpu_mem else None),
+        # Host memory: --cpu-mem alone (no block cache), so the state really streams from the store.
+        memory=MemoryConfig(cpu_mem_bytes=parse_size(a.cpu_mem), gpu_mem_bytes=parse_size(a.gpu_mem) if a.gpu_mem else None, cache_mem_bytes=0),
     )
     from scheduler import Trace
 

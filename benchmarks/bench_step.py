@@ -147,7 +147,7 @@ def worker_fuyou(a) -> dict:
         state=StateConfig(weights="fp32"),
         optim=OptimConfig(lr=a.lr),
         batch=BatchConfig(batch_size=a.batch_size, micro_batches=a.micro_batches, seq_len=a.seq_len),
-        memory=MemoryConfig(cpu_mem_bytes=parse_size(a.cpu_mem)),
+        memory=MemoryConfig(cpu_mem_bytes=parse_size(a.cpu_mem), cache_mem_bytes=0),  # host memory: --cpu-mem alone, as the peers get
     )
     res = train.finetune(cfg, trace=Trace())
     return {"numel": res.numel, "steps": records, "pool_peaks": res.pool_peaks, "import_seconds": res.import_seconds, "peak_rss_bytes_fuyou": res.peak_rss_bytes}

@@ -43,6 +43,11 @@ def _add_finetune(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--gpu-mem", type=_size, default=None, help="device memory budget, e.g. 4GiB (default: 90%% of free device memory; on the CPU device what the plan needs)")
     p.add_argument("--cpu-mem", type=_size, default=None, help="pinned host memory budget, e.g. 8GiB (default: what the plan needs, at most half the RAM)")
+    p.add_argument(
+        "--cache-mem", type=_size, default=None,
+        help="host RAM that keeps whole blocks' states and weights between steps, so their reads skip the store (writes still go to it); "
+        "0 turns it off (default: up to a quarter of the RAM)",
+    )
     p.add_argument("--prefetch-depth", type=int, default=2, help="blocks read ahead of the one computing")
     p.add_argument(
         "--recompute",
@@ -138,7 +143,10 @@ def _finetune(args) -> int:
         state=StateConfig(weights=args.weights, master=args.master, states=args.optim_states),
         optim=OptimConfig(lr=lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps),
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),
-        memory=MemoryConfig(gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem, prefetch_depth=args.prefetch_depth, recompute=args.recompute),
+        memory=MemoryConfig(
+            gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem, cache_mem_bytes=args.cache_mem, prefetch_depth=args.prefetch_depth,
+            recompute=args.recompute,
+        ),
     )
     if args.plan == "auto":
         import dataclasses
@@ -147,10 +155,11 @@ def _finetune(args) -> int:
         from .train import resolve_device
 
         plan_cfg = PlanConfig(
-            model=args.model, batch=cfg.batch, state=cfg.state, device=resolve_device(args.device).type, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem
+            model=args.model, batch=cfg.batch, state=cfg.state, device=resolve_device(args.device).type, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem,
+            cache_mem_bytes=args.cache_mem,
         )
         mem, batch = auto_memory_config(plan_cfg)
-        cfg = dataclasses.replace(cfg, memory=mem, batch=batch)
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(mem, cache_mem_bytes=args.cache_mem), batch=batch)
     trace = None
     if cfg.trace_dir:
         from scheduler import Trace

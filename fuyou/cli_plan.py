@@ -57,6 +57,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--gpu-mem", type=_size, default=None, help="device memory budget (default: unconstrained)")
     p.add_argument("--cpu-mem", type=_size, default=None, help="host memory budget (default: unconstrained)")
     p.add_argument("--ssd-mem", type=_size, default=None, help="store capacity (default: unconstrained)")
+    p.add_argument("--cache-mem", type=_size, default=0,
+                   help="host RAM of the block cache (cached blocks' reads skip the store; `fuyou finetune` defaults to a quarter of the RAM)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches asked for (the planner may pick another divisor)")
@@ -131,6 +133,7 @@ def _plan(args) -> int:
         gpu_mem_bytes=args.gpu_mem,
         cpu_mem_bytes=args.cpu_mem,
         ssd_bytes=args.ssd_mem,
+        cache_mem_bytes=args.cache_mem,
         max_prefetch_depth=args.max_prefetch_depth,
         search_micro_batches=not args.fixed_micro_batches,
     )
@@ -220,6 +223,8 @@ def render_plan(plan, console) -> None:
     for tier in ("gpu", "cpu", "ssd"):
         lim = budgets[tier]
         t.add_row(f"{tier} bytes (budget {format_bytes(lim) if lim else 'none'})", *[format_bytes(e.candidate.memory_bytes[tier]) if e else "-" for e in rows])
+    t.add_row(f"block cache (--cache-mem {format_bytes(cfg.cache_mem_bytes) if cfg.cache_mem_bytes is not None else 'auto'})",
+              *[format_bytes(e.candidate.memory_bytes.get("cache", 0)) if e else "-" for e in rows])
     t.add_row("predicted step", *[f"{e.step_s:.3f} s" if e else "-" for e in rows])
     tokens = b.batch_size * b.seq_len
     t.add_row("predicted tokens/s", *[f"{tokens / e.step_s:,.1f}" if e and e.step_s else "-" for e in rows])
@@ -239,6 +244,7 @@ def render_plan(plan, console) -> None:
         console.print(f"run it with: fuyou finetune --model {cfg.model} --batch-size {b.batch_size} --seq-len {b.seq_len} "
                       f"--micro-batches {plan.batch_config().micro_batches} --prefetch-depth {m.prefetch_depth} "
                       f"--cpu-mem {_mib(m.cpu_mem_bytes)} --gpu-mem {_mib(m.gpu_mem_bytes)}"
+                      + (f" --cache-mem {_mib(cfg.cache_mem_bytes)}" if cfg.cache_mem_bytes is not None else "")
                       + (f" --weights {cfg.state.weights}" if cfg.state.weights != "fp32" else ""))
     r = Table(title=f"rates: {plan.rates_source}")
     r.add_column("resource")

@@ -54,6 +54,9 @@ class MemoryConfig:
 
     gpu_mem_bytes: Optional[int] = None  # device budget; None = auto (most of the free device memory)
     cpu_mem_bytes: Optional[int] = None  # pinned host budget; None = auto (what the plan needs, up to half the RAM)
+    # Host RAM that keeps blocks' live states and weights between steps (reads of cached blocks are
+    # memory copies; writes still go to the store). None = auto (up to a quarter of the RAM); 0 = off.
+    cache_mem_bytes: Optional[int] = None
     prefetch_depth: int = 2  # blocks whose weights are read ahead of the one computing
     recompute: str = "auto"  # always | never | auto: keep the forward's activations when they fit the device budget
 
@@ -64,6 +67,8 @@ class MemoryConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name.replace('_bytes', '').replace('_', '-')} must be > 0")
+        if self.cache_mem_bytes is not None and self.cache_mem_bytes < 0:
+            raise ValueError("cache-mem must be >= 0 (0 turns the block cache off)")
         if self.prefetch_depth < 0:
             raise ValueError("prefetch depth must be >= 0")
 

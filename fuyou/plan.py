@@ -55,6 +55,8 @@ class MemoryPlan:
     kept_bytes: int = 0  # activations kept from the forward for the backward (0: the backward recomputes)
     grad_slots: int = 1  # fp32 gradient buffers the backward cycles through (a tied embedding has its own)
     grad_slot_bytes: int = 0
+    cache_blocks: tuple = ()  # blocks whose live states and weights stay in host RAM between steps
+    cache_bytes: int = 0  # host RAM of that cache (its own pool, outside cpu_bytes())
 
     def cpu_bytes(self) -> int:
         return (
@@ -91,6 +93,29 @@ def opt_region_offsets(store: Store, block: str) -> dict:
         off += lay.kinds[kind].file_bytes
     out["end"] = off
     return out
+
+
+CACHE_AUTO_RAM_FRACTION = 0.25  # default block cache: at most this share of the RAM
+
+
+def cache_entry_bytes(store: Store, block: str) -> int:
+    """Host bytes that cache one block: its master, moments and compute weights, as the store holds them."""
+    return opt_region_offsets(store, block)["end"]
+
+
+def plan_cache(store: Store, cache_budget: Optional[int]) -> tuple:
+    """(blocks, bytes) of the block cache: whole blocks in forward order (their reads open each step)
+    while they fit `cache_budget` (None: a quarter of this machine's RAM)."""
+    if cache_budget is None:
+        cache_budget = int(psutil.virtual_memory().total * CACHE_AUTO_RAM_FRACTION)
+    blocks, used = [], 0
+    for b in store.block_names:
+        n = cache_entry_bytes(store, b)
+        if store.layouts[b].numel == 0 or used + n > cache_budget:
+            continue
+        blocks.append(b)
+        used += n
+    return tuple(blocks), used
 
 
 def grad_slot_bytes(store: Store) -> int:
@@ -186,14 +211,16 @@ def model_consumers(store: Store, skeleton) -> List[Consumer]:
 
 
 def plan_for_model(
-    store: Store, skeleton, *, device, batch, prefetch_depth: int, cpu_budget, device_budget, compute_dtype=None, recompute: str = "always"
+    store: Store, skeleton, *, device, batch, prefetch_depth: int, cpu_budget, device_budget, compute_dtype=None, recompute: str = "always",
+    cache_budget: Optional[int] = 0,
 ) -> MemoryPlan:
-    """plan_memory for a Skeleton-like model (`.config`, `.tied`, `.blocks`) and a BatchConfig."""
+    """plan_memory for a Skeleton-like model (`.config`, `.tied`, `.blocks`) and a BatchConfig, plus
+    the block cache of `cache_budget` bytes (None: auto, 0: none; see plan_cache)."""
     hf = skeleton.config
     device = torch.device(device)
     if compute_dtype is None:
         compute_dtype = compute_dtype_for(device, store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype)
-    return plan_memory(
+    plan = plan_memory(
         store,
         model_consumers(store, skeleton),
         tied=skeleton.tied,
@@ -210,6 +237,8 @@ def plan_for_model(
         device_budget=device_budget,
         recompute=recompute,
     )
+    plan.cache_blocks, plan.cache_bytes = plan_cache(store, cache_budget)
+    return plan
 
 
 def _check_minimum(plan: MemoryPlan) -> None:

@@ -20,14 +20,13 @@ from scheduler.planner import Candidate, PlanResult, choose
 
 from .config import BatchConfig, MemoryConfig
 from .optim.state import KINDS, WEIGHT_DTYPES, StateConfig
-from .plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, compute_dtype_for, model_consumers, plan_for_model
+from .plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, compute_dtype_for, model_consumers, plan_cache, plan_for_model
 from .stepgraph import assign_opt_slots, build_step_graph
 
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
 NOT_YET_IN_RUNTIME = (
     ("activation placement", "block inputs stay on the device; swapping them to CPU or SSD is not yet in the runtime"),
-    ("CPU cache tier", "no blocks are kept resident in host memory across steps yet: every step streams all of them"),
 )
 
 # Rates used when `fuyou probe` has not been run: deliberately low (so a plan errs slow), from
@@ -51,6 +50,7 @@ class PlanConfig:
     gpu_mem_bytes: Optional[int] = None  # device budget; None = unconstrained
     cpu_mem_bytes: Optional[int] = None  # host (pinned) budget; None = unconstrained
     ssd_bytes: Optional[int] = None  # store capacity; None = unconstrained
+    cache_mem_bytes: Optional[int] = 0  # host RAM of the block cache; 0 = none, None = the run's default (a quarter of the RAM)
     max_prefetch_depth: int = MAX_PREFETCH_DEPTH
     search_micro_batches: bool = True  # False: keep batch.micro_batches
 
@@ -61,6 +61,8 @@ class PlanConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name.replace('_bytes', '').replace('_', '-')} must be > 0")
+        if self.cache_mem_bytes is not None and self.cache_mem_bytes < 0:
+            raise ValueError("cache-mem must be >= 0 (0: no block cache)")
         if not 0 <= self.max_prefetch_depth <= 64:
             raise ValueError(f"max prefetch depth must be in 0..64, got {self.max_prefetch_depth}")
 
@@ -142,6 +144,7 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         gpu = full_dev
     if (plan.weight_slots, plan.opt_slots) != (w, opt_slots):
         return None
+    plan.cache_blocks, plan.cache_bytes = plan_cache(shape.store, cfg.cache_mem_bytes)
     owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0])
     spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch)
 
@@ -157,9 +160,9 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         return g
 
     knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
-    memory = {"gpu": plan.device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape)}
+    memory = {"gpu": plan.device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape), "cache": plan.cache_bytes}
     pref = (micro != cfg.batch.micro_batches, depth)
-    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1), cpu_mem_bytes=cpu, prefetch_depth=depth), "batch": batch}
+    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1), cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes), "batch": batch}
     return Candidate(knobs, memory, build, pref, {"plan": plan, "run": run_cfg})
 
 

@@ -172,6 +172,16 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
 
 # -- copies --------------------------------------------------------------------------------------
 def probe_copies(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> dict:
+    """h2d/d2h bandwidth, and the host memory copy rate (reads served by the block cache)."""
+    return {"copy_Bps": _host_copy_Bps(nbytes, repeats), **_device_copies(device, nbytes, repeats)}
+
+
+def _host_copy_Bps(nbytes: int, repeats: int) -> float:
+    src, dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8)
+    return nbytes / _median_time(lambda: dst.copy_(src), repeats)
+
+
+def _device_copies(device: torch.device, nbytes: int, repeats: int) -> dict:
     if device.type == "cuda":
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -402,7 +412,7 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
         if bg_layer is not None:
             bg_layer.close()
     rates = Rates(
-        read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"],
+        read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"], copy_Bps=copies["copy_Bps"],
         compute_flops=comp["compute_flops"], optim_params_per_s=opt, compute_call_s=comp["compute_call_s"],
         latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
         commit_file_s=disk["unlink_file_s"],
@@ -459,4 +469,5 @@ def rates_table(rates: Rates) -> Dict[str, str]:
         "h2d / d2h": f"{rates.h2d_Bps / 1e9:.2f} / {rates.d2h_Bps / 1e9:.2f} GB/s",
         "compute": f"{rates.compute_flops / 1e12:.3f} TFLOP/s (model FLOPs)" + (f" + {rates.compute_call_s * 1e3:.2f} ms/call" if rates.compute_call_s else ""),
         "optimizer": f"{rates.optim_params_per_s / 1e6:.0f} M params/s",
+        "host copy": f"{rates.copy_Bps / 1e9:.2f} GB/s",
     }

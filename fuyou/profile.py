@@ -124,11 +124,12 @@ def profile_step(events: List[TraceEvent], rates: Optional[Dict[str, Rates]] = N
     comp = unions.get("compute", [])
     others = _union([iv for k, v in unions.items() if k != "compute" and k != "commit" for iv in v])
     overlap = _intersect_len(comp, others) / _length(comp) if _length(comp) else 0.0
-    moved = {"ssd read": 0, "ssd written": 0, "cpu->gpu": 0, "gpu->cpu": 0}
+    moved = {"ssd read": 0, "block cache read": 0, "ssd written": 0, "cpu->gpu": 0, "gpu->cpu": 0}
     for e in events:
         key = {"read": "ssd read", "write": "ssd written", "h2d": "cpu->gpu", "d2h": "gpu->cpu"}.get(e.kind)
         if key:
             moved[key] += e.nbytes
+        moved["block cache read"] += int(e.meta.get("copy_bytes", 0))
     prof = StepProfile(events[0].step or 0, span / 1e9, busy, overlap, compute_stalls(events), moved)
     graph, slots = graph_from_events(events)
     if graph is not None:
@@ -186,14 +187,18 @@ def graph_from_events(events: List[TraceEvent]):
     head = next(b for p, b in cons_blocks if p == "head")
     embed = order[0]
     blocks: Dict[str, BlockSizes] = {}
+    cached = set()  # blocks whose reads the block cache served (their bytes are in meta copy_bytes)
     for b in order + [head]:
         rs, wr, op = by_name.get(f"read_s:{b}"), by_name.get(f"write:{b}"), by_name.get(f"optim:{b}")
         if rs is not None and wr is not None and op is not None:
-            blocks[b] = BlockSizes(int(op.meta.get("numel", 0)), wr.nbytes - rs.nbytes, rs.nbytes)
+            states = rs.nbytes + int(rs.meta.get("copy_bytes", 0))
+            if rs.meta.get("copy_bytes"):
+                cached.add(b)
+            blocks[b] = BlockSizes(int(op.meta.get("numel", 0)), wr.nbytes - states, states)
         else:
             rw = next((e for e in events if e.kind == "read" and e.name.startswith("read_w") and e.name.endswith(f":{b}")), None)
             blocks[b] = BlockSizes(0, rw.nbytes if rw else 0, 0)
-    head_read = next((e.nbytes for e in events if e.name.endswith(f":{head}") and e.name.startswith("read_w")), 0)
+    head_read = next((e.nbytes + int(e.meta.get("copy_bytes", 0)) for e in events if e.name.endswith(f":{head}") and e.name.startswith("read_w")), 0)
     tied = head_read > blocks[head].weights_bytes and embed in blocks and head_read >= blocks[head].weights_bytes + blocks[embed].weights_bytes
     cons = [Consumer(p, b, (b, embed) if (p == "head" and tied) else (b,)) for p, b in cons_blocks]
     flops = [c.flops for c in comp]
@@ -206,7 +211,7 @@ def graph_from_events(events: List[TraceEvent]):
                 if (has_h2d and not 1 <= d <= w) or (not has_h2d and w + o != total):
                     continue
                 owner = assign_opt_slots(cons, tied, o, embed)
-                g = build_step_graph(StepSpec(cons, blocks, w, d, o, owner, flops))
+                g = build_step_graph(StepSpec(cons, blocks, w, d, o, owner, flops, cached=frozenset(cached)))
                 if _consistent(g, by_name):
                     best = (g, {"weight_slots": w, "device_slots": d, "opt_slots": o})
                     break

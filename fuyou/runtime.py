@@ -30,7 +30,7 @@ from .faults import crash_point
 from .memory import Pool
 from .model.skeleton import EMBED, Skeleton, count_targets
 from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights, set_weight_shape_
-from .plan import Consumer, compute_dtype_for, model_consumers, opt_region_offsets, plan_for_model
+from .plan import Consumer, cache_entry_bytes, compute_dtype_for, model_consumers, opt_region_offsets, plan_for_model
 from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_redo_graph, build_step_graph, consumer_flops
 from .store.directio import aligned_bytes
 from .store.store import Store
@@ -92,6 +92,7 @@ class Runtime:
             device_budget=memory.gpu_mem_bytes,
             compute_dtype=self.compute_dtype,
             recompute=memory.recompute,
+            cache_budget=memory.cache_mem_bytes,
         )
         p = self.plan
         self.cpu_pool = Pool("cpu", p.cpu_budget_bytes, torch.device("cpu"), pin=self.device.type == "cuda")
@@ -103,6 +104,12 @@ class Runtime:
         self.tied_slot = self.cpu_pool.alloc(p.opt_slot_bytes) if p.tied_slot else None
         self.gslots = [self.cpu_pool.alloc(p.grad_slot_bytes) for _ in range(p.grad_slots)]
         self.tied_gslot = self.cpu_pool.alloc(p.grad_slot_bytes) if p.tied_slot else None
+        # The block cache: each cached block's live master, moments and weights, laid out as in an
+        # optimizer slot, with the version of each kind it holds (a kind is used only while that
+        # version is the store's live one, so a skipped or redone step can never read stale bytes).
+        self.cache_pool = Pool("cache", p.cache_bytes, torch.device("cpu"))
+        self.cache = {b: self.cache_pool.alloc(cache_entry_bytes(store, b)) for b in p.cache_blocks}
+        self._cache_ver: Dict[str, Dict[str, int]] = {b: {} for b in p.cache_blocks}
         skeleton.move_buffers(self.device)
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
@@ -235,12 +242,39 @@ class Runtime:
         return [b for b in c.weight_blocks if self._owns_params(b)]
 
     # -- task bodies -----------------------------------------------------------------------------
+    # -- block cache -----------------------------------------------------------------------------
+    def _cache_region(self, block: str, kind: str) -> torch.Tensor:
+        offs = opt_region_offsets(self.store, block)
+        return self.cache[block][offs[kind] : offs[kind] + self.store.layouts[block].kinds[kind].file_bytes]
+
+    def _read_kind(self, block: str, kind: str, into: torch.Tensor) -> None:
+        """The live version of (block, kind) into `into`: from the block cache when it holds that
+        version, else from the store (and then into the cache, for the next step)."""
+        cached = block in self.cache
+        if cached and self._cache_ver[block].get(kind) == self.store.version(block, kind):
+            into.copy_(self._cache_region(block, kind))
+            return
+        self.store.read(block, kind, into)
+        if cached:
+            self._cache_region(block, kind).copy_(into)
+            self._cache_ver[block][kind] = self.store.version(block, kind)
+
+    def _cache_new_version(self, block: str, step: int) -> None:
+        """After a block's new files are written: its optimizer slot becomes the cached copy of
+        version `step` (used once the step commits, or the journal makes it live)."""
+        if block not in self.cache:
+            return
+        self._cache_ver[block] = {}  # invalid while the copy is under way
+        slot, end = self._opt_slot(block), opt_region_offsets(self.store, block)["end"]
+        self.cache[block].copy_(slot[:end])
+        self._cache_ver[block] = {k: step for k in OPTIM_KINDS + ("weights",)}
+
     def _read_weights_fn(self, u: int):
         def run():
             stage, off = self.stage[u % len(self.stage)], 0
             for b in self.cons[u].weight_blocks:
                 kl = self.store.layouts[b].kinds["weights"]
-                self.store.read(b, "weights", stage[off : off + kl.file_bytes])
+                self._read_kind(b, "weights", stage[off : off + kl.file_bytes])
                 off += kl.file_bytes
 
         return run
@@ -263,7 +297,7 @@ class Runtime:
         def run():
             slot, offs, lay = self._opt_slot(b), opt_region_offsets(self.store, b), self.store.layouts[b]
             for k in OPTIM_KINDS:
-                self.store.read(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes])
+                self._read_kind(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes])
 
         return run
 
@@ -311,6 +345,7 @@ class Runtime:
             slot, offs, lay = self._opt_slot(b), opt_region_offsets(self.store, b), self.store.layouts[b]
             for k in OPTIM_KINDS + ("weights",):
                 self.store.write(b, k, slot[offs[k] : offs[k] + lay.kinds[k].file_bytes], version=step)
+            self._cache_new_version(b, step)
             if self.disk_mode == "lean":
                 self.store.commit_block(b, step, OPTIM_KINDS + ("weights",))
 
@@ -374,7 +409,7 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
         )
         for c in cons
     ]
-    return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots)
+    return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks))
 
 
 def _noop() -> None:

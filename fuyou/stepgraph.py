@@ -32,6 +32,7 @@ class StepSpec:
     opt_owner: Dict[str, int]  # block -> optimizer slot index (-1: a dedicated slot)
     flops: List[int]  # per consumer
     grad_slots: int = 2  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
+    cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
 
 
 def _previous_holders(order: List[str], owner: Dict[str, int], slots: int) -> Dict[str, str]:
@@ -99,8 +100,10 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)  # freed by that block's optimizer
     for u, c in enumerate(spec.cons):
         stage_bytes = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks)
+        copied = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks if b in spec.cached)
         release = (ready[u - W] if D else compute[u - W]) if u >= W else None
-        read = g.add(f"read_w{u}:{c.block}", "read", "read", bodies.read_weights(u), [release], nbytes=stage_bytes, block=c.block)
+        # nbytes: what the store reads; copy_bytes: what comes from the block cache instead.
+        read = g.add(f"read_w{u}:{c.block}", "read", "read", bodies.read_weights(u), [release], nbytes=stage_bytes - copied, block=c.block, copy_bytes=copied)
         if D:
             dev_free = compute[u - D] if u >= D else None
             read = g.add(f"h2d{u}:{c.block}", "h2d", "h2d", bodies.h2d(u), [read, dev_free], nbytes=stage_bytes, block=c.block)
@@ -112,7 +115,9 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
         if c.phase != "fwd" and spec.blocks[c.block].numel:
             b, size = c.block, spec.blocks[c.block]
             prev = writes[opt_free[b]] if b in opt_free else None
-            rs = g.add(f"read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=size.states_bytes, block=b)
+            hit = b in spec.cached
+            rs = g.add(f"read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=0 if hit else size.states_bytes, block=b,
+                       copy_bytes=size.states_bytes if hit else 0)
             op = g.add(f"optim:{b}", "optim", "optim", bodies.optim(b), [compute[-1], rs], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
             optims[b] = op
             writes[b] = g.add(f"write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)

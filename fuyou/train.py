@@ -202,7 +202,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
         if trace is not None and cfg.trace_dir:
             os.makedirs(cfg.trace_dir, exist_ok=True)
             trace.save_chrome(os.path.join(cfg.trace_dir, "trace.json"))
-    return FinetuneResult(results, os.path.abspath(cfg.store), store.numel(), peak_rss, {p.name: p.report() for p in (rt.cpu_pool, rt.dev_pool)}, import_s)
+    return FinetuneResult(results, os.path.abspath(cfg.store), store.numel(), peak_rss, {p.name: p.report() for p in (rt.cpu_pool, rt.dev_pool, rt.cache_pool)}, import_s)
 
 
 def _check_plan(store: Store, skeleton: Skeleton, device: torch.device, cfg: FinetuneConfig) -> None:

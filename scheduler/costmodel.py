@@ -40,6 +40,7 @@ class Rates:
     latency_s: Mapping[str, float] = field(default_factory=dict)  # fixed cost per task, by kind
     compute_call_s: float = 0.0  # fixed cost per micro-batch call inside a compute task
     commit_file_s: float = 0.0  # cost per file a commit deletes (meta "files" of a commit task)
+    copy_Bps: float = 8e9  # host memory copy bandwidth of one thread (reads served by the block cache)
 
     def __post_init__(self):
         for f in fields(self):
@@ -77,7 +78,8 @@ class Rates:
     def task_seconds(self, task: Task) -> float:
         lat = float(self.latency_s.get(task.kind, 0.0))
         if task.kind in _BANDWIDTH_FIELD:
-            return lat + task.nbytes / getattr(self, _BANDWIDTH_FIELD[task.kind])
+            copied = int(task.meta.get("copy_bytes", 0))  # served from host memory, not the device
+            return lat + task.nbytes / getattr(self, _BANDWIDTH_FIELD[task.kind]) + copied / self.copy_Bps
         if task.kind == "compute":
             calls = int(task.meta.get("calls", 1))
             return lat + calls * self.compute_call_s + task.flops / self.compute_flops
@@ -200,7 +202,13 @@ def fit_rates(events: Iterable[TraceEvent], base: Rates) -> Rates:
     duration = latency + size / rate over the events (size: bytes, FLOPs or parameters), falling
     back to size-weighted means where the sizes do not vary. Kinds absent keep `base`'s values."""
     by_kind: Dict[str, List[tuple]] = {}
+    copies = [0.0, 0.0]  # reads the block cache served alone: bytes, seconds (they fit copy_Bps)
     for e in events:
+        copied = int(e.meta.get("copy_bytes", 0) or 0)
+        if e.kind == "read" and copied and not e.nbytes:
+            copies[0] += copied
+            copies[1] += e.duration_s
+            continue
         if e.kind == "optim":
             size = float(e.meta.get("numel", e.nbytes / 16))
         elif e.kind == "compute":
@@ -222,6 +230,8 @@ def fit_rates(events: Iterable[TraceEvent], base: Rates) -> Rates:
         name = _BANDWIDTH_FIELD.get(kind) or {"compute": "compute_flops", "optim": "optim_params_per_s"}[kind]
         changes[name] = rate
     changes["latency_s"] = latency
+    if copies[0] > 0 and copies[1] > 0:
+        changes["copy_Bps"] = copies[0] / copies[1]
     if "compute" in by_kind:
         changes["compute_call_s"] = 0.0  # folded into the fitted compute latency
     return base.replace(**changes)

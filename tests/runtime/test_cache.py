@@ -1,0 +1,89 @@
+"""The host block cache: cached blocks' reads come from RAM (no store reads after the first step),
+writes still go to the store, and training stays exact (fp32 mode vs plain PyTorch)."""
+import pytest
+import torch
+
+from fuyou.config import MemoryConfig
+from fuyou.plan import cache_entry_bytes
+from fuyou.store.store import open_store
+from tests.helpers import LR, WD, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
+
+RTOL, ATOL = 1e-5, 1e-6
+STEPS, BATCH, SEQ, MICRO = 4, 4, 16, 2
+
+
+def _exact(tmp_path, ckpt, batches, results, max_grad_norm=None):
+    ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
+    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    ref = dict(ref_model.named_parameters())
+    for name, value in store_master_weights(str(tmp_path / "store")).items():
+        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _setup(tmp_path, **overrides):
+    cfg = tiny_config("llama", **overrides)
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), cfg, tokenizer=False)
+    return ckpt, random_batches(STEPS, BATCH, SEQ, cfg.vocab_size, seed=21)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_whole_model_cached_reads_nothing_after_the_first_step(tmp_path, tied):
+    ckpt, batches = _setup(tmp_path, tie_word_embeddings=tied)
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(cache_mem_bytes=1 << 30))
+    owners = [b for b in rt.store.block_names if rt.store.layouts[b].numel]
+    assert list(rt.plan.cache_blocks) == owners
+    assert results[0].bytes_read > 0  # the first step fills the cache from the store
+    assert [r.bytes_read for r in results[1:]] == [0] * (STEPS - 1)
+    assert len({r.bytes_written for r in results}) == 1 and results[0].bytes_written > 0  # write-through
+    _exact(tmp_path, ckpt, batches, results)
+
+
+def test_partial_cache_reads_only_the_other_blocks(tmp_path):
+    ckpt, batches = _setup(tmp_path, num_hidden_layers=4)
+    uncached, plain = run_fuyou(ckpt, str(tmp_path / "plain"), batches[:1], MICRO, MemoryConfig(cache_mem_bytes=0))
+    full = plain[0].bytes_read
+    budget = cache_entry_bytes(uncached.store, "embed") + cache_entry_bytes(uncached.store, "layer0000")
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(cache_mem_bytes=budget))
+    assert rt.plan.cache_blocks == ("embed", "layer0000")
+    lay = [rt.store.layouts[b] for b in rt.plan.cache_blocks]
+    weights = sum(x.kinds["weights"].nbytes for x in lay)
+    states = sum(x.kinds[k].nbytes for x in lay for k in ("master", "exp_avg", "exp_avg_sq"))
+    # First step: the forward's read fills the cache, so the backward's read of the same weights is a
+    # copy. Later steps: a cached block's weights (forward and backward) and states all are.
+    assert results[0].bytes_read == full - weights
+    assert all(r.bytes_read == full - 2 * weights - states for r in results[1:])
+    _exact(tmp_path, ckpt, batches, results)
+
+
+def test_cache_off_reads_everything_every_step(tmp_path):
+    ckpt, batches = _setup(tmp_path)
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(cache_mem_bytes=0))
+    assert rt.plan.cache_blocks == () and rt.cache == {}
+    assert len({r.bytes_read for r in results}) == 1
+    _exact(tmp_path, ckpt, batches, results)
+
+
+def test_clipped_steps_with_the_cache_match_pytorch(tmp_path):
+    """A clipped step redoes the optimizer from the old states: the cache, already holding the first
+    pass's new version, must not serve them (the versions differ), and must end on the redone one."""
+    from fuyou.config import BatchConfig, OptimConfig
+    from fuyou.model.importer import import_model
+    from fuyou.model.skeleton import Skeleton
+    from fuyou.model.source import ModelSource
+    from fuyou.optim.state import StateConfig
+    from fuyou.runtime import Runtime
+
+    ckpt, batches = _setup(tmp_path)
+    src = ModelSource(ckpt)
+    rt = Runtime(
+        import_model(src, str(tmp_path / "store"), StateConfig()), Skeleton(src.config), device=torch.device("cpu"),
+        memory=MemoryConfig(cache_mem_bytes=1 << 30), batch=BatchConfig(batch_size=BATCH, micro_batches=MICRO, seq_len=SEQ),
+        optim=OptimConfig(lr=LR, weight_decay=WD), max_grad_norm=0.05,
+    )
+    try:
+        results = [rt.step(b) for b in batches]
+    finally:
+        rt.close()
+    assert [r.status for r in results].count("clipped") >= 2
+    assert open_store(str(tmp_path / "store")).step == STEPS
+    _exact(tmp_path, ckpt, batches, results, max_grad_norm=0.05)
