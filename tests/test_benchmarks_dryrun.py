@@ -110,3 +110,14 @@ def test_bench_step_render_reports_failure_and_ratio():
     assert "failed: exit 1: RuntimeError: boom" in text
     assert "| fuyou (store) | 3.15 | 1.50x | 20.0 / 16.0 (36.0) | 20.0 / 16.0 |" in text  # medians of steps 2..3
     assert "NOT met" in text and "| compute | 2.00 |" in text
+
+
+def test_bench_store_runs_every_method(tmp_path, capsys):
+    from benchmarks import bench_store
+
+    out = tmp_path / "store.md"
+    assert bench_store.main(["--mib", "1", "--rounds", "3", "--dir", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    for method in ("raw (no checksum)", "checksum then write", "checksum during the write", "read then checksum", "checksum per piece during the read"):
+        assert f"| {method} |" in text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("fuyou-bench-store-")]  # its files are removed

@@ -98,9 +98,15 @@ def fingerprint_config(config_dict: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _crc(buf: torch.Tensor, nbytes: int) -> int:
-    """CRC-32 of the first nbytes of a uint8 CPU tensor (zlib releases the GIL on large buffers)."""
-    return zlib.crc32(memoryview(buf[:nbytes].numpy()))
+def _crc(buf: torch.Tensor, nbytes: int, start: int = 0) -> int:
+    """CRC-32 of the first nbytes of a uint8 CPU tensor, continuing `start` (zlib releases the GIL
+    on large buffers)."""
+    return zlib.crc32(memoryview(buf[:nbytes].numpy()), start)
+
+
+# Reads are issued as pieces of this size, all at once; the checksum of each piece is computed
+# while the later ones are still in flight, so verification costs no time beyond the I/O's.
+READ_PIECE_BYTES = 16 << 20
 
 
 def _fsync_dir(path: str) -> None:
@@ -178,16 +184,22 @@ class Store:
         v = self.version(block, kind) if version is None else version
         path = self.file_path(block, kind, v)
         crash_point("read")
-        with DirectFile(path, "r", self.backend) as f:
-            fut = f.pread(into, size=nbytes)
-            # DirectFile closes its fd on exit, so wait here: the caller runs this on an I/O lane.
-            fut.get()
         want = self._crc_of(block, kind, v)
-        if self.verify and want is not None and _crc(into, nbytes) != want:
+        check = self.verify and want is not None
+        crc = 0
+        with DirectFile(path, "r", self.backend) as f:
+            pieces = [(off, min(READ_PIECE_BYTES, nbytes - off)) for off in range(0, nbytes, READ_PIECE_BYTES)]
+            futs = [f.pread(into[off:], size=n, file_offset=off) for off, n in pieces]
+            # DirectFile closes its fd on exit, so wait here: the caller runs this on an I/O lane.
+            for (off, n), fut in zip(pieces, futs):
+                fut.get()
+                if check:
+                    crc = _crc(into[off:], n, crc)
+        if check and crc != want:
             raise StoreError(f"{path} is corrupted (checksum mismatch); restore the store from a backup or re-import the model")
         with self._lock:
             self.bytes_read += nbytes
-        return fut
+        return futs[-1] if futs else None
 
     def write(self, block: str, kind: str, data: torch.Tensor, version: int) -> str:
         """Write (block, kind) as a new version file and fsync it; the manifest is not touched."""
@@ -195,10 +207,11 @@ class Store:
         if kind != "grad" and version <= self.version(block, kind) and not self.importing:
             raise StoreError(f"refusing to overwrite live version {self.version(block, kind)} of {block}.{kind}")
         path = self.file_path(block, kind, version)
-        crc = _crc(data, nbytes)
         crash_point("write")
         with DirectFile(path, "w", self.backend) as f:
-            f.pwrite(data, size=nbytes).get()
+            fut = f.pwrite(data, size=nbytes)
+            crc = _crc(data, nbytes)  # while the write is in flight (the data does not change)
+            fut.get()
             f.fsync()
         with self._lock:
             self.bytes_written += nbytes
