@@ -23,6 +23,10 @@ from .store.store import Store
 
 MAX_OPT_SLOTS = 3  # more only adds optimizer run-ahead the backward cannot use (one block per backward)
 MAX_GRAD_SLOTS = 2  # one filled by the backward while the optimizer consumes the other
+# Offloaded block inputs on the device at once: in the forward, layer i's input on its way out while
+# layer i+1 reads its own and writes the next (the step graph makes layer i+2 wait for that copy);
+# in the backward, the input in use and the one coming back.
+ACT_OFFLOAD_WINDOW = 3
 
 
 class BudgetError(ValueError):
@@ -57,16 +61,26 @@ class MemoryPlan:
     grad_slot_bytes: int = 0
     cache_blocks: tuple = ()  # blocks whose live states and weights stay in host RAM between steps
     cache_bytes: int = 0  # host RAM of that cache (its own pool, outside cpu_bytes())
+    micro_batches: int = 1
+    # Activation placement (recompute backward only): the inputs of layers 1..act_offload (every
+    # micro-batch) go to host memory after their forward and come back just before their backward;
+    # the other block inputs stay on the device.
+    act_offload: int = 0
+
+    def offloaded_act_bytes(self) -> int:
+        return self.act_offload * self.micro_batches * aligned_bytes(self.act_bytes)
 
     def cpu_bytes(self) -> int:
         return (
             self.weight_slots * self.stage_slot_bytes
             + (self.opt_slots + self.tied_slot) * self.opt_slot_bytes
             + (self.grad_slots + self.tied_slot) * self.grad_slot_bytes
+            + self.offloaded_act_bytes()
         )
 
     def device_bytes(self) -> int:
-        return self.device_slots * self.device_slot_bytes + self.n_acts * aligned_bytes(self.act_bytes) + self.workspace_bytes + self.kept_bytes
+        on_device = self.n_acts - self.act_offload * self.micro_batches + min(self.act_offload, ACT_OFFLOAD_WINDOW) * self.micro_batches
+        return self.device_slots * self.device_slot_bytes + on_device * aligned_bytes(self.act_bytes) + self.workspace_bytes + self.kept_bytes
 
     @property
     def recompute(self) -> bool:
@@ -167,6 +181,7 @@ def plan_memory(
     ram = psutil.virtual_memory().total
     depth = prefetch_depth + 1
     grad_slot = grad_slot_bytes(store)
+    auto_cpu = cpu_budget is None
     if cpu_budget is None:
         cpu_budget = min(depth * stage + (MAX_OPT_SLOTS + tied) * opt_slot + (MAX_GRAD_SLOTS + tied) * grad_slot, ram // 2)
     if device_budget is None:
@@ -178,10 +193,22 @@ def plan_memory(
             device_budget = min(depth * dev_slot + n_acts * aligned_bytes(act) + workspace + want_kept, ram // 2)
     plan = MemoryPlan(1, 1 if copy else 0, 1, tied, stage, dev_slot, opt_slot, act, n_acts, workspace, cpu_budget, device_budget)
     plan.grad_slot_bytes = grad_slot
+    plan.micro_batches = micro_batches
     if recompute != "always":
         plan.kept_bytes = kept
         if recompute == "auto" and plan.device_bytes() > device_budget:
             plan.kept_bytes = 0  # does not fit: recompute instead
+    if plan.recompute and plan.device_bytes() > device_budget:
+        # Block inputs do not fit the device: offload the earliest layers' (their backward comes
+        # last), as few as fit. Layers 1..L-2 can go (the last two stay for the backward to start).
+        # When even that does not fit, the most offloaded plan names the smallest device budget.
+        n_layers = n_blocks - 2
+        for k in range(1, max(n_layers - 1, 0)):
+            plan.act_offload = k
+            if plan.device_bytes() <= device_budget:
+                break
+        if auto_cpu:  # the host budget was not given: it includes the offloaded inputs
+            cpu_budget = plan.cpu_budget_bytes = min(cpu_budget + plan.offloaded_act_bytes(), ram // 2)
     _check_minimum(plan)
     # Grow from the minimum while the budgets allow: a second gradient slot first (the backward of
     # the next block then runs while this block's optimizer does), then optimizer slots (they
@@ -253,7 +280,7 @@ def _check_minimum(plan: MemoryPlan) -> None:
     if need_dev > plan.device_budget_bytes:
         raise BudgetError(
             f"--gpu-mem {format_bytes(plan.device_budget_bytes)} is too small: block inputs of every micro-batch "
-            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}), the compute workspace ({format_bytes(plan.workspace_bytes)}), "
+            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}, {plan.act_offload * plan.micro_batches} of them offloaded to the host), the compute workspace ({format_bytes(plan.workspace_bytes)}), "
             f"kept activations ({format_bytes(plan.kept_bytes)}) and "
             f"{plan.device_slots} weight slot(s) need {format_bytes(need_dev)}; pass --gpu-mem {_round_up_mib(need_dev)} or more, "
             "or lower --batch-size / --seq-len / raise --micro-batches"

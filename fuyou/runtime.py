@@ -185,7 +185,7 @@ class Runtime:
             try:
                 self.executor.run(build_step_graph(self.spec, _Bodies(self, st)), step=step)
             finally:
-                st.free_activations(self.dev_pool)
+                st.free_activations(self.dev_pool, self.cpu_pool)
             norm = st.total_norm(list(self.sk.params))
             status = self._finish(st, norm)
         except BaseException:
@@ -357,6 +357,42 @@ class Runtime:
 
         return run
 
+    def _act_out_fn(self, i: int, st: "_StepState"):
+        """Layer i's saved inputs (every micro-batch) to host buffers; their device buffers freed."""
+
+        def run():
+            stream = self._streams.get("d2h")
+            for m in range(len(st.mbs)):
+                buf, t = st.take((i, m))
+                host = self.cpu_pool.alloc(t.numel() * t.element_size())
+                hv = host.view(t.dtype).view(t.shape)
+                with torch.cuda.stream(stream) if stream is not None else _null():
+                    hv.copy_(t, non_blocking=stream is not None)
+                if stream is not None:
+                    stream.synchronize()
+                st.host_acts[(i, m)] = (host, hv)
+                self.dev_pool.free(buf)
+
+        return run
+
+    def _act_in_fn(self, i: int, st: "_StepState"):
+        """Layer i's inputs back from the host into device buffers, for its backward."""
+
+        def run():
+            stream = self._streams.get("h2d")
+            for m in range(len(st.mbs)):
+                host, hv = st.host_acts.pop((i, m))
+                buf = self.dev_pool.alloc(hv.numel() * hv.element_size())
+                t = buf.view(hv.dtype).view(hv.shape)
+                with torch.cuda.stream(stream) if stream is not None else _null():
+                    t.copy_(hv, non_blocking=stream is not None)
+                if stream is not None:
+                    stream.synchronize()
+                st.acts[(i, m)] = (buf, t)
+                self.cpu_pool.free(host)
+
+        return run
+
     def _compute_fn(self, u: int, st: "_StepState"):
         def run():
             from .runtime_compute import run_consumer
@@ -395,6 +431,12 @@ class _Bodies:
     def read_grad(self, b):
         return self.rt._read_grad_fn(b, self.st.step)
 
+    def act_out(self, i):
+        return self.rt._act_out_fn(i, self.st)
+
+    def act_in(self, i):
+        return self.rt._act_in_fn(i, self.st)
+
 
 def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:
     """Sizes of every task of a step, from the store's layout and the model's shape."""
@@ -409,7 +451,10 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
         )
         for c in cons
     ]
-    return StepSpec(cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks))
+    return StepSpec(
+        cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
+        act_offload=plan.act_offload, act_block_bytes=plan.micro_batches * plan.act_bytes,
+    )
 
 
 def _noop() -> None:
@@ -423,6 +468,7 @@ class _StepState:
         self.step, self.lr, self.mbs, self.targets = step, lr, mbs, targets
         self.kwargs: Dict[int, dict] = {}
         self.acts: Dict[tuple, tuple] = {}  # (block index, micro-batch) -> (pool buffer, tensor)
+        self.host_acts: Dict[tuple, tuple] = {}  # the offloaded ones: (host pool buffer, tensor)
         self.dh: Dict[int, torch.Tensor] = {}
         self.graphs: Dict[tuple, tuple] = {}  # kept forward: (block, micro-batch) -> (input, output)
         self.refs: Dict[int, object] = {}  # kept forward: block -> its saved-weight hooks
@@ -453,10 +499,13 @@ class _StepState:
         """Remove a saved block input: (pool buffer, tensor); free the buffer once done with it."""
         return self.acts.pop(key)
 
-    def free_activations(self, pool: Pool) -> None:
+    def free_activations(self, pool: Pool, host_pool: Pool) -> None:
         for buf, _t in self.acts.values():
             pool.free(buf)
         self.acts.clear()
+        for buf, _t in self.host_acts.values():
+            host_pool.free(buf)
+        self.host_acts.clear()
         self.graphs.clear()
         self.refs.clear()
         self.fwd_params.clear()

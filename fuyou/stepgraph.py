@@ -33,6 +33,8 @@ class StepSpec:
     flops: List[int]  # per consumer
     grad_slots: int = 2  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
     cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
+    act_offload: int = 0  # inputs of layers 1..act_offload go to the host after their forward (see plan.py)
+    act_block_bytes: int = 0  # one block's inputs, every micro-batch
 
 
 def _previous_holders(order: List[str], owner: Dict[str, int], slots: int) -> Dict[str, str]:
@@ -49,6 +51,8 @@ class TaskBodies(Protocol):
     def optim(self, b: str) -> Callable[[], object]: ...
     def write(self, b: str) -> Callable[[], object]: ...
     def read_grad(self, b: str) -> Callable[[], object]: ...
+    def act_out(self, i: int) -> Callable[[], object]: ...
+    def act_in(self, i: int) -> Callable[[], object]: ...
 
 
 def _noop() -> None:
@@ -98,6 +102,9 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
     opt_free = _previous_holders(order, spec.opt_owner, O)  # freed by that block's write
     grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)  # freed by that block's optimizer
+    # Block index (0 = embedding, 1..L = layers) of each block, for the offloaded inputs (i, m).
+    index = {c.block: i for i, c in enumerate(c for c in spec.cons if c.phase == "fwd")}
+    act_out, bwd_done = {}, {}
     for u, c in enumerate(spec.cons):
         stage_bytes = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks)
         copied = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks if b in spec.cached)
@@ -109,9 +116,20 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
             read = g.add(f"h2d{u}:{c.block}", "h2d", "h2d", bodies.h2d(u), [read, dev_free], nbytes=stage_bytes, block=c.block)
         ready.append(read)
         deps = [read, compute[-1] if compute else None]
+        i = index.get(c.block, -1)
         if c.phase != "fwd":
             deps += [optims[grad_free[b]] for b in c.weight_blocks if b in grad_free]
+        if c.phase == "fwd" and i - 2 in act_out:
+            deps.append(act_out[i - 2])  # at most three offloaded inputs on the device in the forward
+        if c.phase == "bwd" and 1 <= i <= spec.act_offload:
+            # Back just before the backward that needs it, once the one two blocks later has freed its own.
+            back = g.add(f"act_in{i}:{c.block}", "h2d", "h2d", bodies.act_in(i), [act_out[i], bwd_done.get(i + 2)], nbytes=spec.act_block_bytes, block=c.block)
+            deps.append(back)
         compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", bodies.compute(u), deps, flops=spec.flops[u], block=c.block, phase=c.phase))
+        if c.phase == "fwd" and 1 <= i <= spec.act_offload:
+            act_out[i] = g.add(f"act_out{i}:{c.block}", "d2h", "d2h", bodies.act_out(i), [compute[-1]], nbytes=spec.act_block_bytes, block=c.block)
+        if c.phase == "bwd":
+            bwd_done[i] = compute[-1]
         if c.phase != "fwd" and spec.blocks[c.block].numel:
             b, size = c.block, spec.blocks[c.block]
             prev = writes[opt_free[b]] if b in opt_free else None

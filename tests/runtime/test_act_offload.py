@@ -1,0 +1,50 @@
+"""Activation placement: with a device budget too small for every block input, the earliest layers'
+inputs go to host memory after their forward and come back before their backward; training is
+unchanged (fp32 mode vs plain PyTorch) and the device pool stays within the smaller budget."""
+import pytest
+import torch
+
+from fuyou.config import MemoryConfig
+from fuyou.plan import BudgetError
+from tests.helpers import LR, WD, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
+
+RTOL, ATOL = 1e-5, 1e-6
+MICRO = 2
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("offload")
+    cfg = tiny_config("llama", num_hidden_layers=8)
+    return save_checkpoint(str(tmp / "ckpt"), cfg, tokenizer=False), random_batches(3, 4, 16, cfg.vocab_size, seed=5)
+
+
+def test_offloaded_inputs_train_exactly_within_the_smaller_budget(tmp_path, model):
+    ckpt, batches = model
+    full, full_res = run_fuyou(ckpt, str(tmp_path / "full"), batches, MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
+    assert full.plan.act_offload == 0
+    act = full.plan.act_bytes  # one micro-batch's block input (4 KiB aligned here)
+    budget = full.plan.device_bytes() - 2 * MICRO * act
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cache_mem_bytes=0))
+    assert rt.plan.act_offload >= 3  # three stay on the device while they move: the first two save nothing
+    assert rt.dev_pool.peak_bytes <= budget < full.dev_pool.peak_bytes
+    names = {e.name.split(":")[0]: e.lane for e in results[-1].events if e.name.startswith("act_")}
+    assert names == {**{f"act_out{i}": "d2h" for i in range(1, rt.plan.act_offload + 1)}, **{f"act_in{i}": "h2d" for i in range(1, rt.plan.act_offload + 1)}}
+    assert [r.loss for r in results] == [r.loss for r in full_res]  # the same bytes come back
+    ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
+    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    ref = dict(ref_model.named_parameters())
+    for name, value in store_master_weights(str(tmp_path / "store")).items():
+        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_offload_takes_the_fewest_blocks_and_says_when_nothing_fits(tmp_path, model):
+    ckpt, batches = model
+    full, _ = run_fuyou(ckpt, str(tmp_path / "full"), batches[:1], MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
+    act = full.plan.act_bytes
+    need = full.plan.device_bytes()
+    rt, _ = run_fuyou(ckpt, str(tmp_path / "one"), batches[:1], MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - MICRO * act, cache_mem_bytes=0))
+    assert rt.plan.act_offload == 4  # 3 blocks in flight + 1 saved = one block's worth
+    # Layers 1..L-2 at most: 6 of 8, saving 3 blocks; one more than that cannot fit.
+    with pytest.raises(BudgetError, match="12 of them offloaded to the host"):
+        run_fuyou(ckpt, str(tmp_path / "none"), batches[:1], MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - 4 * MICRO * act, cache_mem_bytes=0))
