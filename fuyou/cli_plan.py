@@ -64,6 +64,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches asked for (the planner may pick another divisor)")
     p.add_argument("--fixed-micro-batches", action="store_true", help="keep --micro-batches as given")
     p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="dtype of the compute weights kept in the store")
+    p.add_argument("--master", choices=["fp32", "bf16+rem"], default="fp32", help="master weights codec")
+    p.add_argument("--optim-states", choices=["fp32", "bf16", "fp8", "de8"], default="fp32", help="AdamW moments codec")
     p.add_argument("--max-prefetch-depth", type=int, default=4, help="deepest prefetch the planner considers")
     _add_rate_flags(p)
 
@@ -105,6 +107,8 @@ def resolve_rates(args, device: str):
     else:
         rates, source = load_rates(device)
     changes = {field: getattr(args, flag) * scale for flag, field, scale in RATE_FLAGS if getattr(args, flag) is not None}
+    if "optim_params_per_s" in changes:
+        changes["optim_by_codec"] = {}  # the rate given by hand is the one to plan with, whatever the codec
     if args.ssd_gbps is not None:
         changes.setdefault("read_Bps", args.ssd_gbps * 1e9)
         changes.setdefault("write_Bps", args.ssd_gbps * 1e9)
@@ -128,7 +132,7 @@ def _plan(args) -> int:
     cfg = PlanConfig(
         model=args.model,
         batch=BatchConfig(batch_size=args.batch_size, micro_batches=args.micro_batches, seq_len=args.seq_len),
-        state=StateConfig(weights=args.weights),
+        state=StateConfig(weights=args.weights, master=args.master, states=args.optim_states),
         device=device,
         gpu_mem_bytes=args.gpu_mem,
         cpu_mem_bytes=args.cpu_mem,
@@ -245,7 +249,9 @@ def render_plan(plan, console) -> None:
                       f"--micro-batches {plan.batch_config().micro_batches} --prefetch-depth {m.prefetch_depth} "
                       f"--cpu-mem {_mib(m.cpu_mem_bytes)} --gpu-mem {_mib(m.gpu_mem_bytes)}"
                       + (f" --cache-mem {_mib(cfg.cache_mem_bytes)}" if cfg.cache_mem_bytes is not None else "")
-                      + (f" --weights {cfg.state.weights}" if cfg.state.weights != "fp32" else ""))
+                      + (f" --weights {cfg.state.weights}" if cfg.state.weights != "fp32" else "")
+                      + (f" --master {cfg.state.master}" if cfg.state.master != "fp32" else "")
+                      + (f" --optim-states {cfg.state.states}" if cfg.state.states != "fp32" else ""))
     r = Table(title=f"rates: {plan.rates_source}")
     r.add_column("resource")
     r.add_column("rate")

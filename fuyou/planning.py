@@ -207,6 +207,7 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
     from .runtime import LANES
 
+    rates = rates.for_codec(cfg.state.states, cfg.state.master)  # the optimizer rate of the planned codec
     result = choose(cands, budgets, rates, naive=naive, lanes=LANES)
     return Plan(cfg, shape, rates, rates_source, result)
 

@@ -366,18 +366,33 @@ def probe_matmul(device: torch.device, m: int = 1024, k: int = 1024, n: int = 28
 
 
 # -- optimizer -----------------------------------------------------------------------------------
-def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, background: Optional[Callable[[], None]] = None) -> float:
-    """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_ (fp32)."""
-    from .optim.state import StateConfig, adamw_update_
+# Compressed optimizer settings whose rate `fuyou probe` measures besides fp32 ("<moments>/<master>").
+PROBED_CODECS = (("bf16", "bf16+rem"), ("fp8", "bf16+rem"), ("de8", "bf16+rem"))
 
-    cfg = StateConfig()
+
+def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, background: Optional[Callable[[], None]] = None,
+                moments: str = "fp32", master: str = "fp32") -> float:
+    """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_, with the
+    given moment and master codecs (bf16 compute weights when they are compressed)."""
+    from .optim.state import KINDS, StateConfig, adamw_update_
+    from .store.directio import aligned_empty
+    from .store.store import BlockLayout
+
+    compressed = (moments, master) != ("fp32", "fp32")
+    cfg = StateConfig(weights="bf16" if compressed else "fp32", master=master, states=moments)
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(numel, generator=g)
-    parts = {k: {"value": torch.randn(numel, generator=g).abs_()} for k in ("master", "exp_avg", "exp_avg_sq", "weights")}
+    lay = BlockLayout("probe", [("w", numel, (numel,))], cfg)
+    bufs = {k: aligned_empty(lay.kinds[k].file_bytes).zero_() for k in KINDS}
+    parts = {k: lay.kinds[k].views(bufs[k])["w"] for k in KINDS}
+    for k in ("master", "exp_avg_sq"):  # a plausible state: positive second moments
+        for t in parts[k].values():
+            if t.is_floating_point() and t.dtype == torch.float32:
+                t.copy_(torch.rand(t.numel(), generator=g))
 
     def run():
         float(grad.double().pow(2).sum())
-        adamw_update_(cfg, grad, parts, step=1, lr=1e-4)
+        adamw_update_(cfg, grad, parts, step=2, lr=1e-4)
 
     run()
     with _Busy(background):
@@ -405,15 +420,17 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
         log("compute (one decoder layer, forward + recompute + backward)" + (" with storage busy meanwhile" if loaded else "") + " ...")
         comp = probe_compute(device, **shape, batch=rows, seq_len=seq, background=bg_io)
         mm = probe_matmul(device)
-        log(f"optimizer (gradient norm + AdamW, fp32){what} ...")
-        opt = probe_optim(optim_numel or min(8 << 20, max(file_bytes // 16, 1 << 16)), background=bg_compute)
+        log(f"optimizer (gradient norm + AdamW, fp32 and {len(PROBED_CODECS)} compressed codecs){what} ...")
+        n_opt = optim_numel or min(8 << 20, max(file_bytes // 16, 1 << 16))
+        opt = probe_optim(n_opt, background=bg_compute)
+        by_codec = {f"{m}/{ms}": probe_optim(n_opt, background=bg_compute, moments=m, master=ms) for m, ms in PROBED_CODECS}
     finally:
         io_cleanup()
         if bg_layer is not None:
             bg_layer.close()
     rates = Rates(
         read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"], copy_Bps=copies["copy_Bps"],
-        compute_flops=comp["compute_flops"], optim_params_per_s=opt, compute_call_s=comp["compute_call_s"],
+        compute_flops=comp["compute_flops"], optim_params_per_s=opt, optim_by_codec=by_codec, compute_call_s=comp["compute_call_s"],
         latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
         commit_file_s=disk["unlink_file_s"],
     )
@@ -468,6 +485,7 @@ def rates_table(rates: Rates) -> Dict[str, str]:
         "storage write": f"{rates.write_Bps / 1e9:.2f} GB/s" + (f" + {lat['write'] * 1e3:.1f} ms/task" if lat.get("write") else ""),
         "h2d / d2h": f"{rates.h2d_Bps / 1e9:.2f} / {rates.d2h_Bps / 1e9:.2f} GB/s",
         "compute": f"{rates.compute_flops / 1e12:.3f} TFLOP/s (model FLOPs)" + (f" + {rates.compute_call_s * 1e3:.2f} ms/call" if rates.compute_call_s else ""),
-        "optimizer": f"{rates.optim_params_per_s / 1e6:.0f} M params/s",
+        "optimizer": f"{rates.optim_params_per_s / 1e6:.0f} M params/s (fp32)"
+        + "".join(f", {v / 1e6:.0f} ({k})" for k, v in rates.optim_by_codec.items()),
         "host copy": f"{rates.copy_Bps / 1e9:.2f} GB/s",
     }

@@ -41,6 +41,9 @@ class Rates:
     compute_call_s: float = 0.0  # fixed cost per micro-batch call inside a compute task
     commit_file_s: float = 0.0  # cost per file a commit deletes (meta "files" of a commit task)
     copy_Bps: float = 8e9  # host memory copy bandwidth of one thread (reads served by the block cache)
+    # Optimizer params/s of the compressed codecs, by "<moments>/<master>" (e.g. "fp8/bf16+rem");
+    # optim_params_per_s is the fp32 one. See for_codec.
+    optim_by_codec: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         for f in fields(self):
@@ -49,6 +52,10 @@ class Rates:
                 bad = {k: x for k, x in v.items() if k not in KINDS or not (x >= 0 and math.isfinite(x))}
                 if bad:
                     raise ValueError(f"latency_s {bad} invalid: keys must be task kinds {KINDS}, values finite seconds >= 0")
+            elif f.name == "optim_by_codec":
+                bad = {k: x for k, x in v.items() if not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x))}
+                if bad:
+                    raise ValueError(f"optim_by_codec {bad} invalid: values must be finite params/s > 0")
             elif f.name in ("compute_call_s", "commit_file_s"):
                 if not (v >= 0 and math.isfinite(v)):
                     raise ValueError(f"{f.name} must be finite and >= 0, got {v}")
@@ -58,7 +65,15 @@ class Rates:
     def to_json(self) -> dict:
         d = asdict(self)
         d["latency_s"] = dict(self.latency_s)
+        d["optim_by_codec"] = dict(self.optim_by_codec)
         return d
+
+    def for_codec(self, moments: str, master: str) -> "Rates":
+        """These rates with the optimizer rate measured for that codec, when one was."""
+        key = f"{moments}/{master}"
+        if (moments, master) == ("fp32", "fp32") or key not in self.optim_by_codec:
+            return self
+        return self.replace(optim_params_per_s=float(self.optim_by_codec[key]))
 
     @classmethod
     def from_json(cls, d: Mapping[str, object]) -> "Rates":
@@ -68,6 +83,7 @@ class Rates:
             raise ValueError(f"unknown rate field(s) {sorted(unknown)}; known: {sorted(names)}")
         kw = dict(d)
         kw["latency_s"] = dict(kw.get("latency_s") or {})
+        kw["optim_by_codec"] = dict(kw.get("optim_by_codec") or {})
         return cls(**kw)
 
     def replace(self, **changes) -> "Rates":

@@ -65,10 +65,20 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     assert code == 0
     doc = json.loads((config_dir / "rates.json").read_text())
     assert doc["machine"]["device"] == "cpu" and doc["rates"]["read_Bps"] > 0 and doc["rates"]["compute_flops"] > 0
+    assert set(doc["rates"]["optim_by_codec"]) == {"bf16/bf16+rem", "fp8/bf16+rem", "de8/bf16+rem"}
+    assert doc["rates"]["copy_Bps"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["cfg"]  # the probe's files are gone
     capsys.readouterr()
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
     assert "probed" in capsys.readouterr().out
+    # A compressed codec is planned with its own probed optimizer rate.
+    from fuyou.optim.state import StateConfig
+    from fuyou.planning import PlanConfig, make_plan
+    from fuyou.probe import load_rates
+
+    rates, _src = load_rates("cpu")
+    plan = make_plan(PlanConfig(model="llama-tiny", state=StateConfig(weights="bf16", master="bf16+rem", states="fp8"), max_prefetch_depth=0), rates)
+    assert plan.rates.optim_params_per_s == doc["rates"]["optim_by_codec"]["fp8/bf16+rem"]
 
 
 def test_auto_memory_config_is_what_the_runtime_builds():

@@ -104,6 +104,23 @@ def test_rates_json_roundtrip_and_unknown_field():
         Rates(**ONE, latency_s={"bogus": 1.0})
 
 
+def test_codec_optimizer_rates():
+    r = Rates(**ONE, optim_by_codec={"fp8/bf16+rem": 5.0})
+    assert Rates.from_json(r.to_json()) == r
+    assert r.for_codec("fp8", "bf16+rem").optim_params_per_s == 5.0
+    assert r.for_codec("fp32", "fp32") is r and r.for_codec("de8", "bf16+rem") is r  # not measured: the fp32 rate
+    with pytest.raises(ValueError, match="optim_by_codec"):
+        Rates(**ONE, optim_by_codec={"fp8/bf16+rem": 0.0})
+
+
+def test_cached_reads_take_the_copy_rate():
+    g = Graph()
+    g.add("disk", "read", "read", _noop, nbytes=4)
+    g.add("cached", "read", "read", _noop, nbytes=0, copy_bytes=8)
+    r = Rates(**ONE, copy_Bps=4.0)
+    assert abs(predict(g, r).step_s - (4 + 8 / 4.0)) < TOL
+
+
 def test_fit_rates_recovers_line():
     """Events generated from known latency + size/rate are fitted back exactly."""
     evs = []
