@@ -359,37 +359,25 @@ class Runtime:
 
     def _act_out_fn(self, i: int, st: "_StepState"):
         """Layer i's saved inputs (every micro-batch) to host buffers; their device buffers freed."""
-
-        def run():
-            stream = self._streams.get("d2h")
-            for m in range(len(st.mbs)):
-                buf, t = st.take((i, m))
-                host = self.cpu_pool.alloc(t.numel() * t.element_size())
-                hv = host.view(t.dtype).view(t.shape)
-                with torch.cuda.stream(stream) if stream is not None else _null():
-                    hv.copy_(t, non_blocking=stream is not None)
-                if stream is not None:
-                    stream.synchronize()
-                st.host_acts[(i, m)] = (host, hv)
-                self.dev_pool.free(buf)
-
-        return run
+        return self._act_move_fn(i, st.acts, st.host_acts, self.dev_pool, self.cpu_pool, "d2h", len(st.mbs))
 
     def _act_in_fn(self, i: int, st: "_StepState"):
         """Layer i's inputs back from the host into device buffers, for its backward."""
+        return self._act_move_fn(i, st.host_acts, st.acts, self.cpu_pool, self.dev_pool, "h2d", len(st.mbs))
 
+    def _act_move_fn(self, i: int, src: dict, dst: dict, src_pool: Pool, dst_pool: Pool, lane: str, n_micro: int):
         def run():
-            stream = self._streams.get("h2d")
-            for m in range(len(st.mbs)):
-                host, hv = st.host_acts.pop((i, m))
-                buf = self.dev_pool.alloc(hv.numel() * hv.element_size())
-                t = buf.view(hv.dtype).view(hv.shape)
+            stream = self._streams.get(lane)
+            for m in range(n_micro):
+                buf, t = src.pop((i, m))
+                out = dst_pool.alloc(t.numel() * t.element_size())
+                moved = out.view(t.dtype).view(t.shape)
                 with torch.cuda.stream(stream) if stream is not None else _null():
-                    t.copy_(hv, non_blocking=stream is not None)
+                    moved.copy_(t, non_blocking=stream is not None)
                 if stream is not None:
                     stream.synchronize()
-                st.acts[(i, m)] = (buf, t)
-                self.cpu_pool.free(host)
+                dst[(i, m)] = (out, moved)
+                src_pool.free(buf)
 
         return run
 
