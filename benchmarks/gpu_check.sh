@@ -6,7 +6,7 @@
 #            carried in .gpu/uring/ into /usr/local (then csrc/io gets its io_uring engine)
 #   build    python setup.py build_ext --inplace (csrc/io, csrc/adam)
 #   tests    the CUDA tests: runtime on a GPU vs plain PyTorch, compiled Triton kernels, kvikio
-#   suite    the whole test suite with the GPU visible (CLI runs then default to --device cuda)
+#   suite    the whole test suite with the GPU visible (only when GPU_CHECK_STAGES names it)
 #   finetune the README's main job (`fuyou finetune`, llama-tiny on the bundled corpus) on the GPU,
 #            with a trace of its steps
 #   profile  fuyou probe, then an offloaded fine-tune of llama-1b (bf16 weights, fp8 states, bf16+rem
@@ -33,10 +33,14 @@ E2E_GPU_MEM=${E2E_GPU_MEM:-3GiB}
 E2E_STEPS=${E2E_STEPS:-3}
 E2E_WEIGHTS=${E2E_WEIGHTS:-bf16}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
-T_ENV=${T_ENV:-20} T_DEPS=${T_DEPS:-40} T_BUILD=${T_BUILD:-90} T_TESTS=${T_TESTS:-150} T_SUITE=${T_SUITE:-240}
-T_FT=${T_FT:-120} T_PROF=${T_PROF:-150} T_GEMM=${T_GEMM:-60} T_IO=${T_IO:-60} T_E2E=${T_E2E:-240}
+# Per-stage caps in seconds. The default stages took ~7.5 minutes in all on an H200 (2026-11-26).
+T_ENV=${T_ENV:-15} T_DEPS=${T_DEPS:-30} T_BUILD=${T_BUILD:-60} T_TESTS=${T_TESTS:-120} T_SUITE=${T_SUITE:-240}
+T_FT=${T_FT:-60} T_PROF=${T_PROF:-100} T_GEMM=${T_GEMM:-80} T_IO=${T_IO:-40} T_E2E=${T_E2E:-120}
 ALL_STAGES="env deps build tests finetune suite profile gemm io e2e"
-STAGES=${GPU_CHECK_STAGES:-$ALL_STAGES}
+# The default leaves out `suite` (the whole suite, ~3 min on 16 cores): `tests` already runs every
+# test whose behaviour changes with a GPU visible.
+DEFAULT_STAGES="env deps build tests finetune profile gemm io e2e"
+STAGES=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if ! command -v nvidia-smi >/dev/null 2>&1; then
@@ -44,14 +48,15 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
     DRY=1
 fi
 
-CUDA_TESTS="tests/runtime/test_cuda.py tests/kernels tests/store/test_gds.py"
+# The CUDA tests, and the CLI tests (their runs default to --device cuda where a GPU is visible).
+CUDA_TESTS="tests/runtime/test_cuda.py tests/kernels tests/store/test_gds.py tests/test_cli.py"
 declare -A LIMIT=([env]=$T_ENV [deps]=$T_DEPS [build]=$T_BUILD [tests]=$T_TESTS [suite]=$T_SUITE [finetune]=$T_FT [profile]=$T_PROF [gemm]=$T_GEMM [io]=$T_IO [e2e]=$T_E2E)
 declare -A DESC=(
     [env]="env: nvidia-smi, CPU, memory, disk, torch/triton versions"
     [deps]="deps: pip install --no-index --no-deps --target /tmp/fuyou-site .gpu/whl/*.whl; .gpu/uring -> /usr/local"
     [build]="build: python setup.py build_ext --inplace -j ${JOBS}"
     [tests]="tests: pytest ${CUDA_TESTS} (runtime on the GPU vs plain PyTorch, compiled Triton kernels, kvikio)"
-    [suite]="suite: pytest -n ${JOBS} tests (the whole suite, GPU visible)"
+    [suite]="suite: pytest -n ${JOBS} tests (the whole suite, GPU visible; not in the default stages)"
     [finetune]="finetune: python -m fuyou.cli finetune --trace (the default job, device cuda by default)"
     [profile]="profile: fuyou probe; fuyou finetune --model ${PROF_MODEL:-llama-1b} --weights bf16 --optim-states fp8 --master bf16+rem --disk-mode lean --trace; fuyou profile"
     [gemm]="gemm: benchmarks/bench_gemm.py --quick"
@@ -113,7 +118,7 @@ stage_profile() {
     local store="$PWD/.gpu-check-prof" model=${PROF_MODEL:-llama-1b}
     $PY -m fuyou.cli probe --store-dir "$PWD" --hidden 2048 --intermediate 5632 --heads 32 --out "$OUTDIR/probe.json" || return 1
     $PY -m fuyou.cli finetune --model "$model" --weights bf16 --optim-states fp8 --master bf16+rem --disk-mode lean \
-        --batch-size 8 --seq-len 512 --micro-batches 2 --steps "${PROF_STEPS:-3}" --store "$store" --overwrite --trace "$OUTDIR/profile"
+        --batch-size 8 --seq-len 512 --micro-batches 2 --steps "${PROF_STEPS:-2}" --store "$store" --overwrite --trace "$OUTDIR/profile"
     local rc=$?
     rm -rf "$store"
     [ $rc = 0 ] || return $rc

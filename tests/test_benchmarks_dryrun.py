@@ -14,7 +14,7 @@ from benchmarks import _common, bench_scale, bench_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-STAGES = ("env", "deps", "build", "tests", "suite", "gemm", "io", "e2e")
+STAGES = ("env", "deps", "build", "tests", "finetune", "profile", "gemm", "io", "e2e")  # the default ones
 
 
 def _path_without_nvidia_smi() -> str:
@@ -33,6 +33,17 @@ def test_gpu_check_dry_run_names_every_stage(args):
         assert f"  {stage}:" in proc.stdout, f"stage {stage} missing from:\n{proc.stdout}"
     assert "dry run" in proc.stdout
     assert "--gpu-mem 3GiB" in proc.stdout  # the e2e run offloads: budget below llama-1b's 4.4 GB of fp32 weights
+    assert "  suite:" not in proc.stdout  # the whole suite only when asked for
+
+
+def test_gpu_check_stage_selection():
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    env = dict(os.environ, PATH=_path_without_nvidia_smi(), GPU_CHECK_STAGES="build suite")
+    proc = subprocess.run(["bash", GPU_CHECK, "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = [ln.split(":")[0].strip() for ln in proc.stdout.splitlines() if ln.startswith("  ")]
+    assert listed == ["build", "suite"]
 
 
 def test_bench_scale_dry_run_prints_plan(tmp_path):
