@@ -66,6 +66,9 @@ class MemoryPlan:
     # micro-batch) go to host memory after their forward and come back just before their backward;
     # the other block inputs stay on the device.
     act_offload: int = 0
+    # Layers whose inputs are freed after their forward and recomputed in their backward from the
+    # previous layer's input, with that layer's weights (the next consumer's, already in its slot).
+    act_recompute: tuple = ()
 
     def offloaded_act_bytes(self) -> int:
         return self.act_offload * self.micro_batches * aligned_bytes(self.act_bytes)
@@ -79,7 +82,12 @@ class MemoryPlan:
         )
 
     def device_bytes(self) -> int:
-        on_device = self.n_acts - self.act_offload * self.micro_batches + min(self.act_offload, ACT_OFFLOAD_WINDOW) * self.micro_batches
+        on_device = (
+            self.n_acts
+            - (self.act_offload + len(self.act_recompute)) * self.micro_batches
+            + min(self.act_offload, ACT_OFFLOAD_WINDOW) * self.micro_batches
+            + (2 * self.micro_batches if self.act_recompute else 0)  # a dropped input in its forward; a recomputed one
+        )
         return self.device_slots * self.device_slot_bytes + on_device * aligned_bytes(self.act_bytes) + self.workspace_bytes + self.kept_bytes
 
     @property
@@ -203,10 +211,7 @@ def plan_memory(
         # last), as few as fit. Layers 1..L-2 can go (the last two stay for the backward to start).
         # When even that does not fit, the most offloaded plan names the smallest device budget.
         n_layers = n_blocks - 2
-        for k in range(1, max(n_layers - 1, 0)):
-            plan.act_offload = k
-            if plan.device_bytes() <= device_budget:
-                break
+        _place_block_inputs(plan, n_layers, device_budget, ram // 2 if auto_cpu else cpu_budget, copy)
         if auto_cpu:  # the host budget was not given: it includes the offloaded inputs
             cpu_budget = plan.cpu_budget_bytes = min(cpu_budget + plan.offloaded_act_bytes(), ram // 2)
     _check_minimum(plan)
@@ -222,6 +227,47 @@ def plan_memory(
     while copy and plan.device_slots < depth and plan.device_bytes() + dev_slot <= device_budget:
         plan.device_slots += 1
     return plan
+
+
+def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> None:
+    """Fit the block inputs into the device budget: offload the earliest layers' to the host (layers
+    1..L-2, as few as fit the device, while the host has room); if that is not enough, also drop
+    inputs of layers L-1, L-3, ... above the offloaded ones and recompute them in the backward from
+    the input below (that input stays, so every other one goes). Leaves the plan that needs the
+    least device memory when nothing fits."""
+    offloads = [0] + list(range(ACT_OFFLOAD_WINDOW, max(n_layers - 1, 0)))
+    slots = plan.weight_slots, plan.device_slots
+
+    def fits() -> bool:
+        return plan.device_bytes() <= device_budget and plan.cpu_bytes() <= host_budget
+
+    for k in offloads:
+        plan.act_offload, plan.act_recompute = k, ()
+        if fits():
+            return
+    for k in offloads:
+        droppable = [i for i in range(n_layers - 1, 1, -2) if i - 1 > k]
+        for j in range(1, len(droppable) + 1):
+            plan.act_offload, plan.act_recompute = k, tuple(sorted(droppable[:j]))
+            # The next consumer's weights must already be in their slot: two of each.
+            plan.weight_slots = max(slots[0], 2)
+            plan.device_slots = max(slots[1], 2) if copy else 0
+            if fits():
+                return
+    plan.weight_slots, plan.device_slots = slots
+    best = min(((k, tuple(sorted([i for i in range(n_layers - 1, 1, -2) if i - 1 > k]))) for k in offloads),
+               key=lambda kr: _device_need(plan, *kr))
+    plan.act_offload, plan.act_recompute = best
+    if plan.act_recompute:
+        plan.weight_slots, plan.device_slots = max(slots[0], 2), (max(slots[1], 2) if copy else 0)
+
+
+def _device_need(plan: MemoryPlan, offload: int, dropped: tuple) -> int:
+    saved = plan.act_offload, plan.act_recompute
+    plan.act_offload, plan.act_recompute = offload, dropped
+    need = plan.device_bytes()
+    plan.act_offload, plan.act_recompute = saved
+    return need
 
 
 def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
@@ -280,7 +326,8 @@ def _check_minimum(plan: MemoryPlan) -> None:
     if need_dev > plan.device_budget_bytes:
         raise BudgetError(
             f"--gpu-mem {format_bytes(plan.device_budget_bytes)} is too small: block inputs of every micro-batch "
-            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}, {plan.act_offload * plan.micro_batches} of them offloaded to the host), the compute workspace ({format_bytes(plan.workspace_bytes)}), "
+            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}, {plan.act_offload * plan.micro_batches} of them offloaded to the host, "
+            f"{len(plan.act_recompute) * plan.micro_batches} recomputed), the compute workspace ({format_bytes(plan.workspace_bytes)}), "
             f"kept activations ({format_bytes(plan.kept_bytes)}) and "
             f"{plan.device_slots} weight slot(s) need {format_bytes(need_dev)}; pass --gpu-mem {_round_up_mib(need_dev)} or more, "
             "or lower --batch-size / --seq-len / raise --micro-batches"

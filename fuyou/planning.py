@@ -26,8 +26,8 @@ from .stepgraph import assign_opt_slots, build_step_graph
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
 NOT_YET_IN_RUNTIME = (
-    ("activation placement", "block inputs go to host memory when the device budget needs it (the plan picks how many); offload to the SSD "
-     "and recomputing an input from the block before are not yet in the runtime"),
+    ("activation placement", "block inputs go to host memory, or are recomputed from the layer below, when the device budget needs it "
+     "(the plan picks); offload to the SSD is not yet in the runtime"),
 )
 
 # Rates used when `fuyou probe` has not been run: deliberately low (so a plan errs slow), from

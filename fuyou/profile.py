@@ -202,7 +202,9 @@ def graph_from_events(events: List[TraceEvent]):
     tied = head_read > blocks[head].weights_bytes and embed in blocks and head_read >= blocks[head].weights_bytes + blocks[embed].weights_bytes
     cons = [Consumer(p, b, (b, embed) if (p == "head" and tied) else (b,)) for p, b in cons_blocks]
     flops = [c.flops for c in comp]
-    has_h2d = any(e.kind == "h2d" for e in events)
+    act_out = [e for e in events if e.name.startswith("act_out")]  # offloaded block inputs
+    act_bytes = act_out[0].nbytes if act_out else 0
+    has_h2d = any(e.kind == "h2d" and not e.name.startswith("act_in") for e in events)
     best = None
     for total in range(2, 16):
         for w in range(1, total):
@@ -211,7 +213,8 @@ def graph_from_events(events: List[TraceEvent]):
                 if (has_h2d and not 1 <= d <= w) or (not has_h2d and w + o != total):
                     continue
                 owner = assign_opt_slots(cons, tied, o, embed)
-                g = build_step_graph(StepSpec(cons, blocks, w, d, o, owner, flops, cached=frozenset(cached)))
+                g = build_step_graph(StepSpec(cons, blocks, w, d, o, owner, flops, cached=frozenset(cached), act_offload=len(act_out),
+                                              act_block_bytes=act_bytes))
                 if _consistent(g, by_name):
                     best = (g, {"weight_slots": w, "device_slots": d, "opt_slots": o})
                     break

@@ -439,9 +439,15 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
         )
         for c in cons
     ]
+    # A layer whose input is recomputed also runs the forward of the layer below (block index i - 1,
+    # the i-1-th consumer) in its backward.
+    index = {c.block: i for i, c in enumerate(c for c in cons if c.phase == "fwd")}
+    for u, c in enumerate(cons):
+        if c.phase == "bwd" and index[c.block] in plan.act_recompute:
+            flops[u] += flops[index[c.block] - 1]
     return StepSpec(
         cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
-        act_offload=plan.act_offload, act_block_bytes=plan.micro_batches * plan.act_bytes,
+        act_offload=plan.act_offload, act_block_bytes=plan.micro_batches * plan.act_bytes, act_recompute=frozenset(plan.act_recompute),
     )
 
 

@@ -46,7 +46,7 @@ def run_consumer(rt: "Runtime", u: int, st: "_StepState") -> None:
         elif keep:
             _backward_keep(rt, u, index, st)
         else:
-            _backward(rt, index, st)
+            _backward(rt, u, index, st)
         if train and rt.device.type != "cpu":
             _copy_grads_to_host(rt, c, params, st)
     finally:
@@ -119,6 +119,9 @@ def _forward(rt, index: int, st) -> None:
         else:
             h = sk.layer_forward(index - 1, st.acts[(index, m)][1], st.kwargs[m])
         st.save(pool, (index + 1, m), h)
+        if index in rt.plan.act_recompute:  # the plan drops this input: its backward recomputes it
+            buf, _t = st.take((index, m))
+            pool.free(buf)
 
 
 def _forward_keep(rt, u: int, index: int, params, st) -> None:
@@ -155,7 +158,10 @@ def _head(rt, index: int, st) -> None:
         rt.dev_pool.free(buf)
 
 
-def _backward(rt, index: int, st) -> None:
+def _backward(rt, u: int, index: int, st) -> None:
+    if index in rt.plan.act_recompute:
+        _backward_from_below(rt, u, index, st)
+        return
     for m, mb in enumerate(st.mbs):
         if index == 0:
             h, _ = rt.sk.embed_forward(mb.input_ids, mb.attention_mask)
@@ -167,3 +173,21 @@ def _backward(rt, index: int, st) -> None:
         y.backward(st.dh[m])
         st.dh[m] = x.grad
         rt.dev_pool.free(buf)
+
+
+def _backward_from_below(rt, u: int, index: int, st) -> None:
+    """Backward of a layer whose input the forward dropped: recompute it from the layer below's
+    input with that layer's weights, which sit in the next consumer's slot (the step graph made
+    this compute wait for them), then backpropagate as usual."""
+    below = rt._weights(u + 1)
+    for m in range(len(st.mbs)):
+        rt.sk.attach(below, requires_grad=False)
+        try:
+            with torch.no_grad():
+                x = rt.sk.layer_forward(index - 2, st.acts[(index - 1, m)][1], st.kwargs[m])
+        finally:
+            rt.sk.detach(list(below))
+        x = x.detach().requires_grad_(True)
+        y = rt.sk.layer_forward(index - 1, x, st.kwargs[m])
+        y.backward(st.dh[m])
+        st.dh[m] = x.grad

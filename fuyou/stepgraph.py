@@ -34,6 +34,7 @@ class StepSpec:
     grad_slots: int = 2  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
     cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
     act_offload: int = 0  # inputs of layers 1..act_offload go to the host after their forward (see plan.py)
+    act_recompute: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see plan.py)
     act_block_bytes: int = 0  # one block's inputs, every micro-batch
 
 
@@ -98,14 +99,19 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     bodies = bodies or NoBodies()
     g = Graph()
     W, D, O = spec.weight_slots, spec.device_slots, spec.opt_slots
-    compute, ready, writes, optims = [], [], {}, {}
+    compute, ready, writes, optims = [], {}, {}, {}
     order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
     opt_free = _previous_holders(order, spec.opt_owner, O)  # freed by that block's write
     grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)  # freed by that block's optimizer
     # Block index (0 = embedding, 1..L = layers) of each block, for the offloaded inputs (i, m).
     index = {c.block: i for i, c in enumerate(c for c in spec.cons if c.phase == "fwd")}
     act_out, bwd_done = {}, {}
-    for u, c in enumerate(spec.cons):
+
+    def weights_ready(u: int):
+        """The task after which consumer u's weights sit in its slot (added once)."""
+        if u in ready:
+            return ready[u]
+        c = spec.cons[u]
         stage_bytes = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks)
         copied = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks if b in spec.cached)
         release = (ready[u - W] if D else compute[u - W]) if u >= W else None
@@ -114,9 +120,17 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
         if D:
             dev_free = compute[u - D] if u >= D else None
             read = g.add(f"h2d{u}:{c.block}", "h2d", "h2d", bodies.h2d(u), [read, dev_free], nbytes=stage_bytes, block=c.block)
-        ready.append(read)
+        ready[u] = read
+        return read
+
+    for u, c in enumerate(spec.cons):
+        read = weights_ready(u)
         deps = [read, compute[-1] if compute else None]
         i = index.get(c.block, -1)
+        if c.phase == "bwd" and i in spec.act_recompute:
+            # Its input is recomputed from the layer below, whose weights (the next consumer's) must
+            # be in their slot already (the plan keeps two slots then, so nothing waits on this compute).
+            deps.append(weights_ready(u + 1))
         if c.phase != "fwd":
             deps += [optims[grad_free[b]] for b in c.weight_blocks if b in grad_free]
         if c.phase == "fwd" and i - 2 in act_out:

@@ -48,3 +48,28 @@ def test_offload_takes_the_fewest_blocks_and_says_when_nothing_fits(tmp_path, mo
     # Layers 1..L-2 at most: 6 of 8, saving 3 blocks; one more than that cannot fit.
     with pytest.raises(BudgetError, match="12 of them offloaded to the host"):
         run_fuyou(ckpt, str(tmp_path / "none"), batches[:1], MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - 4 * MICRO * act, cache_mem_bytes=0))
+
+
+def test_recomputed_inputs_train_exactly_when_the_host_has_no_room(tmp_path):
+    """Large block inputs, a host budget with no room for them: the plan drops every other layer's
+    input (3, 5, 7 of 8) and the backward recomputes it from the layer below, whose weights the next
+    consumer's slot holds. Same losses and weights as plain PyTorch, smaller device peak."""
+    cfg = tiny_config("llama", num_hidden_layers=8)
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), cfg, tokenizer=False)
+    batches = random_batches(2, 8, 256, cfg.vocab_size, seed=5)
+    full, full_res = run_fuyou(ckpt, str(tmp_path / "full"), batches, MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
+    p = full.plan
+    assert p.act_bytes > p.stage_slot_bytes  # inputs weigh more than a block's weights here
+    host = 2 * p.stage_slot_bytes + p.opt_slot_bytes + p.grad_slot_bytes + 4096  # two weight slots, no inputs
+    budget = p.device_bytes() - MICRO * p.act_bytes
+    rt, results = run_fuyou(
+        ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)
+    )
+    assert (rt.plan.act_offload, rt.plan.act_recompute, rt.plan.weight_slots) == (0, (3, 5, 7), 2)
+    assert rt.dev_pool.peak_bytes <= budget and rt.dev_pool.peak_bytes < full.dev_pool.peak_bytes
+    assert [r.loss for r in results] == [r.loss for r in full_res]
+    ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
+    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    ref = dict(ref_model.named_parameters())
+    for name, value in store_master_weights(str(tmp_path / "store")).items():
+        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
