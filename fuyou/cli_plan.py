@@ -208,7 +208,7 @@ def render_plan(plan, console) -> None:
     from rich.table import Table
 
     from .memory import format_bytes
-    from .planning import NOT_YET_IN_RUNTIME, tier_bytes_per_step
+    from .planning import RULE_KNOBS, tier_bytes_per_step
     from .probe import rates_table
 
     cfg, res = plan.cfg, plan.result
@@ -258,10 +258,10 @@ def render_plan(plan, console) -> None:
     for k, v in rates_table(plan.rates).items():
         r.add_row(k, v)
     console.print(r)
-    n = Table(title="knobs not yet in the runtime (not searched)")
+    n = Table(title="knobs the memory plan sets by rule (not searched)")
     n.add_column("knob")
-    n.add_column("status")
-    for k, v in NOT_YET_IN_RUNTIME:
+    n.add_column("rule")
+    for k, v in RULE_KNOBS:
         n.add_row(k, v)
     console.print(n)
 

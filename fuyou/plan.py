@@ -66,12 +66,15 @@ class MemoryPlan:
     # micro-batch) go to host memory after their forward and come back just before their backward;
     # the other block inputs stay on the device.
     act_offload: int = 0
+    act_ssd: int = 0  # of those, layers 1..act_ssd go to scratch files in the store instead of host memory
     # Layers whose inputs are freed after their forward and recomputed in their backward from the
     # previous layer's input, with that layer's weights (the next consumer's, already in its slot).
     act_recompute: tuple = ()
 
     def offloaded_act_bytes(self) -> int:
-        return self.act_offload * self.micro_batches * aligned_bytes(self.act_bytes)
+        # Host-held inputs, plus a staging buffer each way for the ones on the SSD.
+        host = (self.act_offload - self.act_ssd) * self.micro_batches + (2 if self.act_ssd else 0)
+        return host * aligned_bytes(self.act_bytes)
 
     def cpu_bytes(self) -> int:
         return (
@@ -231,7 +234,8 @@ def plan_memory(
 
 def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> None:
     """Fit the block inputs into the device budget: offload the earliest layers' to the host (layers
-    1..L-2, as few as fit the device, while the host has room); if that is not enough, also drop
+    1..L-2, as few as fit the device), the earliest of those to the SSD when the host has no room
+    for them; if that is not enough, also drop
     inputs of layers L-1, L-3, ... above the offloaded ones and recompute them in the backward from
     the input below (that input stays, so every other one goes). Leaves the plan that needs the
     least device memory when nothing fits."""
@@ -241,14 +245,15 @@ def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, hos
     def fits() -> bool:
         return plan.device_bytes() <= device_budget and plan.cpu_bytes() <= host_budget
 
-    for k in offloads:
-        plan.act_offload, plan.act_recompute = k, ()
-        if fits():
-            return
+    for k in offloads:  # host memory first, then the earliest of them on the SSD
+        for ssd in range(0, k + 1):
+            plan.act_offload, plan.act_ssd, plan.act_recompute = k, ssd, ()
+            if fits():
+                return
     for k in offloads:
         droppable = [i for i in range(n_layers - 1, 1, -2) if i - 1 > k]
         for j in range(1, len(droppable) + 1):
-            plan.act_offload, plan.act_recompute = k, tuple(sorted(droppable[:j]))
+            plan.act_offload, plan.act_ssd, plan.act_recompute = k, k, tuple(sorted(droppable[:j]))
             # The next consumer's weights must already be in their slot: two of each.
             plan.weight_slots = max(slots[0], 2)
             plan.device_slots = max(slots[1], 2) if copy else 0
@@ -258,15 +263,16 @@ def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, hos
     best = min(((k, tuple(sorted([i for i in range(n_layers - 1, 1, -2) if i - 1 > k]))) for k in offloads),
                key=lambda kr: _device_need(plan, *kr))
     plan.act_offload, plan.act_recompute = best
+    plan.act_ssd = plan.act_offload
     if plan.act_recompute:
         plan.weight_slots, plan.device_slots = max(slots[0], 2), (max(slots[1], 2) if copy else 0)
 
 
 def _device_need(plan: MemoryPlan, offload: int, dropped: tuple) -> int:
-    saved = plan.act_offload, plan.act_recompute
-    plan.act_offload, plan.act_recompute = offload, dropped
+    saved = plan.act_offload, plan.act_ssd, plan.act_recompute
+    plan.act_offload, plan.act_ssd, plan.act_recompute = offload, offload, dropped
     need = plan.device_bytes()
-    plan.act_offload, plan.act_recompute = saved
+    plan.act_offload, plan.act_ssd, plan.act_recompute = saved
     return need
 
 
@@ -326,7 +332,7 @@ def _check_minimum(plan: MemoryPlan) -> None:
     if need_dev > plan.device_budget_bytes:
         raise BudgetError(
             f"--gpu-mem {format_bytes(plan.device_budget_bytes)} is too small: block inputs of every micro-batch "
-            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}, {plan.act_offload * plan.micro_batches} of them offloaded to the host, "
+            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}, {plan.act_offload * plan.micro_batches} of them offloaded ({plan.act_ssd * plan.micro_batches} to the SSD), "
             f"{len(plan.act_recompute) * plan.micro_batches} recomputed), the compute workspace ({format_bytes(plan.workspace_bytes)}), "
             f"kept activations ({format_bytes(plan.kept_bytes)}) and "
             f"{plan.device_slots} weight slot(s) need {format_bytes(need_dev)}; pass --gpu-mem {_round_up_mib(need_dev)} or more, "

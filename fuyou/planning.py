@@ -25,9 +25,11 @@ from .stepgraph import assign_opt_slots, build_step_graph
 
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
-NOT_YET_IN_RUNTIME = (
-    ("activation placement", "block inputs go to host memory, or are recomputed from the layer below, when the device budget needs it "
-     "(the plan picks); offload to the SSD is not yet in the runtime"),
+# Knobs the memory plan sets by rule from the budgets, for every candidate alike (not searched).
+RULE_KNOBS = (
+    ("activation placement", "block inputs stay on the device; when they do not fit, the earliest layers' go to host memory, then to the "
+     "SSD when the host is full, then every other upper layer's is recomputed from the layer below"),
+    ("block cache", "whole blocks in forward order while they fit --cache-mem"),
 )
 
 # Rates used when `fuyou probe` has not been run: deliberately low (so a plan errs slow), from

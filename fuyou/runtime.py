@@ -16,6 +16,8 @@ task that last used its slot has finished.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -32,7 +34,7 @@ from .model.skeleton import EMBED, Skeleton, count_targets
 from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights, set_weight_shape_
 from .plan import Consumer, cache_entry_bytes, compute_dtype_for, model_consumers, opt_region_offsets, plan_for_model
 from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_redo_graph, build_step_graph, consumer_flops
-from .store.directio import aligned_bytes
+from .store.directio import DirectFile, aligned_bytes
 from .store.store import Store
 
 LANES = {"read": 1, "write": 1, "h2d": 1, "d2h": 1, "compute": 1, "optim": 1, "commit": 1}
@@ -110,6 +112,14 @@ class Runtime:
         self.cache_pool = Pool("cache", p.cache_bytes, torch.device("cpu"))
         self.cache = {b: self.cache_pool.alloc(cache_entry_bytes(store, b)) for b in p.cache_blocks}
         self._cache_ver: Dict[str, Dict[str, int]] = {b: {} for b in p.cache_blocks}
+        # Block inputs offloaded to the SSD: scratch files beside the blocks (leftovers of a killed
+        # run removed), staged through pinned host buffers on a GPU.
+        self._scratch = os.path.join(store.root, "scratch")
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        if p.act_ssd:
+            os.makedirs(self._scratch)
+        stage_acts = p.act_ssd and self.device.type != "cpu"
+        self._act_staging = [self.cpu_pool.alloc(aligned_bytes(p.act_bytes)) for _ in range(2)] if stage_acts else []
         skeleton.move_buffers(self.device)
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
@@ -358,12 +368,48 @@ class Runtime:
         return run
 
     def _act_out_fn(self, i: int, st: "_StepState"):
-        """Layer i's saved inputs (every micro-batch) to host buffers; their device buffers freed."""
+        """Layer i's saved inputs (every micro-batch) to host buffers or scratch files; their device buffers freed."""
+        if i <= self.plan.act_ssd:
+            return self._act_file_fn(i, st, "w")
         return self._act_move_fn(i, st.acts, st.host_acts, self.dev_pool, self.cpu_pool, "d2h", len(st.mbs))
 
     def _act_in_fn(self, i: int, st: "_StepState"):
-        """Layer i's inputs back from the host into device buffers, for its backward."""
+        """Layer i's inputs back into device buffers, for its backward."""
+        if i <= self.plan.act_ssd:
+            return self._act_file_fn(i, st, "r")
         return self._act_move_fn(i, st.host_acts, st.acts, self.cpu_pool, self.dev_pool, "h2d", len(st.mbs))
+
+    def _act_file_fn(self, i: int, st: "_StepState", mode: str):
+        """Offloaded inputs to ("w") or from ("r") scratch files beside the store's blocks (O_DIRECT,
+        no fsync: they live for one step). On a GPU they pass through a pinned staging buffer."""
+
+        def run():
+            staging = self._act_staging[0 if mode == "w" else 1] if self._act_staging else None
+            for m in range(len(st.mbs)):
+                path = os.path.join(self._scratch, f"act.{i}.{m}.bin")
+                if mode == "w":
+                    buf, t = st.acts.pop((i, m))
+                    nbytes = t.numel() * t.element_size()
+                    src = buf
+                    if staging is not None:
+                        staging[:nbytes].view(t.dtype).view(t.shape).copy_(t)
+                        src = staging
+                    with DirectFile(path, "w", self.store.backend) as f:
+                        f.pwrite(src, size=nbytes).get()
+                    st.ssd_acts[(i, m)] = (path, t.dtype, t.shape, nbytes)
+                    self.dev_pool.free(buf)
+                else:
+                    path, dtype, shape, nbytes = st.ssd_acts.pop((i, m))
+                    buf = self.dev_pool.alloc(nbytes)
+                    with DirectFile(path, "r", self.store.backend) as f:
+                        f.pread(staging if staging is not None else buf, size=nbytes).get()
+                    t = buf.view(dtype).view(shape)
+                    if staging is not None:
+                        t.copy_(staging[:nbytes].view(dtype).view(shape))
+                    os.unlink(path)
+                    st.acts[(i, m)] = (buf, t)
+
+        return run
 
     def _act_move_fn(self, i: int, src: dict, dst: dict, src_pool: Pool, dst_pool: Pool, lane: str, n_micro: int):
         def run():
@@ -448,6 +494,7 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     return StepSpec(
         cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
         act_offload=plan.act_offload, act_block_bytes=plan.micro_batches * plan.act_bytes, act_recompute=frozenset(plan.act_recompute),
+        act_ssd=plan.act_ssd,
     )
 
 
@@ -463,6 +510,7 @@ class _StepState:
         self.kwargs: Dict[int, dict] = {}
         self.acts: Dict[tuple, tuple] = {}  # (block index, micro-batch) -> (pool buffer, tensor)
         self.host_acts: Dict[tuple, tuple] = {}  # the offloaded ones: (host pool buffer, tensor)
+        self.ssd_acts: Dict[tuple, tuple] = {}  # those in scratch files: (path, dtype, shape, bytes)
         self.dh: Dict[int, torch.Tensor] = {}
         self.graphs: Dict[tuple, tuple] = {}  # kept forward: (block, micro-batch) -> (input, output)
         self.refs: Dict[int, object] = {}  # kept forward: block -> its saved-weight hooks
@@ -500,6 +548,10 @@ class _StepState:
         for buf, _t in self.host_acts.values():
             host_pool.free(buf)
         self.host_acts.clear()
+        for path, *_rest in self.ssd_acts.values():
+            if os.path.exists(path):
+                os.unlink(path)
+        self.ssd_acts.clear()
         self.graphs.clear()
         self.refs.clear()
         self.fwd_params.clear()

@@ -35,6 +35,7 @@ class StepSpec:
     cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
     act_offload: int = 0  # inputs of layers 1..act_offload go to the host after their forward (see plan.py)
     act_recompute: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see plan.py)
+    act_ssd: int = 0  # offloaded inputs of layers 1..act_ssd go to the store's disk, not host memory
     act_block_bytes: int = 0  # one block's inputs, every micro-batch
 
 
@@ -137,11 +138,13 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
             deps.append(act_out[i - 2])  # at most three offloaded inputs on the device in the forward
         if c.phase == "bwd" and 1 <= i <= spec.act_offload:
             # Back just before the backward that needs it, once the one two blocks later has freed its own.
-            back = g.add(f"act_in{i}:{c.block}", "h2d", "h2d", bodies.act_in(i), [act_out[i], bwd_done.get(i + 2)], nbytes=spec.act_block_bytes, block=c.block)
+            lane = "read" if i <= spec.act_ssd else "h2d"
+            back = g.add(f"act_in{i}:{c.block}", lane, lane, bodies.act_in(i), [act_out[i], bwd_done.get(i + 2)], nbytes=spec.act_block_bytes, block=c.block)
             deps.append(back)
         compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", bodies.compute(u), deps, flops=spec.flops[u], block=c.block, phase=c.phase))
         if c.phase == "fwd" and 1 <= i <= spec.act_offload:
-            act_out[i] = g.add(f"act_out{i}:{c.block}", "d2h", "d2h", bodies.act_out(i), [compute[-1]], nbytes=spec.act_block_bytes, block=c.block)
+            lane = "write" if i <= spec.act_ssd else "d2h"
+            act_out[i] = g.add(f"act_out{i}:{c.block}", lane, lane, bodies.act_out(i), [compute[-1]], nbytes=spec.act_block_bytes, block=c.block)
         if c.phase == "bwd":
             bwd_done[i] = compute[-1]
         if c.phase != "fwd" and spec.blocks[c.block].numel:

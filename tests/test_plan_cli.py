@@ -17,7 +17,7 @@ def test_plan_70b_without_weights(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "llama-70b (70.554 B params" in out and "chosen plan" in out and "predicted step" in out
-    assert "conservative defaults for cuda" in out and "not yet in the runtime" in out
+    assert "conservative defaults for cuda" in out and "sets by rule" in out
     assert "fuyou finetune --model llama-70b" in out
 
 

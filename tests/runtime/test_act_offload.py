@@ -1,6 +1,8 @@
 """Activation placement: with a device budget too small for every block input, the earliest layers'
 inputs go to host memory after their forward and come back before their backward; training is
 unchanged (fp32 mode vs plain PyTorch) and the device pool stays within the smaller budget."""
+import os
+
 import pytest
 import torch
 
@@ -46,7 +48,7 @@ def test_offload_takes_the_fewest_blocks_and_says_when_nothing_fits(tmp_path, mo
     rt, _ = run_fuyou(ckpt, str(tmp_path / "one"), batches[:1], MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - MICRO * act, cache_mem_bytes=0))
     assert rt.plan.act_offload == 4  # 3 blocks in flight + 1 saved = one block's worth
     # Layers 1..L-2 at most: 6 of 8, saving 3 blocks; one more than that cannot fit.
-    with pytest.raises(BudgetError, match="12 of them offloaded to the host"):
+    with pytest.raises(BudgetError, match=r"12 of them offloaded \(12 to the SSD\)"):
         run_fuyou(ckpt, str(tmp_path / "none"), batches[:1], MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - 4 * MICRO * act, cache_mem_bytes=0))
 
 
@@ -70,6 +72,29 @@ def test_recomputed_inputs_train_exactly_when_the_host_has_no_room(tmp_path):
     assert [r.loss for r in results] == [r.loss for r in full_res]
     ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
     torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    ref = dict(ref_model.named_parameters())
+    for name, value in store_master_weights(str(tmp_path / "store")).items():
+        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_inputs_offloaded_to_the_ssd_when_the_host_is_full(tmp_path, model):
+    """A host budget with room for the slots and two staging buffers only: the offloaded inputs go
+    to scratch files beside the store's blocks (write lane out, read lane back), removed once read."""
+    ckpt, batches = model
+    full, full_res = run_fuyou(ckpt, str(tmp_path / "full"), batches, MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
+    p = full.plan
+    host = p.stage_slot_bytes + p.opt_slot_bytes + p.grad_slot_bytes + 2 * p.act_bytes
+    budget = p.device_bytes() - 2 * MICRO * p.act_bytes
+    rt, results = run_fuyou(
+        ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)
+    )
+    assert rt.plan.act_offload == 5 and rt.plan.act_ssd == 5 and rt.plan.act_recompute == ()
+    assert rt.dev_pool.peak_bytes <= budget and rt.cpu_pool.peak_bytes <= host
+    lanes = {e.name.split(":")[0]: e.lane for e in results[-1].events if e.name.startswith("act_")}
+    assert lanes == {**{f"act_out{i}": "write" for i in range(1, 6)}, **{f"act_in{i}": "read" for i in range(1, 6)}}
+    assert os.listdir(os.path.join(str(tmp_path / "store"), "scratch")) == []  # every scratch file read back and removed
+    assert [r.loss for r in results] == [r.loss for r in full_res]
+    ref_model, _ = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
     ref = dict(ref_model.named_parameters())
     for name, value in store_master_weights(str(tmp_path / "store")).items():
         torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
