@@ -122,3 +122,17 @@ def store_master_weights(store_path: str) -> dict:
         for name, parts in lay.views(buf).items():
             out[name] = decode_master(store.state_cfg, parts).clone()
     return out
+
+
+def assert_trains_like_pytorch(store_path: str, ckpt: str, batches, micro_batches: int, results, *, device="cpu", max_grad_norm=None,
+                               rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """fuyou's step losses and the store's final master weights equal plain PyTorch's (reference_train
+    with LR/WD on `device`), element-wise within rtol/atol; and training moved the weights."""
+    ref_model, ref_losses = reference_train(ckpt, batches, micro_batches, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm, device=device)
+    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=rtol, atol=atol)
+    ref = dict(ref_model.named_parameters())
+    got = store_master_weights(store_path)
+    assert got, "the store holds no master weights"
+    for name, value in got.items():
+        torch.testing.assert_close(value, ref[name].detach().cpu().reshape(-1), rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    assert results[-1].loss != results[0].loss

@@ -4,11 +4,10 @@ unchanged (fp32 mode vs plain PyTorch) and the device pool stays within the smal
 import os
 
 import pytest
-import torch
 
 from fuyou.config import MemoryConfig
 from fuyou.plan import BudgetError
-from tests.helpers import LR, WD, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
+from tests.helpers import assert_trains_like_pytorch, random_batches, run_fuyou, save_checkpoint, tiny_config
 
 RTOL, ATOL = 1e-5, 1e-6
 MICRO = 2
@@ -33,11 +32,7 @@ def test_offloaded_inputs_train_exactly_within_the_smaller_budget(tmp_path, mode
     names = {e.name.split(":")[0]: e.lane for e in results[-1].events if e.name.startswith("act_")}
     assert names == {**{f"act_out{i}": "d2h" for i in range(1, rt.plan.act_offload + 1)}, **{f"act_in{i}": "h2d" for i in range(1, rt.plan.act_offload + 1)}}
     assert [r.loss for r in results] == [r.loss for r in full_res]  # the same bytes come back
-    ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
-    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    ref = dict(ref_model.named_parameters())
-    for name, value in store_master_weights(str(tmp_path / "store")).items():
-        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, rtol=RTOL, atol=ATOL)
 
 
 def test_offload_takes_the_fewest_blocks_and_says_when_nothing_fits(tmp_path, model):
@@ -70,11 +65,7 @@ def test_recomputed_inputs_train_exactly_when_the_host_has_no_room(tmp_path):
     assert (rt.plan.act_offload, rt.plan.act_recompute, rt.plan.weight_slots) == (0, (3, 5, 7), 2)
     assert rt.dev_pool.peak_bytes <= budget and rt.dev_pool.peak_bytes < full.dev_pool.peak_bytes
     assert [r.loss for r in results] == [r.loss for r in full_res]
-    ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
-    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    ref = dict(ref_model.named_parameters())
-    for name, value in store_master_weights(str(tmp_path / "store")).items():
-        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, rtol=RTOL, atol=ATOL)
 
 
 def test_inputs_offloaded_to_the_ssd_when_the_host_is_full(tmp_path, model):
@@ -94,7 +85,4 @@ def test_inputs_offloaded_to_the_ssd_when_the_host_is_full(tmp_path, model):
     assert lanes == {**{f"act_out{i}": "write" for i in range(1, 6)}, **{f"act_in{i}": "read" for i in range(1, 6)}}
     assert os.listdir(os.path.join(str(tmp_path / "store"), "scratch")) == []  # every scratch file read back and removed
     assert [r.loss for r in results] == [r.loss for r in full_res]
-    ref_model, _ = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
-    ref = dict(ref_model.named_parameters())
-    for name, value in store_master_weights(str(tmp_path / "store")).items():
-        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, rtol=RTOL, atol=ATOL)

@@ -6,18 +6,14 @@ import torch
 from fuyou.config import MemoryConfig
 from fuyou.plan import cache_entry_bytes
 from fuyou.store.store import open_store
-from tests.helpers import LR, WD, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
+from tests.helpers import LR, WD, assert_trains_like_pytorch, random_batches, run_fuyou, save_checkpoint, tiny_config
 
 RTOL, ATOL = 1e-5, 1e-6
 STEPS, BATCH, SEQ, MICRO = 4, 4, 16, 2
 
 
 def _exact(tmp_path, ckpt, batches, results, max_grad_norm=None):
-    ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
-    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    ref = dict(ref_model.named_parameters())
-    for name, value in store_master_weights(str(tmp_path / "store")).items():
-        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, max_grad_norm=max_grad_norm, rtol=RTOL, atol=ATOL)
 
 
 def _setup(tmp_path, **overrides):

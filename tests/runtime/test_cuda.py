@@ -8,7 +8,7 @@ import torch
 
 from fuyou.config import MemoryConfig
 from fuyou.optim.state import StateConfig
-from tests.helpers import LR, WD, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
+from tests.helpers import LR, WD, assert_trains_like_pytorch, random_batches, reference_train, run_fuyou, save_checkpoint, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,14 +27,7 @@ def _no_tf32():
 
 
 def _assert_matches_reference(tmp_path, ckpt, batches, results):
-    ref_model, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD, device="cuda")
-    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    ref = dict(ref_model.named_parameters())
-    got = store_master_weights(str(tmp_path / "store"))
-    assert got, "the store holds no master weights"
-    for name, value in got.items():
-        torch.testing.assert_close(value, ref[name].detach().cpu().reshape(-1), rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
-    assert results[-1].loss != results[0].loss
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, device="cuda", rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("recompute", ["never", "always"])
