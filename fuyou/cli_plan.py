@@ -170,7 +170,13 @@ def _probe(args) -> int:
     for k, v in rates_table(rates).items():
         t.add_row(k, v)
     t.add_row("plain GEMM (reference)", f"{details['matmul_flops'] / 1e12:.3f} TFLOP/s")
+    from .store.backends import default_backend_name
+
+    for name, r in details.get("storage_by_backend", {}).items():
+        rate = r.get("error") or f"read {r['read_Bps'] / 1e9:.2f} / write {r['write_Bps'] / 1e9:.2f} GB/s"
+        t.add_row(f"{name} backend (alone)" + (" *" if name == default_backend_name() else ""), rate)
     console.print(t)
+    console.print("* the default I/O backend: the storage rates above are its, probed with a decoder layer computing")
     console.print(f"saved to {path}")
     return 0
 

@@ -100,9 +100,10 @@ def _commit_like(directory: str) -> None:
         os.close(fd)
 
 
-def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3, background: Optional[Callable[[], None]] = None) -> dict:
-    """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does;
-    `background` runs meanwhile (see _Busy)."""
+def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3, background: Optional[Callable[[], None]] = None,
+                  backend: Optional[str] = None) -> dict:
+    """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does,
+    through the I/O `backend` (None: the default one); `background` runs meanwhile (see _Busy)."""
     from .store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
 
     if total_bytes < files * ALIGN:
@@ -119,24 +120,24 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
 
         def write_all():
             for p in paths:
-                with DirectFile(p, "w") as f:
+                with DirectFile(p, "w", backend) as f:
                     f.pwrite(buf).get()
                     f.fsync()
 
         def read_all():
             for p in paths:
-                with DirectFile(p, "r") as f:
+                with DirectFile(p, "r", backend) as f:
                     f.pread(buf).get()
 
         def write_small():
             for p in paths:
-                with DirectFile(p + ".s", "w") as f:
+                with DirectFile(p + ".s", "w", backend) as f:
                     f.pwrite(small).get()
                     f.fsync()
 
         def read_small():
             for p in paths:
-                with DirectFile(p + ".s", "r") as f:
+                with DirectFile(p + ".s", "r", backend) as f:
                     f.pread(small).get()
 
         with _Busy(background):
@@ -171,6 +172,24 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
 
 
 # -- copies --------------------------------------------------------------------------------------
+def probe_backends(store_dir: str, total_bytes: int, log: Callable[[str], None] = lambda _s: None) -> Dict[str, dict]:
+    """Read and write GB/s of every I/O backend that can run here, one after another with nothing
+    else running (the plan's storage rates are the default backend's, probed under load)."""
+    from .store import backends
+
+    backends.get_backend()  # registers the optional backends
+    out = {}
+    for name in backends.available_backends():
+        log(f"storage through the {name} backend ...")
+        try:
+            r = probe_storage(store_dir, total_bytes, repeats=2, backend=name)
+        except (OSError, RuntimeError) as exc:  # a backend that cannot do I/O on this disk
+            out[name] = {"error": str(exc)[:200]}
+            continue
+        out[name] = {"read_Bps": r["read_Bps"], "write_Bps": r["write_Bps"]}
+    return out
+
+
 def probe_copies(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> dict:
     """h2d/d2h bandwidth, and the host memory copy rate (reads served by the block cache)."""
     return {"copy_Bps": _host_copy_Bps(nbytes, repeats), **_device_copies(device, nbytes, repeats)}
@@ -415,6 +434,7 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
     try:
         log(f"storage (DirectFile, O_DIRECT, fsync per file){what} ...")
         disk = probe_storage(store_dir, file_bytes, background=bg_compute)
+        by_backend = probe_backends(store_dir, file_bytes, log)
         log("host/device copies ...")
         copies = probe_copies(device, min(256 << 20, max(file_bytes, 1 << 20)))
         log("compute (one decoder layer, forward + recompute + backward)" + (" with storage busy meanwhile" if loaded else "") + " ...")
@@ -434,7 +454,7 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
         latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
         commit_file_s=disk["unlink_file_s"],
     )
-    details = {"loaded": loaded, "storage": disk, "copies": copies, "compute": comp, "matmul_flops": mm, "optim_params_per_s": opt}
+    details = {"loaded": loaded, "storage": disk, "storage_by_backend": by_backend, "copies": copies, "compute": comp, "matmul_flops": mm, "optim_params_per_s": opt}
     return rates, details
 
 

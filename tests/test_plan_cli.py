@@ -67,6 +67,8 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     assert doc["machine"]["device"] == "cpu" and doc["rates"]["read_Bps"] > 0 and doc["rates"]["compute_flops"] > 0
     assert set(doc["rates"]["optim_by_codec"]) == {"bf16/bf16+rem", "fp8/bf16+rem", "de8/bf16+rem"}
     assert doc["rates"]["copy_Bps"] > 0
+    by_backend = doc["details"]["storage_by_backend"]
+    assert "python" in by_backend and all(r["read_Bps"] > 0 and r["write_Bps"] > 0 for r in by_backend.values())
     assert [p.name for p in tmp_path.iterdir()] == ["cfg"]  # the probe's files are gone
     capsys.readouterr()
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
