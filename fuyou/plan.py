@@ -260,8 +260,8 @@ def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, hos
             if fits():
                 return
     plan.weight_slots, plan.device_slots = slots
-    best = min(((k, tuple(sorted([i for i in range(n_layers - 1, 1, -2) if i - 1 > k]))) for k in offloads),
-               key=lambda kr: _device_need(plan, *kr))
+    options = [(k, dropped) for k in offloads for dropped in ((), tuple(sorted(i for i in range(n_layers - 1, 1, -2) if i - 1 > k)))]
+    best = min(options, key=lambda kr: _device_need(plan, *kr))
     plan.act_offload, plan.act_recompute = best
     plan.act_ssd = plan.act_offload
     if plan.act_recompute:

@@ -86,3 +86,15 @@ def test_inputs_offloaded_to_the_ssd_when_the_host_is_full(tmp_path, model):
     assert os.listdir(os.path.join(str(tmp_path / "store"), "scratch")) == []  # every scratch file read back and removed
     assert [r.loss for r in results] == [r.loss for r in full_res]
     assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, rtol=RTOL, atol=ATOL)
+
+
+def test_a_model_too_shallow_to_place_names_its_full_need(tmp_path):
+    """Three layers: nothing can be offloaded or dropped with a gain, so a short budget is refused
+    with the plain plan's need (not one made larger by a useless recompute)."""
+    cfg = tiny_config("llama", num_hidden_layers=3)
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), cfg, tokenizer=False)
+    batches = random_batches(1, 4, 16, cfg.vocab_size, seed=5)
+    full, _ = run_fuyou(ckpt, str(tmp_path / "full"), batches, MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
+    need = full.plan.device_bytes()
+    with pytest.raises(BudgetError, match=rf"0 recomputed\).* need {need // 1024}\.00 KiB"):
+        run_fuyou(ckpt, str(tmp_path / "s"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - 4096, cache_mem_bytes=0))
