@@ -100,6 +100,8 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     bodies = bodies or NoBodies()
     g = Graph()
     W, D, O = spec.weight_slots, spec.device_slots, spec.opt_slots
+    if spec.act_recompute and (W < 2 or D == 1):
+        raise ValueError("recomputed block inputs need two weight slots (and two device slots when there are any)")
     compute, ready, writes, optims = [], {}, {}, {}
     order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
     opt_free = _previous_holders(order, spec.opt_owner, O)  # freed by that block's write
@@ -141,7 +143,8 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
             lane = "read" if i <= spec.act_ssd else "h2d"
             back = g.add(f"act_in{i}:{c.block}", lane, lane, bodies.act_in(i), [act_out[i], bwd_done.get(i + 2)], nbytes=spec.act_block_bytes, block=c.block)
             deps.append(back)
-        compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", bodies.compute(u), deps, flops=spec.flops[u], block=c.block, phase=c.phase))
+        extra = {"from_below": True} if c.phase == "bwd" and i in spec.act_recompute else {}  # kept in the trace for the profiler
+        compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", bodies.compute(u), deps, flops=spec.flops[u], block=c.block, phase=c.phase, **extra))
         if c.phase == "fwd" and 1 <= i <= spec.act_offload:
             lane = "write" if i <= spec.act_ssd else "d2h"
             act_out[i] = g.add(f"act_out{i}:{c.block}", lane, lane, bodies.act_out(i), [compute[-1]], nbytes=spec.act_block_bytes, block=c.block)
