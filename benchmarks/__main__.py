@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import REPO_ROOT, RESULTS_DIR, SHARED_NOTE, machine_info, machine_line, markdown_table, run_python  # noqa: E402
+from benchmarks._common import REPO_ROOT, RESULTS_DIR, SHARED_NOTE, machine_info, machine_line, markdown_table, run_python, write_report  # noqa: E402
 
 BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
 OTHER_SCRIPTS = ("bench_io.py", "bench_store.py", "bench_adam.py", "bench_gemm.py", "bench_predict.py")
@@ -132,11 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 sections += [f"## {name} --quick", "", _demote(out) or st, ""]
     sections[5:5] = ["## Runs", "", markdown_table(["benchmark", "status"], status), ""]
     text = "\n".join(sections) + "\n"
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_report(text, a.out)
     return 0
 
 

@@ -93,6 +93,15 @@ def ratio(value: Optional[float], base: Optional[float]) -> str:
     return f"{value / base:.2f}x"
 
 
+def write_report(text: str, out: Optional[str]) -> None:
+    """Print a benchmark's report and, when `out` is given, write it there (folders created)."""
+    print(text)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub Markdown table; cells are str()-ed and '|' escaped."""
 

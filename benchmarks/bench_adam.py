@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks._common import write_report  # noqa: E402
+
 from fuyou.optim import KINDS, StateConfig, fused, init_state_, state_layout  # noqa: E402
 
 CODECS = [  # (label, StateConfig)
@@ -193,11 +195,7 @@ def main():
     if args.reps < 3:
         raise SystemExit("--reps must be at least 3 (medians of a few runs, never one)")
     text = report(args, *bench(args))
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

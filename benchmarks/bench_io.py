@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks._common import cpu_model  # noqa: E402
+from benchmarks._common import cpu_model, write_report  # noqa: E402
 from fuyou.store import DirectFile, aligned_empty  # noqa: E402
 from fuyou.store.backends import PythonBackend  # noqa: E402
 from fuyou.store import engine as fy_engine  # noqa: E402
@@ -297,11 +297,7 @@ def main(argv=None) -> int:
                f"- command: python benchmarks/bench_io.py {' '.join(argv if argv is not None else sys.argv[1:])}"]
     report += [f"- note: {n}" for n in notes] + [""] + format_tables(results, runners, points)
     text = "\n".join(report) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
     return 0
 
 

@@ -33,6 +33,7 @@ from benchmarks._common import (  # noqa: E402
     peak_rss_bytes,
     ram_bytes,
     run_python,
+    write_report,
 )
 
 BYTES_PER_PARAM = {"fp32": 16, "bf16": 14}  # weights + fp32 master + exp_avg + exp_avg_sq
@@ -356,11 +357,8 @@ def main(argv=None) -> int:
         if not a.keep_store:
             shutil.rmtree(a.store, ignore_errors=True)
     text = render(a, p, r, info)
-    print(text)
+    write_report(text, a.out)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
         with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
             json.dump({"machine": info, "plan": p, "result": r}, f, indent=1)
     return 0

@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +34,7 @@ from benchmarks._common import (  # noqa: E402
     median,
     peak_rss_bytes,
     run_python,
+    write_report,
 )
 
 TRAINERS = ("plain", "deepspeed", "fuyou")
@@ -478,11 +479,8 @@ def main(argv=None) -> int:
     finally:
         if own_scratch:
             shutil.rmtree(a.scratch, ignore_errors=True)
-    print(text)
+    write_report(text, a.out)
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
         with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
             json.dump({"machine": info, "args": {k: v for k, v in vars(a).items() if k not in ("worker", "result")}, "results": results}, f, indent=1)
     return 0

@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import RESULTS_DIR, SHARED_NOTE, machine_info, machine_line, markdown_table, median  # noqa: E402
+from benchmarks._common import RESULTS_DIR, SHARED_NOTE, machine_info, machine_line, markdown_table, median, write_report  # noqa: E402
 
 
 def make_store(root: str, numel: int):
@@ -128,11 +128,7 @@ def main(argv=None) -> int:
         markdown_table(["op", "method", "GB/s", "vs raw"], rows),
         "",
     ])
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(a.out), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text)
+    write_report(text, a.out)
     return 0
 
 

@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks._common import write_report  # noqa: E402
+
 from fuyou.optim.codecs import (  # noqa: E402
     E4M3_MAX,
     FP8_GROUP,
@@ -134,11 +136,7 @@ def main():
     if any(s > args.steps or s < 1 for s in args.checkpoints):
         raise SystemExit("--checkpoints must lie in 1..--steps")
     text = report(args, *measure(args))
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":
