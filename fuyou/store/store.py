@@ -31,7 +31,7 @@ import torch
 
 from ..optim.state import KINDS, PartSpec, StateConfig, state_layout
 from ..faults import crash_point
-from .directio import DirectFile, IOFuture, aligned_bytes
+from .directio import DirectFile, aligned_bytes
 
 FORMAT = "fuyou-store"
 FORMAT_VERSION = 1
@@ -178,8 +178,9 @@ class Store:
             return self.layouts[block].numel * 4
         return self.layouts[block].kinds[kind].nbytes
 
-    def read(self, block: str, kind: str, into: torch.Tensor, version: Optional[int] = None) -> IOFuture:
-        """Read the live (or given) version of (block, kind) into `into`, verifying its checksum."""
+    def read(self, block: str, kind: str, into: torch.Tensor, version: Optional[int] = None) -> int:
+        """Read the live (or given) version of (block, kind) into `into`, verifying its checksum;
+        returns the bytes read (the read is complete)."""
         nbytes = self.kind_nbytes(block, kind)
         v = self.version(block, kind) if version is None else version
         path = self.file_path(block, kind, v)
@@ -191,15 +192,22 @@ class Store:
             pieces = [(off, min(READ_PIECE_BYTES, nbytes - off)) for off in range(0, nbytes, READ_PIECE_BYTES)]
             futs = [f.pread(into[off:], size=n, file_offset=off) for off, n in pieces]
             # DirectFile closes its fd on exit, so wait here: the caller runs this on an I/O lane.
-            for (off, n), fut in zip(pieces, futs):
-                fut.get()
-                if check:
-                    crc = _crc(into[off:], n, crc)
+            try:
+                for (off, n), fut in zip(pieces, futs):
+                    fut.get()
+                    if check:
+                        crc = _crc(into[off:], n, crc)
+            finally:  # a failed piece: the others still finish before the fd closes and `into` is given back
+                for fut in futs:
+                    try:
+                        fut.get()
+                    except BaseException:  # noqa: BLE001 - the first error is already on its way up
+                        pass
         if check and crc != want:
             raise StoreError(f"{path} is corrupted (checksum mismatch); restore the store from a backup or re-import the model")
         with self._lock:
             self.bytes_read += nbytes
-        return futs[-1] if futs else None
+        return nbytes
 
     def write(self, block: str, kind: str, data: torch.Tensor, version: int) -> str:
         """Write (block, kind) as a new version file and fsync it; the manifest is not touched."""
