@@ -10,6 +10,7 @@ Slots are fixed-size buffers reused every step (see runtime.py):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -209,12 +210,8 @@ def plan_memory(
         plan.kept_bytes = kept
         if recompute == "auto" and plan.device_bytes() > device_budget:
             plan.kept_bytes = 0  # does not fit: recompute instead
-    if plan.recompute and plan.device_bytes() > device_budget:
-        # Block inputs do not fit the device: offload the earliest layers' (their backward comes
-        # last), as few as fit. Layers 1..L-2 can go (the last two stay for the backward to start).
-        # When even that does not fit, the most offloaded plan names the smallest device budget.
-        n_layers = n_blocks - 2
-        _place_block_inputs(plan, n_layers, device_budget, ram // 2 if auto_cpu else cpu_budget, copy)
+    if plan.recompute and plan.device_bytes() > device_budget:  # block inputs do not fit the device
+        _place_block_inputs(plan, n_blocks - 2, device_budget, ram // 2 if auto_cpu else cpu_budget, copy)
         if auto_cpu:  # the host budget was not given: it includes the offloaded inputs
             cpu_budget = plan.cpu_budget_bytes = min(cpu_budget + plan.offloaded_act_bytes(), ram // 2)
     _check_minimum(plan)
@@ -233,47 +230,29 @@ def plan_memory(
 
 
 def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> None:
-    """Fit the block inputs into the device budget: offload the earliest layers' to the host (layers
-    1..L-2, as few as fit the device), the earliest of those to the SSD when the host has no room
-    for them; if that is not enough, also drop
-    inputs of layers L-1, L-3, ... above the offloaded ones and recompute them in the backward from
-    the input below (that input stays, so every other one goes). Leaves the plan that needs the
-    least device memory when nothing fits."""
+    """Fit the block inputs into the device budget: offload the earliest layers' (their backward
+    comes last) to the host, layers 1..L-2, as few as fit the device; the earliest of those to the
+    SSD when the host has no room for them; if that is not enough, also drop inputs of layers L-1,
+    L-3, ... above the offloaded ones and recompute them in the backward from the input below (that
+    input stays, so every other one goes). When nothing fits, leaves the placement that needs the
+    least device memory, so the budget error names the smallest device budget."""
     offloads = [0] + list(range(ACT_OFFLOAD_WINDOW, max(n_layers - 1, 0)))
-    slots = plan.weight_slots, plan.device_slots
 
-    def fits() -> bool:
-        return plan.device_bytes() <= device_budget and plan.cpu_bytes() <= host_budget
+    def droppable(k: int) -> list:
+        return [i for i in range(n_layers - 1, 1, -2) if i - 1 > k]
 
-    for k in offloads:  # host memory first, then the earliest of them on the SSD
-        for ssd in range(0, k + 1):
-            plan.act_offload, plan.act_ssd, plan.act_recompute = k, ssd, ()
-            if fits():
-                return
-    for k in offloads:
-        droppable = [i for i in range(n_layers - 1, 1, -2) if i - 1 > k]
-        for j in range(1, len(droppable) + 1):
-            plan.act_offload, plan.act_ssd, plan.act_recompute = k, k, tuple(sorted(droppable[:j]))
-            # The next consumer's weights must already be in their slot: two of each.
-            plan.weight_slots = max(slots[0], 2)
-            plan.device_slots = max(slots[1], 2) if copy else 0
-            if fits():
-                return
-    plan.weight_slots, plan.device_slots = slots
-    options = [(k, dropped) for k in offloads for dropped in ((), tuple(sorted(i for i in range(n_layers - 1, 1, -2) if i - 1 > k)))]
-    best = min(options, key=lambda kr: _device_need(plan, *kr))
-    plan.act_offload, plan.act_recompute = best
-    plan.act_ssd = plan.act_offload
-    if plan.act_recompute:
-        plan.weight_slots, plan.device_slots = max(slots[0], 2), (max(slots[1], 2) if copy else 0)
+    def placed(k: int, ssd: int, dropped=()) -> MemoryPlan:
+        # Recomputing an input needs the next consumer's weights in their slot: two of each.
+        slots = (max(plan.weight_slots, 2), max(plan.device_slots, 2) if copy else 0) if dropped else (plan.weight_slots, plan.device_slots)
+        return dataclasses.replace(plan, act_offload=k, act_ssd=ssd, act_recompute=tuple(sorted(dropped)), weight_slots=slots[0], device_slots=slots[1])
 
-
-def _device_need(plan: MemoryPlan, offload: int, dropped: tuple) -> int:
-    saved = plan.act_offload, plan.act_ssd, plan.act_recompute
-    plan.act_offload, plan.act_ssd, plan.act_recompute = offload, offload, dropped
-    need = plan.device_bytes()
-    plan.act_offload, plan.act_ssd, plan.act_recompute = saved
-    return need
+    tries = [placed(k, ssd) for k in offloads for ssd in range(k + 1)]  # host memory first, then the SSD
+    tries += [placed(k, k, droppable(k)[:j]) for k in offloads for j in range(1, len(droppable(k)) + 1)]
+    chosen = next((p for p in tries if p.device_bytes() <= device_budget and p.cpu_bytes() <= host_budget), None)
+    if chosen is None:
+        chosen = min((placed(k, k, d) for k in offloads for d in ((), droppable(k))), key=MemoryPlan.device_bytes)
+    for f in ("act_offload", "act_ssd", "act_recompute", "weight_slots", "device_slots"):
+        setattr(plan, f, getattr(chosen, f))
 
 
 def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:

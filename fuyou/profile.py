@@ -18,7 +18,7 @@ from scheduler.costmodel import Prediction, Rates, fit_rates, predict
 from scheduler.trace import TraceEvent
 
 from .plan import Consumer
-from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_step_graph
+from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, block_indices, build_step_graph
 
 IO_KINDS = ("read", "write", "h2d", "d2h")
 LANE_ORDER = ("read", "h2d", "compute", "d2h", "optim", "write", "commit")
@@ -205,32 +205,29 @@ def graph_from_events(events: List[TraceEvent]):
     act_out = [e for e in events if e.name.startswith("act_out")]  # offloaded block inputs
     act_bytes = act_out[0].nbytes if act_out else 0
     act_ssd = sum(1 for e in act_out if e.kind == "write")
-    index = {b: i for i, b in enumerate(order)}
+    index = block_indices(cons)
     act_recompute = frozenset(index[c.meta.get("block")] for c in comp if c.meta.get("from_below") and c.meta.get("block") in index)
     has_h2d = any(e.kind == "h2d" and not e.name.startswith("act_in") for e in events)
-    best = None
+    for w, d, o, gs in _slot_counts(has_h2d, bool(act_recompute)):
+        g = build_step_graph(StepSpec(cons, blocks, w, d, o, assign_opt_slots(cons, tied, o, embed), flops, gs, frozenset(cached),
+                                      act_offload=len(act_out), act_block_bytes=act_bytes, act_recompute=act_recompute, act_ssd=act_ssd))
+        if _consistent(g, by_name):
+            return g, {"weight_slots": w, "device_slots": d, "opt_slots": o}
+    return None, {}
+
+
+def _slot_counts(has_h2d: bool, recomputed_inputs: bool):
+    """(weight, device, optimizer, gradient) slot counts to try, fewest slots first."""
     for total in range(2, 16):
         for w in range(1, total):
             for o in range(1, 4):
                 d = total - w - o if has_h2d else 0
                 if (has_h2d and not 1 <= d <= w) or (not has_h2d and w + o != total):
                     continue
-                if act_recompute and (w < 2 or (has_h2d and d < 2)):
+                if recomputed_inputs and (w < 2 or (has_h2d and d < 2)):
                     continue  # recomputed inputs need two slots of each (see plan._place_block_inputs)
-                owner = assign_opt_slots(cons, tied, o, embed)
                 for gs in (2, 1):  # gradient slots: two unless the host budget allowed only one
-                    g = build_step_graph(StepSpec(cons, blocks, w, d, o, owner, flops, gs, frozenset(cached), act_offload=len(act_out),
-                                                  act_block_bytes=act_bytes, act_recompute=act_recompute, act_ssd=act_ssd))
-                    if _consistent(g, by_name):
-                        best = (g, {"weight_slots": w, "device_slots": d, "opt_slots": o})
-                        break
-                if best:
-                    break
-            if best:
-                break
-        if best:
-            break
-    return best if best else (None, {})
+                    yield w, d, o, gs
 
 
 def _consistent(graph, by_name: Dict[str, TraceEvent]) -> bool:

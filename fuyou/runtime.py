@@ -33,7 +33,7 @@ from .memory import Pool
 from .model.skeleton import EMBED, Skeleton, count_targets
 from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights, set_weight_shape_
 from .plan import Consumer, cache_entry_bytes, compute_dtype_for, model_consumers, opt_region_offsets, plan_for_model
-from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, build_redo_graph, build_step_graph, consumer_flops
+from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, block_indices, build_redo_graph, build_step_graph, consumer_flops
 from .store.directio import DirectFile, aligned_bytes
 from .store.store import Store
 
@@ -260,14 +260,14 @@ class Runtime:
     def _read_kind(self, block: str, kind: str, into: torch.Tensor) -> None:
         """The live version of (block, kind) into `into`: from the block cache when it holds that
         version, else from the store (and then into the cache, for the next step)."""
-        cached = block in self.cache
-        if cached and self._cache_ver[block].get(kind) == self.store.version(block, kind):
+        cached, live = block in self.cache, self.store.version(block, kind)
+        if cached and self._cache_ver[block].get(kind) == live:
             into.copy_(self._cache_region(block, kind))
             return
         self.store.read(block, kind, into)
         if cached:
             self._cache_region(block, kind).copy_(into)
-            self._cache_ver[block][kind] = self.store.version(block, kind)
+            self._cache_ver[block][kind] = live
 
     def _cache_new_version(self, block: str, step: int) -> None:
         """After a block's new files are written: its optimizer slot becomes the cached copy of
@@ -487,7 +487,7 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     ]
     # A layer whose input is recomputed also runs the forward of the layer below (block index i - 1,
     # the i-1-th consumer) in its backward.
-    index = {c.block: i for i, c in enumerate(c for c in cons if c.phase == "fwd")}
+    index = block_indices(cons)
     for u, c in enumerate(cons):
         if c.phase == "bwd" and index[c.block] in plan.act_recompute:
             flops[u] += flops[index[c.block] - 1]

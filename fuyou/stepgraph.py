@@ -39,6 +39,12 @@ class StepSpec:
     act_block_bytes: int = 0  # one block's inputs, every micro-batch
 
 
+def block_indices(cons: List[Consumer]) -> Dict[str, int]:
+    """Block index of each block in the forward (0 = embedding, 1..L = layers), as the saved
+    inputs (i, micro-batch) and the plan's activation placement count them."""
+    return {c.block: i for i, c in enumerate(c for c in cons if c.phase == "fwd")}
+
+
 def _previous_holders(order: List[str], owner: Dict[str, int], slots: int) -> Dict[str, str]:
     """block -> the block that used its (cycled) slot before it, in `order`."""
     cyc = [b for b in order if owner[b] >= 0]
@@ -106,8 +112,7 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
     opt_free = _previous_holders(order, spec.opt_owner, O)  # freed by that block's write
     grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)  # freed by that block's optimizer
-    # Block index (0 = embedding, 1..L = layers) of each block, for the offloaded inputs (i, m).
-    index = {c.block: i for i, c in enumerate(c for c in spec.cons if c.phase == "fwd")}
+    index = block_indices(spec.cons)
     act_out, bwd_done = {}, {}
 
     def weights_ready(u: int):
