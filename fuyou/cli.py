@@ -159,7 +159,7 @@ def _finetune(args) -> int:
             cache_mem_bytes=args.cache_mem,
         )
         mem, batch = auto_memory_config(plan_cfg)
-        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(mem, cache_mem_bytes=args.cache_mem), batch=batch)
+        cfg = dataclasses.replace(cfg, memory=mem, batch=batch)  # mem carries --cache-mem through PlanConfig
     trace = None
     if cfg.trace_dir:
         from scheduler import Trace
