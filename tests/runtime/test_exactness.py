@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fuyou.config import MemoryConfig
-from tests.helpers import LR, WD, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
+from tests.helpers import LR, WD, assert_trains_like_pytorch, random_batches, reference_train, run_fuyou, save_checkpoint, store_master_weights, tiny_config
 
 # fp32 everywhere: the only differences are summation order inside kernels.
 RTOL, ATOL = 1e-5, 1e-6
@@ -45,11 +45,7 @@ def test_out_of_core_matches_reference(tmp_path):
     state = rt.store.state_bytes()
     assert state >= 4 * (cpu_mem + gpu_mem), f"test model too small: state {state} B"
     assert rt.cpu_pool.peak_bytes <= cpu_mem and rt.dev_pool.peak_bytes <= gpu_mem
-    _m, ref_losses = reference_train(ckpt, batches, MICRO, lr=LR, weight_decay=WD)
-    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    ref = dict(_m.named_parameters())
-    for name, value in store_master_weights(str(tmp_path / "store")).items():
-        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL)
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("micro", [1, 4])
@@ -59,8 +55,4 @@ def test_micro_batch_counts_match_reference(tmp_path, micro):
     ckpt = save_checkpoint(str(tmp_path / "ckpt"), cfg, tokenizer=False)
     batches = random_batches(2, BATCH, SEQ, cfg.vocab_size, seed=3)
     _rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, micro)
-    ref_model, ref_losses = reference_train(ckpt, batches, micro, lr=LR, weight_decay=WD)
-    torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    ref = dict(ref_model.named_parameters())
-    for name, value in store_master_weights(str(tmp_path / "store")).items():
-        torch.testing.assert_close(value, ref[name].detach().reshape(-1), rtol=RTOL, atol=ATOL)
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, micro, results, rtol=RTOL, atol=ATOL)
