@@ -26,15 +26,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def ram_bytes() -> int:
+def _proc_kib_field(path: str, key: str) -> Optional[int]:
+    """Bytes of a "key: N kB" line of a /proc file, or None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def ram_bytes() -> int:
+    found = _proc_kib_field("/proc/meminfo", "MemTotal:")
+    return found if found is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def gpu_name() -> Optional[str]:
@@ -138,13 +144,9 @@ def io_bytes() -> Dict[str, int]:
 
 def peak_rss_bytes() -> int:
     """High-water resident set size of this process image (VmHWM: reset at exec, so per worker)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    found = _proc_kib_field("/proc/self/status", "VmHWM:")
+    if found is not None:
+        return found
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
