@@ -370,44 +370,51 @@ class Runtime:
     def _act_out_fn(self, i: int, st: "_StepState"):
         """Layer i's saved inputs (every micro-batch) to host buffers or scratch files; their device buffers freed."""
         if i <= self.plan.act_ssd:
-            return self._act_file_fn(i, st, "w")
+            return self._act_write_fn(i, st)
         return self._act_move_fn(i, st.acts, st.host_acts, self.dev_pool, self.cpu_pool, "d2h", len(st.mbs))
 
     def _act_in_fn(self, i: int, st: "_StepState"):
         """Layer i's inputs back into device buffers, for its backward."""
         if i <= self.plan.act_ssd:
-            return self._act_file_fn(i, st, "r")
+            return self._act_read_fn(i, st)
         return self._act_move_fn(i, st.host_acts, st.acts, self.cpu_pool, self.dev_pool, "h2d", len(st.mbs))
 
-    def _act_file_fn(self, i: int, st: "_StepState", mode: str):
-        """Offloaded inputs to ("w") or from ("r") scratch files beside the store's blocks (O_DIRECT,
-        no fsync: they live for one step). On a GPU they pass through a pinned staging buffer."""
+    def _act_write_fn(self, i: int, st: "_StepState"):
+        """Layer i's inputs to scratch files beside the store's blocks (O_DIRECT, no fsync: they live
+        for one step); on a GPU through a pinned staging buffer."""
 
         def run():
-            staging = self._act_staging[0 if mode == "w" else 1] if self._act_staging else None
+            staging = self._act_staging[0] if self._act_staging else None
             for m in range(len(st.mbs)):
+                buf, t = st.acts.pop((i, m))
+                nbytes = t.numel() * t.element_size()
+                src = buf
+                if staging is not None:
+                    staging[:nbytes].view(t.dtype).view(t.shape).copy_(t)
+                    src = staging
                 path = os.path.join(self._scratch, f"act.{i}.{m}.bin")
-                if mode == "w":
-                    buf, t = st.acts.pop((i, m))
-                    nbytes = t.numel() * t.element_size()
-                    src = buf
-                    if staging is not None:
-                        staging[:nbytes].view(t.dtype).view(t.shape).copy_(t)
-                        src = staging
-                    with DirectFile(path, "w", self.store.backend) as f:
-                        f.pwrite(src, size=nbytes).get()
-                    st.ssd_acts[(i, m)] = (path, t.dtype, t.shape, nbytes)
-                    self.dev_pool.free(buf)
-                else:
-                    path, dtype, shape, nbytes = st.ssd_acts.pop((i, m))
-                    buf = self.dev_pool.alloc(nbytes)
-                    with DirectFile(path, "r", self.store.backend) as f:
-                        f.pread(staging if staging is not None else buf, size=nbytes).get()
-                    t = buf.view(dtype).view(shape)
-                    if staging is not None:
-                        t.copy_(staging[:nbytes].view(dtype).view(shape))
-                    os.unlink(path)
-                    st.acts[(i, m)] = (buf, t)
+                with DirectFile(path, "w", self.store.backend) as f:
+                    f.pwrite(src, size=nbytes).get()
+                st.ssd_acts[(i, m)] = (path, t.dtype, t.shape, nbytes)
+                self.dev_pool.free(buf)
+
+        return run
+
+    def _act_read_fn(self, i: int, st: "_StepState"):
+        """Layer i's inputs back from their scratch files into device buffers; the files removed."""
+
+        def run():
+            staging = self._act_staging[1] if self._act_staging else None
+            for m in range(len(st.mbs)):
+                path, dtype, shape, nbytes = st.ssd_acts.pop((i, m))
+                buf = self.dev_pool.alloc(nbytes)
+                with DirectFile(path, "r", self.store.backend) as f:
+                    f.pread(staging if staging is not None else buf, size=nbytes).get()
+                t = buf.view(dtype).view(shape)
+                if staging is not None:
+                    t.copy_(staging[:nbytes].view(dtype).view(shape))
+                os.unlink(path)
+                st.acts[(i, m)] = (buf, t)
 
         return run
 
