@@ -46,8 +46,16 @@ struct Hyper {
   bool scale_grad;
 };
 
+// What one call computes. kFull: the whole update. The other two split the fp32 update around a
+// square root the caller computes (fuyou's fp32 mode takes torch's own sqrt, so that it trains
+// exactly like torch.optim.AdamW): kMoments decays the master and updates m and v in place;
+// kApply then adds the step from m and `root` = sqrt(v) and emits the weights.
+enum Phase : int { kFull = 0, kMoments = 1, kApply = 2 };
+
 struct AdamArgs {
   int64_t numel;
+  int phase;              // Phase; kMoments / kApply need fp32 master and moments
+  const float* root;      // kApply: sqrt(v), numel values
   const float* grad;
   int master_codec;
   void* master_hi;        // fp32 values, or bf16 high halves

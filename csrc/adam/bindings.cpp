@@ -28,9 +28,13 @@ MomentBuf moment_from(const py::tuple& t) {
 }
 
 void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tuple v, py::tuple weights,
-           py::tuple hyper, py::tuple tables, int threads, bool simd) {
+           py::tuple hyper, py::tuple tables, int threads, bool simd, int phase, uintptr_t root) {
   AdamArgs a;
   a.numel = numel;
+  if (phase < kFull || phase > kApply) throw std::invalid_argument("adamw: phase must be 0 (full), 1 (moments) or 2 (apply)");
+  a.phase = phase;
+  a.root = reinterpret_cast<const float*>(root);
+  if (phase == kApply && root == 0) throw std::invalid_argument("adamw: the apply phase needs root = sqrt(v)");
   a.grad = reinterpret_cast<const float*>(grad);
   if (master.size() != 3 || weights.size() != 2 || hyper.size() != 8 || tables.size() != 7)
     throw std::invalid_argument("adamw: master (codec, hi, lo), weights (codec, ptr), 8 hyper values, 7 tables");
@@ -58,6 +62,8 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
   a.t.de8_unsigned_mid = ptr<const float>(tables[4]);
   a.t.de8_signed_bucket = ptr<const uint8_t>(tables[5]);
   a.t.de8_unsigned_bucket = ptr<const uint8_t>(tables[6]);
+  if (phase != kFull && (a.master_codec != kMasterFp32 || a.m.codec != kStateFp32 || a.v.codec != kStateFp32))
+    throw std::invalid_argument("adamw: the moments/apply phases need fp32 master and moments");
   py::gil_scoped_release release;
   fused_adamw(a, threads, simd);
 }
@@ -67,6 +73,7 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
 PYBIND11_MODULE(_adam, mod) {
   mod.doc() = "fuyou fused CPU AdamW over compressed optimizer state";
   mod.def("adamw", &adamw, py::arg("numel"), py::arg("grad"), py::arg("master"), py::arg("m"), py::arg("v"),
-          py::arg("weights"), py::arg("hyper"), py::arg("tables"), py::arg("threads"), py::arg("simd") = true);
+          py::arg("weights"), py::arg("hyper"), py::arg("tables"), py::arg("threads"), py::arg("simd") = true,
+          py::arg("phase") = int(kFull), py::arg("root") = uintptr_t(0));
   mod.def("has_avx2", &cpu_has_avx2_fma, "whether this CPU runs the AVX2/FMA build");
 }

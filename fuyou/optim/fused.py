@@ -90,31 +90,75 @@ def hyper_values(*, step: int, lr: float, beta1: float, beta2: float, eps: float
             -(lr / bias_correction1), grad_scale)
 
 
-@torch.no_grad()
-def adamw_fused_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
-                 beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
-                 threads: Optional[int] = None, simd: bool = True) -> None:
-    """One fused AdamW step over the parts (codecs read from the parts themselves)."""
+PHASE_FULL, PHASE_MOMENTS, PHASE_APPLY = 0, 1, 2
+# Elements per round of the torch-sqrt update: its fp32 state (grad, master, m, v, root: 20 B per
+# element) stays in this machine's L3 between the three passes of a round, so DRAM sees one pass.
+TORCH_SQRT_CHUNK = 1 << 18
+
+
+def _kernel_args(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], hyper: tuple) -> tuple:
+    """The kernel's positional arguments (after checking every part); `grad` is flat fp32."""
     if _ext is None:
         raise RuntimeError(f"fuyou._adam is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`")
-    grad = grad.reshape(-1)
-    if grad.dtype != torch.float32 or not grad.is_contiguous():
-        grad = grad.float().contiguous()
     numel = grad.numel()
     w = parts["weights"]["value"]
     expected = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(weights_codec)
     if expected is None or w.dtype != expected:
         raise ValueError(f"weights part is {w.dtype} but the weights codec is {weights_codec!r}; "
                          "the fused path emits fp32 or bf16 weights laid out by state_layout()")
-    args = (
+    return (
         numel,
         _addr(grad, torch.float32, numel, "grad"),
         _master(parts["master"], numel),
         _moment(parts["exp_avg"], numel, "exp_avg"),
         _moment(parts["exp_avg_sq"], numel, "exp_avg_sq"),
         (_WEIGHT_IDS[w.dtype], _addr(w, w.dtype, numel, "weights.value")),
-        hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                     grad_scale=grad_scale),
+        hyper,
         _tables(),
     )
+
+
+def _flat_fp32(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.reshape(-1)
+    return grad if grad.dtype == torch.float32 and grad.is_contiguous() else grad.float().contiguous()
+
+
+@torch.no_grad()
+def adamw_fused_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
+                 threads: Optional[int] = None, simd: bool = True) -> None:
+    """One fused AdamW step over the parts (codecs read from the parts themselves)."""
+    grad = _flat_fp32(grad)
+    hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                         grad_scale=grad_scale)
+    args = _kernel_args(weights_codec, grad, parts, hyper)
     _ext.adamw(*args, threads=int(threads or torch.get_num_threads()), simd=simd)
+
+
+@torch.no_grad()
+def adamw_torch_sqrt_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
+                      threads: Optional[int] = None, chunk: Optional[int] = None) -> None:
+    """fp32 AdamW bit-identical to torch.optim.AdamW (single tensor) on this CPU, at the fused kernel's
+    speed: per round of `chunk` elements, the kernel updates m, v and decays the master in place,
+    torch.sqrt (torch's own, MKL VML on x86, not correctly rounded) takes the root of v, and the
+    kernel applies the step and emits fp32/bf16 weights. fp32 master and moments only."""
+    grad = _flat_fp32(grad)
+    hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                         grad_scale=grad_scale)
+    numel, g_addr, master, m, v, (w_codec, w_addr), _, tables = _kernel_args(weights_codec, grad, parts, hyper)
+    if master[0] != 0 or m[0] != 0 or v[0] != 0:
+        raise ValueError("adamw_torch_sqrt_ needs fp32 master and moments (fuyou's fp32 mode)")
+    threads = int(threads or torch.get_num_threads())
+    chunk = chunk or TORCH_SQRT_CHUNK
+    v_all = parts["exp_avg_sq"]["value"]
+    root = torch.empty(min(numel, chunk), dtype=torch.float32)
+    w_size = parts["weights"]["value"].element_size()
+    for off in range(0, numel, chunk):  # the round's addresses: each array offset by `off` elements
+        n = min(chunk, numel - off)
+        at = lambda addr, size=4: addr + size * off  # noqa: E731
+        round_args = (n, at(g_addr), (0, at(master[1]), 0), (0, at(m[1]), 0, 0), (0, at(v[1]), 0, 0),
+                      (w_codec, at(w_addr, w_size)), hyper, tables)
+        _ext.adamw(*round_args, threads=threads, phase=PHASE_MOMENTS)
+        torch.sqrt(v_all[off : off + n], out=root[:n])
+        _ext.adamw(*round_args, threads=threads, phase=PHASE_APPLY, root=root.data_ptr())

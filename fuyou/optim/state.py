@@ -179,14 +179,21 @@ def _fp32_mode(cfg: StateConfig) -> bool:
     return cfg.master == "fp32" and cfg.states == "fp32"
 
 
+def _fp8_weights_scratch(parts: Dict[str, Parts], numel: int) -> Dict[str, Parts]:
+    """The kernel emits fp32/bf16 weights only: for fp8 weights it writes a bf16 scratch copy, and
+    the new master is quantized into 128x128-tile fp8 afterwards (parameters that fp8 weights keep
+    in bf16 have a bf16 value part and need none)."""
+    if "codes" not in parts["weights"]:
+        return {}
+    return {"weights": {"value": torch.empty(numel, dtype=torch.bfloat16)}}
+
+
 def _pick_backend(backend: Optional[str], cfg: StateConfig) -> str:
     backend = backend or os.environ.get("FUYOU_ADAM_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"AdamW backend {backend!r} unknown; choose one of {', '.join(BACKENDS)} (FUYOU_ADAM_BACKEND)")
     if backend == "auto":
-        # fp32 mode keeps torch.optim.AdamW's own arithmetic (its sqrt included), so that fuyou in
-        # fp32 mode trains exactly like plain PyTorch; the compressed codecs take the fused kernel.
-        return "fused" if fused.available() and not _fp32_mode(cfg) else "torch"
+        return "fused" if fused.available() else "torch"
     if backend == "fused" and not fused.available():
         raise RuntimeError(f"fused AdamW requested but fuyou._adam is not built ({fused.import_error()}); "
                            "run `python setup.py build_ext --inplace` or use backend='torch'")
@@ -212,8 +219,9 @@ def adamw_update_(
 ) -> None:
     """One AdamW step of one parameter: updates master and moments, writes the new compute weights.
 
-    `exact_sqrt` (torch path): None = torch's own sqrt in fp32 mode (as torch.optim.AdamW), the
-    correctly rounded one otherwise (as the fused kernel, always).
+    `exact_sqrt`: None = torch's own sqrt in fp32 mode (as torch.optim.AdamW; the fused backend
+    runs its kernel around torch.sqrt then), the correctly rounded one otherwise (the fused kernel's).
+    A compressed codec with exact_sqrt=False takes the torch path.
 
     `grad` is the flat fp32 gradient; `grad_scale` multiplies it first (gradient clipping), as
     torch.nn.utils.clip_grad_norm_ does in place. `backend` (default: FUYOU_ADAM_BACKEND or auto)
@@ -222,15 +230,15 @@ def adamw_update_(
     if step < 1:
         raise ValueError(f"AdamW step counts from 1, got {step}")
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if _pick_backend(backend, cfg) == "fused":
-        if "codes" in parts["weights"]:
-            # The kernel emits bf16/fp32 weights only: let it write a scratch copy, then quantize
-            # the new fp32 master into 128x128-tile fp8.
-            scratch = {**parts, "weights": {"value": torch.empty(grad.numel(), dtype=torch.bfloat16)}}
-            fused.adamw_fused_("bf16", grad, scratch, grad_scale=grad_scale, threads=threads, **hyper)
+    # Compressed codecs: correctly rounded sqrt (both backends, so they agree bit for bit on any
+    # CPU). fp32 mode: torch's sqrt, so that fuyou trains exactly like torch.optim.AdamW.
+    exact = not _fp32_mode(cfg) if exact_sqrt is None else exact_sqrt
+    if _pick_backend(backend, cfg) == "fused" and (exact or _fp32_mode(cfg)):
+        scratch = _fp8_weights_scratch(parts, grad.numel())
+        run = fused.adamw_fused_ if exact else fused.adamw_torch_sqrt_  # fp32 mode: around torch's sqrt
+        run("bf16" if cfg.weights == "fp8" else cfg.weights, grad, {**parts, **scratch}, grad_scale=grad_scale, threads=threads, **hyper)
+        if scratch:
             _emit_weights(cfg, decode_master_ref(parts["master"]), parts["weights"])
-            return
-        fused.adamw_fused_("bf16" if cfg.weights == "fp8" else cfg.weights, grad, parts, grad_scale=grad_scale, threads=threads, **hyper)
         return
     if grad_scale != 1.0:
         grad = grad * grad_scale
@@ -238,9 +246,6 @@ def adamw_update_(
     master = decode_master_ref(parts["master"])
     m = decode_moment(parts["exp_avg"], numel, signed=True)
     v = decode_moment(parts["exp_avg_sq"], numel, signed=False)
-    # Compressed codecs: correctly rounded sqrt, as the fused kernel, so both backends give the same
-    # bits on any CPU. fp32 mode: torch's sqrt, as torch.optim.AdamW.
-    exact = not _fp32_mode(cfg) if exact_sqrt is None else exact_sqrt
     adamw_step_(master, grad.reshape(-1).float(), m, v, exact_sqrt=exact, **hyper)
     encode_master_(master, parts["master"])
     encode_moment_(m, parts["exp_avg"], signed=True)

@@ -78,8 +78,9 @@ def test_fused_lerp_branches_and_grad_scale(seeded, beta1, grad_scale):
 
 
 @needs_kernel
-def test_fused_against_torch_adamw(seeded):
-    """fp32 state vs torch.optim.AdamW: moments bit-exact; master within the sqrt's rounding.
+def test_fused_kernel_against_torch_adamw(seeded):
+    """The whole-update kernel in fp32 vs torch.optim.AdamW: moments bit-exact; master within the sqrt's
+    rounding.
 
     torch's CPU sqrt (MKL VML) is not correctly rounded: about 20% of its results are 1 ulp off
     IEEE sqrt, so denom differs by 1 ulp there. One step then differs by at most 1 ulp of the new
@@ -98,7 +99,7 @@ def test_fused_against_torch_adamw(seeded):
         parts["master"]["value"].copy_(before)
         p.grad = g.clone()
         opt.step()
-        adamw_update_(cfg, g, parts, step=step, lr=1e-3, weight_decay=0.01, backend="fused")
+        fused.adamw_fused_("fp32", g, parts, step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
         state = opt.state[p]
         assert torch.equal(state["exp_avg"], parts["exp_avg"]["value"])
         assert torch.equal(state["exp_avg_sq"], parts["exp_avg_sq"]["value"])
@@ -108,6 +109,34 @@ def test_fused_against_torch_adamw(seeded):
         diff = (new - parts["master"]["value"]).abs()
         assert torch.all(diff <= ulp + update * 2.0**-22), f"step {step}: max diff {diff.max()}"
         assert torch.equal(parts["weights"]["value"], parts["master"]["value"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [4096, None], ids=["rounds-of-4096", "default-rounds"])
+def test_fp32_mode_is_torch_adamw_bit_for_bit(seeded, monkeypatch, weights, chunk):
+    """fp32 mode on the fused backend (the kernel around torch's own sqrt, in rounds of `chunk`)
+    equals torch.optim.AdamW bit for bit, step after step without re-synchronising, with a gradient
+    scale (clipping) on some steps; the weights are the master (fp32) or its bf16 rounding."""
+    if chunk:
+        monkeypatch.setattr(fused, "TORCH_SQRT_CHUNK", chunk)
+    n = 3 * 4096 + 1001  # a short last round
+    cfg = StateConfig(weights=weights)
+    w0 = torch.randn(n)
+    parts = make_parts(cfg, w0)
+    p = w0.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    for step in range(1, 7):
+        g = _grad(n, step)
+        scale = 0.5 if step % 2 else 1.0
+        p.grad = g * scale
+        opt.step()
+        adamw_update_(cfg, g, parts, step=step, lr=1e-3, weight_decay=0.01, grad_scale=scale, backend="fused")
+        state = opt.state[p]
+        assert torch.equal(parts["master"]["value"], p.detach()), f"step {step}: master differs"
+        assert torch.equal(parts["exp_avg"]["value"], state["exp_avg"])
+        assert torch.equal(parts["exp_avg_sq"]["value"], state["exp_avg_sq"])
+        assert torch.equal(parts["weights"]["value"], p.detach().to(parts["weights"]["value"].dtype))
 
 
 @needs_kernel
