@@ -30,7 +30,7 @@ from benchmarks._common import write_report  # noqa: E402
 from fuyou.optim import KINDS, StateConfig, fused, init_state_, state_layout  # noqa: E402
 
 CODECS = [  # (label, StateConfig)
-    ("fuyou fp32", StateConfig(weights="fp32", master="fp32", states="fp32")),
+    ("fuyou fp32 (correctly rounded sqrt)", StateConfig(weights="fp32", master="fp32", states="fp32")),
     ("fuyou bf16 m/v, bf16+rem", StateConfig(weights="bf16", master="bf16+rem", states="bf16")),
     ("fuyou fp8 m/v, bf16+rem", StateConfig(weights="bf16", master="bf16+rem", states="fp8")),
     ("fuyou de8 m/v, bf16+rem", StateConfig(weights="bf16", master="bf16+rem", states="de8")),
@@ -82,6 +82,18 @@ class FuyouMethod:
         fused.adamw_fused_(self.cfg.weights, self.grad, self.parts, step=self.step_no, threads=threads, **HYPER)
 
 
+class FuyouFp32Mode(FuyouMethod):
+    """fuyou's fp32 mode: the kernel in two phases around torch's own sqrt (bit-exact with
+    torch.optim.AdamW), what the runtime runs for fp32 master and moments."""
+
+    def __init__(self, n):
+        super().__init__("fuyou fp32 mode (torch's sqrt)", StateConfig(weights="fp32", master="fp32", states="fp32"), n)
+
+    def step(self, threads):
+        self.step_no += 1
+        fused.adamw_torch_sqrt_(self.cfg.weights, self.grad, self.parts, step=self.step_no, threads=threads, **HYPER)
+
+
 class TorchFused:
     label = "torch AdamW(fused=True) fp32"
     bytes_per_param = 28.0  # read p, g, m, v; write p, m, v
@@ -93,6 +105,18 @@ class TorchFused:
 
     def step(self, threads):
         self.opt.step()
+
+
+class TorchDefault(TorchFused):
+    """torch.optim.AdamW as plain PyTorch training runs it on the CPU (single tensor, torch's own
+    ops): what fuyou's fp32 mode reproduces bit for bit."""
+
+    label = "torch AdamW (default: single tensor) fp32"
+
+    def __init__(self, n):
+        self.p = torch.nn.Parameter(torch.randn(n) * 0.02)
+        self.p.grad = torch.randn(n) * 1e-3
+        self.opt = torch.optim.AdamW([self.p], lr=HYPER["lr"], weight_decay=HYPER["weight_decay"], foreach=False)
 
 
 class DeepSpeedAdam:
@@ -145,7 +169,7 @@ class DramPass:
 def bench(args):
     n = int(args.params)
     torch.manual_seed(0)
-    makers = [TorchFused]
+    makers = [TorchFused, TorchDefault]
     notes = []
     try:
         DeepSpeedAdam(CACHE_PARAMS)
@@ -153,7 +177,7 @@ def bench(args):
     except Exception as exc:  # noqa: BLE001 - a failed JIT build or a missing package
         notes.append(f"DeepSpeedCPUAdam skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     if fused.available():
-        makers += [lambda size, label=label, cfg=cfg: FuyouMethod(label, cfg, size) for label, cfg in CODECS]
+        makers += [FuyouFp32Mode] + [lambda size, label=label, cfg=cfg: FuyouMethod(label, cfg, size) for label, cfg in CODECS]
     else:
         notes.append(f"fuyou._adam not built ({fused.import_error()}): run python setup.py build_ext --inplace")
     methods = [make(n) for make in makers]
