@@ -77,6 +77,13 @@ def test_fused_lerp_branches_and_grad_scale(seeded, beta1, grad_scale):
     _assert_parts_equal(ref, out)
 
 
+def _beside_torch_adamw(cfg, n):
+    """fuyou parts and a torch parameter with its torch.optim.AdamW, from the same random weights."""
+    w0 = torch.randn(n)
+    p = w0.clone().requires_grad_(True)
+    return make_parts(cfg, w0), p, torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
 @needs_kernel
 def test_fused_kernel_against_torch_adamw(seeded):
     """The whole-update kernel in fp32 vs torch.optim.AdamW: moments bit-exact; master within the sqrt's
@@ -88,11 +95,7 @@ def test_fused_kernel_against_torch_adamw(seeded):
     is re-synchronised from torch before each step) and that m, v stay bit-exact throughout.
     """
     n = 50_003
-    cfg = StateConfig()
-    w0 = torch.randn(n)
-    parts = make_parts(cfg, w0)
-    p = w0.clone().requires_grad_(True)
-    opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    parts, p, opt = _beside_torch_adamw(StateConfig(), n)
     for step in range(1, 6):
         g = _grad(n, step)
         before = p.detach().clone()
@@ -122,10 +125,7 @@ def test_fp32_mode_is_torch_adamw_bit_for_bit(seeded, monkeypatch, weights, chun
         monkeypatch.setattr(fused, "TORCH_SQRT_CHUNK", chunk)
     n = 3 * 4096 + 1001  # a short last round
     cfg = StateConfig(weights=weights)
-    w0 = torch.randn(n)
-    parts = make_parts(cfg, w0)
-    p = w0.clone().requires_grad_(True)
-    opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    parts, p, opt = _beside_torch_adamw(cfg, n)
     for step in range(1, 7):
         g = _grad(n, step)
         scale = 0.5 if step % 2 else 1.0
