@@ -53,15 +53,18 @@ CONFIGS = [
 
 def bracket(a: Rates, b: Rates) -> Rates:
     """Rates whose time per unit is the mean of a's and b's."""
+    rate = lambda v, w: 2 / (1 / v + 1 / w)  # noqa: E731 - the rate of the mean time per unit
     d = {}
     for k, v in a.to_json().items():
         w = b.to_json()[k]
         if k == "latency_s":
             d[k] = {x: (v.get(x, 0) + w.get(x, 0)) / 2 for x in set(v) | set(w)}
+        elif k == "optim_by_codec":  # rates per codec, each probed both times
+            d[k] = {x: rate(v[x], w[x]) for x in set(v) & set(w)}
         elif k in ("compute_call_s", "commit_file_s"):
             d[k] = (v + w) / 2
         else:
-            d[k] = 2 / (1 / v + 1 / w)
+            d[k] = rate(v, w)
     return Rates.from_json(d)
 
 
