@@ -132,3 +132,19 @@ def test_bench_store_runs_every_method(tmp_path, capsys):
     for method in ("raw (no checksum)", "checksum then write", "checksum during the write", "read then checksum", "checksum per piece during the read"):
         assert f"| {method} |" in text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("fuyou-bench-store-")]  # its files are removed
+
+
+def test_bench_predict_brackets_every_rate_field():
+    """bench_predict plans with the mean of the rates probed before and after a run: per unit of work
+    for rates (harmonic mean), per task for latencies, key by key for the per-codec optimizer rates."""
+    from benchmarks.bench_predict import bracket
+    from scheduler.costmodel import Rates
+
+    a = Rates(read_Bps=1e9, write_Bps=2e9, h2d_Bps=1e9, d2h_Bps=1e9, compute_flops=4e9, optim_params_per_s=1e8,
+              latency_s={"read": 0.002}, optim_by_codec={"fp8/bf16+rem": 2e8, "bf16/bf16+rem": 4e8})
+    b = a.replace(read_Bps=3e9, latency_s={"read": 0.004}, optim_by_codec={"fp8/bf16+rem": 6e8})
+    mean = bracket(a, b)
+    assert mean.read_Bps == pytest.approx(1.5e9)  # 1 byte takes (1/1e9 + 1/3e9) / 2 s
+    assert mean.write_Bps == pytest.approx(2e9)
+    assert mean.latency_s["read"] == pytest.approx(0.003)
+    assert dict(mean.optim_by_codec) == {"fp8/bf16+rem": pytest.approx(3e8)}  # only codecs probed both times
