@@ -2,6 +2,7 @@
 the DRAM bound, side by side in one run.
 
     python benchmarks/bench_adam.py [--params 50e6] [--reps 5] [--threads 1 2] [--out benchmarks/results/bench_adam.md]
+    python benchmarks/bench_adam.py --quick   # a smoke run: prints, keeps the saved table
 
 Each method updates one flat parameter of --params elements. For every (method, threads) the
 table gives the median over --reps interleaved runs (method order rotates each round, so machine
@@ -242,8 +243,13 @@ def main():
     ap.add_argument("--params", type=float, default=50e6, help="parameter count (50e6 .. 200e6)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_adam.md"))
+    ap.add_argument("--out", default=None, help="report file (default: benchmarks/results/bench_adam.md; a --quick run only prints)")
+    ap.add_argument("--quick", action="store_true", help="4 M params, 3 rounds: a smoke run (below the 50 M the numbers need)")
     args = ap.parse_args()
+    if args.quick:
+        args.params, args.reps = 4e6, 3
+    elif args.out is None:
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_adam.md")
     if args.reps < 3:
         raise SystemExit("--reps must be at least 3 (medians of a few runs, never one)")
     text = report(args, *bench(args))

@@ -7,6 +7,7 @@ of steps 2..N. Prints the machine, the rates and a table; numbers are medians (t
 and noisy: see docs/planner.md).
 
     /work/venv/bin/python benchmarks/bench_predict.py [--steps 5] [--dir /tmp/fuyou-bench]
+    /work/venv/bin/python benchmarks/bench_predict.py --quick   # one configuration, a smoke run
 """
 from __future__ import annotations
 
@@ -131,7 +132,10 @@ def main() -> None:
     ap.add_argument("--probe-bytes", type=int, default=128 << 20, help="bytes of the storage probe")
     ap.add_argument("--isolated", action="store_true", help="probe each resource alone (not with the other lanes busy)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for probe and runs (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="the first configuration, 3 steps, a 32 MiB storage probe: a smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.only, args.steps, args.probe_bytes = 0, 3, 32 << 20
     if args.threads:
         # One compute thread: with two OpenMP threads on a loaded 2-vCPU box a layer's time swings
         # 20x run to run (one thread descheduled stalls the other at every barrier); one thread

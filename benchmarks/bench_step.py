@@ -418,7 +418,7 @@ def parse_args(argv=None):
     p.add_argument("--trainers", default=",".join(TRAINERS), help="comma list of " + ", ".join(TRAINERS))
     p.add_argument("--scratch", default=None, help="scratch directory on the disk under test (default: a temp dir, removed after)")
     p.add_argument("--trace-dir", default=None, help="also save fuyou's Chrome trace here")
-    p.add_argument("--out", default=os.path.join(RESULTS_DIR, "bench_step.md"))
+    p.add_argument("--out", default=None, help="report file, plus its .json (default: benchmarks/results/bench_step.md; a --quick run only prints)")
     p.add_argument("--quick", action="store_true", help="llama-tiny, 4 steps, batch 2 x 64: a smoke run")
     p.add_argument("--from-json", default=None, help="re-render the table of a saved run (its .json) instead of running")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -427,6 +427,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.model, a.steps, a.batch_size, a.seq_len, a.cpu_mem = "llama-tiny", 4, 2, 64, "64MiB"
+    elif a.out is None and not a.worker:
+        a.out = os.path.join(RESULTS_DIR, "bench_step.md")
     if a.steps < 2:
         p.error("--steps must be >= 2 (step 1 is a warm-up, excluded from the median)")
     if a.batch_size % a.micro_batches:

@@ -45,10 +45,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds (medians; >= 3)")
     ap.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temporary directory)")
     ap.add_argument("--quick", action="store_true", help="64 MiB, 3 rounds")
-    ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "bench_store.md"))
+    ap.add_argument("--out", default=None, help="report file (default: benchmarks/results/bench_store.md; a --quick run only prints)")
     a = ap.parse_args(argv)
     if a.quick:
         a.mib, a.rounds = 64, 3
+    elif a.out is None:
+        a.out = os.path.join(RESULTS_DIR, "bench_store.md")
     if a.rounds < 3 or a.mib < 1:
         print("bench_store: --rounds must be >= 3 and --mib >= 1", file=sys.stderr)
         return 2
