@@ -267,7 +267,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--no-buffered", action="store_true")
     ap.add_argument("--out", default="", help="also write the report (markdown) to this file")
+    ap.add_argument("--quick", action="store_true", help="256 MiB, one point (4 MiB x 8), no DeepSpeed: a smoke run")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.size_gib, args.points, args.no_deepspeed = 0.25, "4x8", True
     args.backends = [b for b in args.backends.split(",") if b]
     if args.points:
         points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
