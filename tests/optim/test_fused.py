@@ -149,6 +149,24 @@ def test_fused_rejects_bad_parts():
         adamw_update_(cfg, torch.zeros(n), parts, step=1, lr=1e-3, backend="fused")
 
 
+@needs_kernel
+def test_torch_sqrt_path_needs_fp32_state():
+    """The two-phase update exists for fp32 master and moments only; the kernel itself refuses the
+    phases for other codecs and an apply phase without a root."""
+    n = SMALL_NUMEL
+    parts = make_parts(StateConfig(weights="bf16", master="bf16+rem", states="fp8"), torch.zeros(n))
+    with pytest.raises(ValueError, match="fp32 master and moments"):
+        fused.adamw_torch_sqrt_("bf16", torch.zeros(n), parts, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                weight_decay=0.0)
+    fp32 = make_parts(StateConfig(), torch.zeros(n))
+    hyper = fused.hyper_values(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_scale=1.0)
+    args = fused._kernel_args("fp32", torch.zeros(n), fp32, hyper)
+    with pytest.raises(ValueError, match="needs root"):
+        fused._ext.adamw(*args, threads=1, phase=fused.PHASE_APPLY, root=0)
+    with pytest.raises(ValueError, match="phase must be"):
+        fused._ext.adamw(*args, threads=1, phase=3)
+
+
 def test_backend_choice(monkeypatch):
     cfg = StateConfig()
     parts = make_parts(cfg, torch.ones(8))
