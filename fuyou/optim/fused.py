@@ -147,18 +147,20 @@ def adamw_torch_sqrt_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, P
     hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          grad_scale=grad_scale)
     numel, g_addr, master, m, v, (w_codec, w_addr), _, tables = _kernel_args(weights_codec, grad, parts, hyper)
-    if master[0] != 0 or m[0] != 0 or v[0] != 0:
+    fp32 = _STATE_IDS["fp32"]
+    if master[0] != 0 or m[0] != fp32 or v[0] != fp32:
         raise ValueError("adamw_torch_sqrt_ needs fp32 master and moments (fuyou's fp32 mode)")
     threads = int(threads or torch.get_num_threads())
     chunk = chunk or TORCH_SQRT_CHUNK
-    v_all = parts["exp_avg_sq"]["value"]
+    v_flat = parts["exp_avg_sq"]["value"].reshape(-1)
     root = torch.empty(min(numel, chunk), dtype=torch.float32)
     w_size = parts["weights"]["value"].element_size()
-    for off in range(0, numel, chunk):  # the round's addresses: each array offset by `off` elements
+    for off in range(0, numel, chunk):
         n = min(chunk, numel - off)
-        at = lambda addr, size=4: addr + size * off  # noqa: E731
-        round_args = (n, at(g_addr), (0, at(master[1]), 0), (0, at(m[1]), 0, 0), (0, at(v[1]), 0, 0),
-                      (w_codec, at(w_addr, w_size)), hyper, tables)
+        # This round's arrays: every address moved on by `off` elements.
+        g_at, p_at, m_at, v_at = (addr + 4 * off for addr in (g_addr, master[1], m[1], v[1]))
+        round_args = (n, g_at, (0, p_at, 0), (fp32, m_at, 0, 0), (fp32, v_at, 0, 0), (w_codec, w_addr + w_size * off),
+                      hyper, tables)
         _ext.adamw(*round_args, threads=threads, phase=PHASE_MOMENTS)
-        torch.sqrt(v_all[off : off + n], out=root[:n])
+        torch.sqrt(v_flat[off : off + n], out=root[:n])
         _ext.adamw(*round_args, threads=threads, phase=PHASE_APPLY, root=root.data_ptr())
