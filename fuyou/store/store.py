@@ -197,12 +197,13 @@ class Store:
                     fut.get()
                     if check:
                         crc = _crc(into[off:], n, crc)
-            finally:  # a failed piece: the others still finish before the fd closes and `into` is given back
+            except BaseException:  # a failed piece: the others still finish before the fd closes and `into` is given back
                 for fut in futs:
                     try:
                         fut.get()
                     except BaseException:  # noqa: BLE001 - the first error is already on its way up
                         pass
+                raise
         if check and crc != want:
             raise StoreError(f"{path} is corrupted (checksum mismatch); restore the store from a backup or re-import the model")
         with self._lock:
