@@ -180,14 +180,14 @@ def _backward_from_below(rt, u: int, index: int, st) -> None:
     input with that layer's weights, which sit in the next consumer's slot (the step graph made
     this compute wait for them), then backpropagate as usual."""
     below = rt._weights(u + 1)
-    for m in range(len(st.mbs)):
-        rt.sk.attach(below, requires_grad=False)
-        try:
+    rt.sk.attach(below, requires_grad=False)
+    try:
+        for m in range(len(st.mbs)):
             with torch.no_grad():
                 x = rt.sk.layer_forward(index - 2, st.acts[(index - 1, m)][1], st.kwargs[m])
-        finally:
-            rt.sk.detach(list(below))
-        x = x.detach().requires_grad_(True)
-        y = rt.sk.layer_forward(index - 1, x, st.kwargs[m])
-        y.backward(st.dh[m])
-        st.dh[m] = x.grad
+            x = x.detach().requires_grad_(True)
+            y = rt.sk.layer_forward(index - 1, x, st.kwargs[m])
+            y.backward(st.dh[m])
+            st.dh[m] = x.grad
+    finally:
+        rt.sk.detach(list(below))
