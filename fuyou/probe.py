@@ -443,7 +443,7 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
         log(f"optimizer (gradient norm + AdamW, fp32 and {len(PROBED_CODECS)} compressed codecs){what} ...")
         n_opt = optim_numel or min(8 << 20, max(file_bytes // 16, 1 << 16))
         opt = probe_optim(n_opt, background=bg_compute)
-        by_codec = {f"{m}/{ms}": probe_optim(n_opt, background=bg_compute, moments=m, master=ms) for m, ms in PROBED_CODECS}
+        by_codec = {Rates.codec_key(m, ms): probe_optim(n_opt, background=bg_compute, moments=m, master=ms) for m, ms in PROBED_CODECS}
     finally:
         io_cleanup()
         if bg_layer is not None:

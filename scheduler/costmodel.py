@@ -68,9 +68,14 @@ class Rates:
         d["optim_by_codec"] = dict(self.optim_by_codec)
         return d
 
+    @staticmethod
+    def codec_key(moments: str, master: str) -> str:
+        """The key of optim_by_codec for a moments/master codec pair."""
+        return f"{moments}/{master}"
+
     def for_codec(self, moments: str, master: str) -> "Rates":
         """These rates with the optimizer rate measured for that codec, when one was."""
-        key = f"{moments}/{master}"
+        key = self.codec_key(moments, master)
         if (moments, master) == ("fp32", "fp32") or key not in self.optim_by_codec:
             return self
         return self.replace(optim_params_per_s=float(self.optim_by_codec[key]))
