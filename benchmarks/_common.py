@@ -99,6 +99,14 @@ def ratio(value: Optional[float], base: Optional[float]) -> str:
     return f"{value / base:.2f}x"
 
 
+def report_path(out: Optional[str], quick: bool, name: str) -> Optional[str]:
+    """Where a benchmark writes its report: `out` when given; else benchmarks/results/<name> for a
+    full run, nowhere for a --quick smoke run (it prints, the saved full-run table stays)."""
+    if out or quick:
+        return out or None
+    return os.path.join(RESULTS_DIR, name)
+
+
 def write_report(text: str, out: Optional[str]) -> None:
     """Print a benchmark's report and, when `out` is given, write it there (folders created)."""
     print(text)

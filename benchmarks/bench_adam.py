@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks._common import write_report  # noqa: E402
+from benchmarks._common import report_path, write_report  # noqa: E402
 
 from fuyou.optim import KINDS, StateConfig, fused, init_state_, state_layout  # noqa: E402
 
@@ -248,8 +248,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.params, args.reps = 4e6, 3
-    elif args.out is None:
-        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_adam.md")
+    args.out = report_path(args.out, args.quick, "bench_adam.md")
     if args.reps < 3:
         raise SystemExit("--reps must be at least 3 (medians of a few runs, never one)")
     text = report(args, *bench(args))

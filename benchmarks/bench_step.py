@@ -24,7 +24,6 @@ from typing import Dict, List
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (  # noqa: E402
-    RESULTS_DIR,
     SHARED_NOTE,
     fmt_bytes,
     io_bytes,
@@ -33,6 +32,7 @@ from benchmarks._common import (  # noqa: E402
     markdown_table,
     median,
     peak_rss_bytes,
+    report_path,
     run_python,
     write_report,
 )
@@ -427,8 +427,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.model, a.steps, a.batch_size, a.seq_len, a.cpu_mem = "llama-tiny", 4, 2, 64, "64MiB"
-    elif a.out is None and not a.worker:
-        a.out = os.path.join(RESULTS_DIR, "bench_step.md")
+    if not a.worker:
+        a.out = report_path(a.out, a.quick, "bench_step.md")
     if a.steps < 2:
         p.error("--steps must be >= 2 (step 1 is a warm-up, excluded from the median)")
     if a.batch_size % a.micro_batches:
@@ -453,11 +453,7 @@ def main(argv=None) -> int:
             saved = json.load(f)
         for k in ("model", "steps", "batch_size", "seq_len", "micro_batches", "lr", "seed", "cpu_mem", "trainers"):
             setattr(a, k, saved["args"][k])
-        text = render(a, saved["machine"], saved["results"])
-        print(text)
-        if a.out:
-            with open(a.out, "w") as f:
-                f.write(text)
+        write_report(render(a, saved["machine"], saved["results"]), a.out)
         return 0
     own_scratch = a.scratch is None
     a.scratch = os.path.abspath(a.scratch or tempfile.mkdtemp(prefix="fuyou-bench-step-", dir=os.environ.get("FUYOU_BENCH_DIR")))

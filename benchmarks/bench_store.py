@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import RESULTS_DIR, SHARED_NOTE, machine_info, machine_line, markdown_table, median, write_report  # noqa: E402
+from benchmarks._common import SHARED_NOTE, machine_info, machine_line, markdown_table, median, report_path, write_report  # noqa: E402
 
 
 def make_store(root: str, numel: int):
@@ -49,8 +49,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.mib, a.rounds = 64, 3
-    elif a.out is None:
-        a.out = os.path.join(RESULTS_DIR, "bench_store.md")
+    a.out = report_path(a.out, a.quick, "bench_store.md")
     if a.rounds < 3 or a.mib < 1:
         print("bench_store: --rounds must be >= 3 and --mib >= 1", file=sys.stderr)
         return 2
