@@ -211,7 +211,7 @@ def plan_memory(
         if recompute == "auto" and plan.device_bytes() > device_budget:
             plan.kept_bytes = 0  # does not fit: recompute instead
     if plan.recompute and plan.device_bytes() > device_budget:  # block inputs do not fit the device
-        _place_block_inputs(plan, n_blocks - 2, device_budget, ram // 2 if auto_cpu else cpu_budget, copy)
+        plan = _place_block_inputs(plan, n_blocks - 2, device_budget, ram // 2 if auto_cpu else cpu_budget, copy)
         if auto_cpu:  # the host budget was not given: it includes the offloaded inputs
             cpu_budget = plan.cpu_budget_bytes = min(cpu_budget + plan.offloaded_act_bytes(), ram // 2)
     _check_minimum(plan)
@@ -229,12 +229,12 @@ def plan_memory(
     return plan
 
 
-def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> None:
-    """Fit the block inputs into the device budget: offload the earliest layers' (their backward
-    comes last) to the host, layers 1..L-2, as few as fit the device; the earliest of those to the
+def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> MemoryPlan:
+    """The plan with its block inputs fitted into the device budget: offload the earliest layers'
+    (their backward comes last) to the host, layers 1..L-2, as few as fit the device; the earliest of those to the
     SSD when the host has no room for them; if that is not enough, also drop inputs of layers L-1,
     L-3, ... above the offloaded ones and recompute them in the backward from the input below (that
-    input stays, so every other one goes). When nothing fits, leaves the placement that needs the
+    input stays, so every other one goes). When nothing fits, returns the placement that needs the
     least device memory, so the budget error names the smallest device budget."""
     offloads = [0] + list(range(ACT_OFFLOAD_WINDOW, max(n_layers - 1, 0)))
 
@@ -251,8 +251,7 @@ def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, hos
     chosen = next((p for p in tries if p.device_bytes() <= device_budget and p.cpu_bytes() <= host_budget), None)
     if chosen is None:
         chosen = min((placed(k, k, d) for k in offloads for d in ((), droppable(k))), key=MemoryPlan.device_bytes)
-    for f in ("act_offload", "act_ssd", "act_recompute", "weight_slots", "device_slots"):
-        setattr(plan, f, getattr(chosen, f))
+    return chosen
 
 
 def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
