@@ -58,7 +58,7 @@ def ssd_bytes_table() -> str:
     from fuyou.model.importer import model_info
     from fuyou.model.skeleton import Skeleton
     from fuyou.model.source import ModelSource
-    from fuyou.plan import ssd_bytes_per_step
+    from fuyou.step.memory_plan import ssd_bytes_per_step
     from fuyou.store.store import Store, new_manifest
 
     source = ModelSource("llama-220m")

@@ -1,7 +1,7 @@
 """Predicted vs measured step time on this machine, for three configurations.
 
 For each configuration: probe the rates (storage through DirectFile, the optimizer body, and the
-compute rate of a decoder layer of the configuration's own shape), plan the run with fuyou.planning
+compute rate of a decoder layer of the configuration's own shape), plan the run with fuyou.planning.search
 (the very graph the runtime will execute), run it, and compare the prediction with the median step
 of steps 2..N. Prints the machine, the rates and a table; numbers are medians (the machine is shared
 and noisy: see docs/planner.md).
@@ -29,10 +29,10 @@ from fuyou.model.importer import import_model  # noqa: E402
 from fuyou.model.skeleton import Skeleton  # noqa: E402
 from fuyou.model.source import ModelSource, preset_config  # noqa: E402
 from fuyou.optim.state import StateConfig  # noqa: E402
-from fuyou.planning import PlanConfig, candidate, model_shape  # noqa: E402
-from fuyou.probe import machine_info, probe_rates  # noqa: E402
-from fuyou.profile import profile_step  # noqa: E402
-from fuyou.runtime import Runtime  # noqa: E402
+from fuyou.planning.search import PlanConfig, candidate, model_shape  # noqa: E402
+from fuyou.planning.probe import machine_info, probe_rates  # noqa: E402
+from fuyou.planning.profile import profile_step  # noqa: E402
+from fuyou.step.runtime import Runtime  # noqa: E402
 from scheduler import Trace  # noqa: E402
 from scheduler.costmodel import Rates, fit_rates, predict  # noqa: E402
 

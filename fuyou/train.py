@@ -25,8 +25,8 @@ from .model.importer import import_model, model_info
 from .model.skeleton import Skeleton
 from .model.source import DEFAULT_PRESET, ModelSource
 from .optim.state import StateConfig
-from .plan import plan_for_model
-from .runtime import Runtime, StepResult
+from .step.memory_plan import plan_for_model
+from .step.runtime import Runtime, StepResult
 from .store.store import Store, StoreError, check_store_target, is_store, new_manifest, open_store, read_manifest
 
 

@@ -63,7 +63,7 @@ def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, devi
     from fuyou.model.skeleton import Skeleton
     from fuyou.model.source import ModelSource
     from fuyou.optim.state import StateConfig
-    from fuyou.runtime import Runtime
+    from fuyou.step.runtime import Runtime
 
     src = ModelSource(ckpt)
     store = import_model(src, store_path, state or StateConfig())

@@ -75,8 +75,8 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     assert "probed" in capsys.readouterr().out
     # A compressed codec is planned with its own probed optimizer rate.
     from fuyou.optim.state import StateConfig
-    from fuyou.planning import PlanConfig, make_plan
-    from fuyou.probe import load_rates
+    from fuyou.planning.search import PlanConfig, make_plan
+    from fuyou.planning.probe import load_rates
 
     rates, _src = load_rates("cpu")
     plan = make_plan(PlanConfig(model="llama-tiny", state=StateConfig(weights="bf16", master="bf16+rem", states="fp8"), max_prefetch_depth=0), rates)
@@ -89,8 +89,8 @@ def test_auto_memory_config_is_what_the_runtime_builds():
     import torch
 
     from fuyou.config import BatchConfig
-    from fuyou.plan import plan_memory
-    from fuyou.planning import PlanConfig, auto_memory_config, load_model_config, model_shape
+    from fuyou.step.memory_plan import plan_memory
+    from fuyou.planning.search import PlanConfig, auto_memory_config, load_model_config, model_shape
     from fuyou.optim.state import StateConfig
 
     cfg = PlanConfig(model="llama-tiny", batch=BatchConfig(batch_size=4, micro_batches=2, seq_len=32), device="cpu", cpu_mem_bytes=20 << 20, gpu_mem_bytes=64 << 20)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from fuyou.cli import main
-from fuyou.profile import compute_stalls, graph_from_events, load_chrome_trace, profile_step, steps_of
+from fuyou.planning.profile import compute_stalls, graph_from_events, load_chrome_trace, profile_step, steps_of
 from scheduler import Trace
 from scheduler.trace import TraceEvent
 from tests.helpers import random_batches, save_checkpoint, tiny_config

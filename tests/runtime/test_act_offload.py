@@ -6,8 +6,8 @@ import os
 import pytest
 
 from fuyou.config import MemoryConfig
-from fuyou.plan import BudgetError
-from fuyou.profile import graph_from_events
+from fuyou.step.memory_plan import BudgetError
+from fuyou.planning.profile import graph_from_events
 from tests.helpers import assert_trains_like_pytorch, random_batches, run_fuyou, save_checkpoint, tiny_config
 
 RTOL, ATOL = 1e-5, 1e-6

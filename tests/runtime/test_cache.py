@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fuyou.config import MemoryConfig
-from fuyou.plan import cache_entry_bytes
+from fuyou.step.memory_plan import cache_entry_bytes
 from fuyou.store.store import open_store
 from tests.helpers import LR, WD, assert_trains_like_pytorch, random_batches, run_fuyou, save_checkpoint, tiny_config
 
@@ -67,7 +67,7 @@ def test_clipped_steps_with_the_cache_match_pytorch(tmp_path):
     from fuyou.model.skeleton import Skeleton
     from fuyou.model.source import ModelSource
     from fuyou.optim.state import StateConfig
-    from fuyou.runtime import Runtime
+    from fuyou.step.runtime import Runtime
 
     ckpt, batches = _setup(tmp_path)
     src = ModelSource(ckpt)

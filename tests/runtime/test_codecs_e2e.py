@@ -9,7 +9,7 @@ from fuyou.model.importer import import_model
 from fuyou.model.skeleton import Skeleton, causal_lm_loss_sum, count_targets
 from fuyou.model.source import ModelSource
 from fuyou.optim.state import KINDS, StateConfig, adamw_update_, decode_master, decode_weights, init_state_, state_layout
-from fuyou.runtime import Runtime
+from fuyou.step.runtime import Runtime
 from tests.helpers import random_batches, save_checkpoint, store_master_weights, tiny_config
 
 LR = 1e-3

@@ -13,7 +13,7 @@ from fuyou.model.importer import import_model
 from fuyou.model.skeleton import Skeleton
 from fuyou.model.source import ModelSource
 from fuyou.optim.state import StateConfig
-from fuyou.runtime import Runtime
+from fuyou.step.runtime import Runtime
 from fuyou.store.directio import set_fault_hook
 from tests.helpers import random_batches, reference_train, save_checkpoint, store_master_weights, tiny_config
 from tests.runtime.test_exactness import ATOL, LR, RTOL, WD, run_fuyou

@@ -18,10 +18,11 @@ import torch
 from scheduler.costmodel import Rates
 from scheduler.planner import Candidate, PlanResult, choose
 
-from .config import BatchConfig, MemoryConfig
-from .optim.state import KINDS, WEIGHT_DTYPES, StateConfig
-from .plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, compute_dtype_for, model_consumers, plan_cache, plan_for_model
-from .stepgraph import assign_opt_slots, build_step_graph
+from ..config import BatchConfig, MemoryConfig
+from ..optim.state import KINDS, WEIGHT_DTYPES, StateConfig
+from .probe import load_rates
+from ..step.graph import LANES, assign_opt_slots, build_step_graph, model_consumers, step_spec
+from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, compute_dtype_for, plan_cache, plan_for_model
 
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
@@ -31,16 +32,6 @@ RULE_KNOBS = (
      "SSD when the host is full, then every other upper layer's is recomputed from the layer below"),
     ("block cache", "whole blocks in forward order while they fit --cache-mem"),
 )
-
-# Rates used when `fuyou probe` has not been run: deliberately low (so a plan errs slow), from
-# DESIGN §5 for the CPU figures (2-vCPU EPYC dev box) and one PCIe 4 x16 NVMe-less H100 host for CUDA.
-DEFAULT_RATES = {
-    "cpu": Rates(read_Bps=1.0e9, write_Bps=0.8e9, h2d_Bps=5e9, d2h_Bps=5e9, compute_flops=40e9, optim_params_per_s=300e6,
-                 latency_s={"read": 2e-3, "write": 10e-3}),
-    "cuda": Rates(read_Bps=2.0e9, write_Bps=1.5e9, h2d_Bps=12e9, d2h_Bps=12e9, compute_flops=200e12, optim_params_per_s=500e6,
-                  latency_s={"read": 1e-3, "write": 5e-3, "compute": 1e-3}),
-}
-
 
 @dataclass(frozen=True, kw_only=True)
 class PlanConfig:
@@ -84,7 +75,7 @@ class ModelShape:
 
 def load_model_config(model: str):
     """The HF config of a preset or a model directory; weights are not needed."""
-    from .model.source import PRESETS, ModelSource
+    from ..model.source import PRESETS, ModelSource
 
     if model in PRESETS:
         return ModelSource(model).config
@@ -100,8 +91,8 @@ def load_model_config(model: str):
 
 
 def model_shape(hf_config, state: StateConfig) -> ModelShape:
-    from .model.skeleton import Skeleton
-    from .store.store import Store, new_manifest
+    from ..model.skeleton import Skeleton
+    from ..store.store import Store, new_manifest
 
     sk = Skeleton(hf_config)
     info = {"source": "plan", "architecture": type(sk.model).__name__, "fingerprint": "", "numel": sk.numel()}
@@ -126,8 +117,6 @@ def ssd_need_bytes(shape: ModelShape) -> int:
 def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int) -> Optional[Candidate]:
     """The plan (micro, depth, opt_slots) as the runtime realises it, or None if the runtime's slot
     planner would turn those budgets into another plan (which is enumerated on its own)."""
-    from .runtime import step_spec
-
     device = torch.device(cfg.device)
     compute_dtype = compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights])
     batch = BatchConfig(batch_size=cfg.batch.batch_size, micro_batches=micro, seq_len=cfg.batch.seq_len)
@@ -207,15 +196,9 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     if not cands:
         raise ValueError(f"{cfg.model}: no plan can be built for batch {cfg.batch.batch_size} x seq {cfg.batch.seq_len}; check the model config")
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
-    from .runtime import LANES
-
     rates = rates.for_codec(cfg.state.states, cfg.state.master)  # the optimizer rate of the planned codec
     result = choose(cands, budgets, rates, naive=naive, lanes=LANES)
     return Plan(cfg, shape, rates, rates_source, result)
-
-
-def default_rates(device: str) -> Rates:
-    return DEFAULT_RATES[device]
 
 
 def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
@@ -228,8 +211,6 @@ def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
     import psutil
 
     if rates is None:
-        from .probe import load_rates
-
         rates, _src = load_rates(cfg.device)
     if cfg.cpu_mem_bytes is None:
         cfg = dataclasses.replace(cfg, cpu_mem_bytes=psutil.virtual_memory().total // 2)
@@ -242,7 +223,7 @@ def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
 
 
 def minimum_message(plan: Plan) -> str:
-    from .memory import format_bytes
+    from ..memory import format_bytes
 
     need = plan.result.minimum_budgets or {}
     flag = {"gpu": "--gpu-mem", "cpu": "--cpu-mem", "ssd": "--ssd-mem"}

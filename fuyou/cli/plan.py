@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Optional
 
-from .config import parse_size
+from ..config import parse_size
 
 RATE_FLAGS = (  # flag, Rates field, scale from the flag's unit
     ("read_gbps", "read_Bps", 1e9),
@@ -99,7 +99,7 @@ def _device(name: Optional[str]) -> str:
 
 def resolve_rates(args, device: str):
     """(Rates, sentence naming where they came from): file or saved probe, then flag overrides."""
-    from .probe import load_rates, read_rates_file
+    from ..planning.probe import load_rates, read_rates_file
 
     if args.rates:
         rates, _m = read_rates_file(args.rates)
@@ -122,9 +122,9 @@ def resolve_rates(args, device: str):
 def _plan(args) -> int:
     from rich.console import Console
 
-    from .config import BatchConfig
-    from .optim.state import StateConfig
-    from .planning import PlanConfig, make_plan
+    from ..config import BatchConfig
+    from ..optim.state import StateConfig
+    from ..planning.search import PlanConfig, make_plan
 
     device = args.device or _device(None)
     if args.max_prefetch_depth < 0:
@@ -152,7 +152,7 @@ def _probe(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .probe import machine_info, probe_rates, rates_table, save_rates
+    from ..planning.probe import machine_info, probe_rates, rates_table, save_rates
 
     if not os.path.isdir(args.store_dir):
         raise ValueError(f"--store-dir {args.store_dir} is not a directory; pass a directory on the disk the store will use")
@@ -170,7 +170,7 @@ def _probe(args) -> int:
     for k, v in rates_table(rates).items():
         t.add_row(k, v)
     t.add_row("plain GEMM (reference)", f"{details['matmul_flops'] / 1e12:.3f} TFLOP/s")
-    from .store.backends import default_backend_name
+    from ..store.backends import default_backend_name
 
     for name, r in details.get("storage_by_backend", {}).items():
         rate = r.get("error") or f"read {r['read_Bps'] / 1e9:.2f} / write {r['write_Bps'] / 1e9:.2f} GB/s"
@@ -185,7 +185,7 @@ def _profile(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .profile import draw_timeline, load_chrome_trace, pick_step, profile_step, steps_of, summary_rows
+    from ..planning.profile import draw_timeline, load_chrome_trace, pick_step, profile_step, steps_of, summary_rows
 
     events = load_chrome_trace(args.trace)
     by_step = steps_of(events)
@@ -213,9 +213,9 @@ def render_plan(plan, console) -> None:
     """The plan as rich tables: the choice beside the naive plan, tiers, rates, knobs not yet built."""
     from rich.table import Table
 
-    from .memory import format_bytes
-    from .planning import RULE_KNOBS, tier_bytes_per_step
-    from .probe import rates_table
+    from ..memory import format_bytes
+    from ..planning.search import RULE_KNOBS, tier_bytes_per_step
+    from ..planning.probe import rates_table
 
     cfg, res = plan.cfg, plan.result
     b = cfg.batch
@@ -246,7 +246,7 @@ def render_plan(plan, console) -> None:
         t.add_row(f"{tier} per step", *[f"{tier_bytes_per_step(e.prediction)[tier] / 1e9:.3f} GB" if e else "-" for e in rows])
     console.print(t)
     if not res.best:
-        from .planning import minimum_message
+        from ..planning.search import minimum_message
 
         console.print(f"[bold red]no plan fits[/]: {minimum_message(plan)}")
     else:
@@ -273,7 +273,7 @@ def render_plan(plan, console) -> None:
 
 
 def _saved_rates_exist() -> bool:
-    from .probe import rates_path
+    from ..planning.probe import rates_path
 
     return os.path.isfile(rates_path())
 

@@ -26,18 +26,17 @@ import torch
 
 from scheduler import Executor, Trace
 
-from .config import BatchConfig, MemoryConfig, OptimConfig
-from .data.dataset import Batch
-from .faults import crash_point
-from .memory import Pool
-from .model.skeleton import EMBED, Skeleton, count_targets
-from .optim.state import OPTIM_KINDS, adamw_update_, decode_weights, set_weight_shape_
-from .plan import Consumer, cache_entry_bytes, compute_dtype_for, model_consumers, opt_region_offsets, plan_for_model
-from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, block_indices, build_redo_graph, build_step_graph, consumer_flops
-from .store.directio import DirectFile, aligned_bytes
-from .store.store import Store
+from ..config import BatchConfig, MemoryConfig, OptimConfig
+from ..data.dataset import Batch
+from ..faults import crash_point
+from ..memory import Pool
+from ..model.skeleton import EMBED, Skeleton, count_targets
+from ..optim.state import OPTIM_KINDS, adamw_update_, decode_weights, set_weight_shape_
+from ..store.directio import DirectFile, aligned_bytes
+from ..store.store import Store
+from .graph import LANES, Consumer, assign_opt_slots, build_redo_graph, build_step_graph, model_consumers, step_spec
+from .memory_plan import cache_entry_bytes, compute_dtype_for, opt_region_offsets, plan_for_model
 
-LANES = {"read": 1, "write": 1, "h2d": 1, "d2h": 1, "compute": 1, "optim": 1, "commit": 1}
 
 
 @dataclass
@@ -436,7 +435,7 @@ class Runtime:
 
     def _compute_fn(self, u: int, st: "_StepState"):
         def run():
-            from .runtime_compute import run_consumer
+            from .compute import run_consumer
 
             run_consumer(self, u, st)
             if self.device.type == "cuda":
@@ -477,32 +476,6 @@ class _Bodies:
 
     def act_in(self, i):
         return self.rt._act_in_fn(i, self.st)
-
-
-def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:
-    """Sizes of every task of a step, from the store's layout and the model's shape."""
-    blocks = {
-        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS)) for b, lay in store.layouts.items()
-    }
-    cfg = skeleton.config
-    tokens = batch.batch_size * batch.seq_len
-    flops = [
-        consumer_flops(
-            c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer, recompute=plan.recompute
-        )
-        for c in cons
-    ]
-    # A layer whose input is recomputed also runs the forward of the layer below (block index i - 1,
-    # the i-1-th consumer) in its backward.
-    index = block_indices(cons)
-    for u, c in enumerate(cons):
-        if c.phase == "bwd" and index[c.block] in plan.act_recompute:
-            flops[u] += flops[index[c.block] - 1]
-    return StepSpec(
-        cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
-        act_offload=plan.act_offload, act_block_bytes=plan.micro_batches * plan.act_bytes, act_recompute=frozenset(plan.act_recompute),
-        act_ssd=plan.act_ssd,
-    )
 
 
 def _noop() -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Dict
 
 import torch
 
-from .model.skeleton import causal_lm_loss_sum
+from ..model.skeleton import causal_lm_loss_sum
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runtime import Runtime, _StepState

@@ -17,10 +17,11 @@ from typing import List, Optional
 import psutil
 import torch
 
-from .memory import format_bytes
-from .optim.state import KINDS, OPTIM_KINDS
-from .store.directio import aligned_bytes
-from .store.store import Store
+from ..memory import format_bytes
+from ..optim.state import KINDS, OPTIM_KINDS
+from ..store.directio import aligned_bytes
+from ..store.store import Store
+from .graph import Consumer, model_consumers
 
 MAX_OPT_SLOTS = 3  # more only adds optimizer run-ahead the backward cannot use (one block per backward)
 MAX_GRAD_SLOTS = 2  # one filled by the backward while the optimizer consumes the other
@@ -32,15 +33,6 @@ ACT_OFFLOAD_WINDOW = 3
 
 class BudgetError(ValueError):
     """The budgets cannot hold one block plus its buffers (the message gives the minimum)."""
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """One use of weights by the compute lane: phase 'fwd', 'head' (forward+backward) or 'bwd'."""
-
-    phase: str
-    block: str
-    weight_blocks: tuple  # blocks whose weights files it reads (own first, then borrowed)
 
 
 @dataclass
@@ -97,15 +89,6 @@ class MemoryPlan:
     @property
     def recompute(self) -> bool:
         return self.kept_bytes == 0
-
-
-def consumers(block_names: List[str], borrowed: dict) -> List[Consumer]:
-    """Weight uses in compute order: forward embed..layers, head (fwd+bwd fused), backward layers..embed."""
-    embed, *layers, head = block_names
-    out = [Consumer("fwd", b, (b,)) for b in [embed] + layers]
-    out.append(Consumer("head", head, (head,) + tuple(borrowed.get(head, ()))))
-    out += [Consumer("bwd", b, (b,)) for b in reversed([embed] + layers)]
-    return out
 
 
 def opt_region_offsets(store: Store, block: str) -> dict:
@@ -260,11 +243,6 @@ def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
     if torch.device(device).type == "cpu":
         return torch.float32
     return stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
-
-
-def model_consumers(store: Store, skeleton) -> List[Consumer]:
-    borrowed = {b.name: tuple(owner for owner, _ in b.borrowed) for b in skeleton.blocks}
-    return consumers(store.block_names, borrowed)
 
 
 def plan_for_model(

@@ -17,8 +17,7 @@ from typing import Dict, List, Optional, Tuple
 from scheduler.costmodel import Prediction, Rates, fit_rates, predict
 from scheduler.trace import TraceEvent
 
-from .plan import Consumer
-from .stepgraph import BlockSizes, StepSpec, assign_opt_slots, block_indices, build_step_graph
+from ..step.graph import BlockSizes, Consumer, StepSpec, assign_opt_slots, block_indices, build_step_graph
 
 IO_KINDS = ("read", "write", "h2d", "d2h")
 LANE_ORDER = ("read", "h2d", "compute", "d2h", "optim", "write", "commit")

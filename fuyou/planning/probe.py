@@ -28,6 +28,14 @@ import torch
 from scheduler.costmodel import Rates
 
 RATES_FILE = "rates.json"
+# Rates used when `fuyou probe` has not been run: deliberately low (so a plan errs slow), from
+# the 2-vCPU EPYC dev box's measured figures for the CPU and one PCIe 4 x16 NVMe-less H100 host for CUDA.
+DEFAULT_RATES = {
+    "cpu": Rates(read_Bps=1.0e9, write_Bps=0.8e9, h2d_Bps=5e9, d2h_Bps=5e9, compute_flops=40e9, optim_params_per_s=300e6,
+                 latency_s={"read": 2e-3, "write": 10e-3}),
+    "cuda": Rates(read_Bps=2.0e9, write_Bps=1.5e9, h2d_Bps=12e9, d2h_Bps=12e9, compute_flops=200e12, optim_params_per_s=500e6,
+                  latency_s={"read": 1e-3, "write": 5e-3, "compute": 1e-3}),
+}
 DEFAULT_FILE_BYTES = 512 << 20
 # Files per task in the step graph: a weights read is one file (two with a tied embedding), a
 # states read three (master, exp_avg, exp_avg_sq), a write four (those plus the new weights).
@@ -104,7 +112,7 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
                   backend: Optional[str] = None) -> dict:
     """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does,
     through the I/O `backend` (None: the default one); `background` runs meanwhile (see _Busy)."""
-    from .store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
+    from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
 
     if total_bytes < files * ALIGN:
         raise ValueError(f"--size {total_bytes} is too small; give at least {files * ALIGN} bytes (e.g. 512MiB)")
@@ -175,7 +183,7 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
 def probe_backends(store_dir: str, total_bytes: int, log: Callable[[str], None] = lambda _s: None) -> Dict[str, dict]:
     """Read and write GB/s of every I/O backend that can run here, one after another with nothing
     else running (the plan's storage rates are the default backend's, probed under load)."""
-    from .store import backends
+    from ..store import backends
 
     backends.get_backend()  # registers the optional backends
     out = {}
@@ -268,7 +276,7 @@ class LayerRunner:
     """One decoder layer run as the runtime runs it: forward, then recompute + backward."""
 
     def __init__(self, device: torch.device, hidden: int, intermediate: int, heads: int, kv_heads: int):
-        from .model.skeleton import Skeleton
+        from ..model.skeleton import Skeleton
 
         self.device, self.hidden = device, hidden
         self.dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -352,7 +360,7 @@ def probe_compute(
 def io_loop(store_dir: str, nbytes: int = 16 << 20) -> Tuple[Callable[[], None], Callable[[], None]]:
     """(step, cleanup): one write + fsync and one read of an `nbytes` file per step, as the
     store's write and read lanes do during a training step."""
-    from .store.directio import DirectFile, aligned_bytes, aligned_empty
+    from ..store.directio import DirectFile, aligned_bytes, aligned_empty
 
     buf = aligned_empty(aligned_bytes(nbytes))
     buf.zero_()
@@ -393,9 +401,9 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
                 moments: str = "fp32", master: str = "fp32") -> float:
     """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_, with the
     given moment and master codecs (bf16 compute weights when they are compressed)."""
-    from .optim.state import KINDS, StateConfig, adamw_update_
-    from .store.directio import aligned_empty
-    from .store.store import BlockLayout
+    from ..optim.state import KINDS, StateConfig, adamw_update_
+    from ..store.directio import aligned_empty
+    from ..store.store import BlockLayout
 
     compressed = (moments, master) != ("fp32", "fp32")
     cfg = StateConfig(weights="bf16" if compressed else "fp32", master=master, states=moments)
@@ -488,14 +496,12 @@ def read_rates_file(path: str) -> Tuple[Rates, dict]:
 def load_rates(device: str, path: Optional[str] = None) -> Tuple[Rates, str]:
     """Saved probe rates for this device kind, else the planner's conservative defaults; with a
     sentence saying which."""
-    from .planning import default_rates
-
     path = path or rates_path()
     if os.path.isfile(path):
         rates, machine = read_rates_file(path)
         if machine.get("device", device) == device:
             return rates, f"probed {machine.get('date', '?')} on {machine.get('cpu', '?')}" + (f" / {machine['gpu']}" if "gpu" in machine else "") + f" ({path})"
-    return default_rates(device), f"conservative defaults for {device} (no `fuyou probe` result for this device at {path})"
+    return DEFAULT_RATES[device], f"conservative defaults for {device} (no `fuyou probe` result for this device at {path})"
 
 
 def rates_table(rates: Rates) -> Dict[str, str]:

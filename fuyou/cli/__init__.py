@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import BatchConfig, MemoryConfig, OptimConfig, parse_size
+from ..config import BatchConfig, MemoryConfig, OptimConfig, parse_size
 
 EXIT_USAGE = 2
 LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
@@ -99,7 +99,7 @@ def _add_export(sub) -> None:
 
 
 def _export(args) -> int:
-    from .export import export_store
+    from ..export import export_store
 
     out = export_store(args.store, args.to)
     print(f"exported {args.store} to {out}", file=sys.stderr)
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_finetune(sub)
     _add_export(sub)
-    from .cli_plan import add_subcommands
+    from .plan import add_subcommands
 
     add_subcommands(sub)
     return parser
@@ -120,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _finetune(args) -> int:
     from rich.console import Console
 
-    from .model.source import PRESETS
-    from .optim.state import StateConfig
-    from .train import FinetuneConfig, finetune, print_summary
+    from ..model.source import PRESETS
+    from ..optim.state import StateConfig
+    from ..train import FinetuneConfig, finetune, print_summary
 
     lr = args.lr if args.lr is not None else (LR_FROM_SCRATCH if args.model in PRESETS else LR_FINETUNE)
     cfg = FinetuneConfig(
@@ -151,8 +151,8 @@ def _finetune(args) -> int:
     if args.plan == "auto":
         import dataclasses
 
-        from .planning import PlanConfig, auto_memory_config
-        from .train import resolve_device
+        from ..planning.search import PlanConfig, auto_memory_config
+        from ..train import resolve_device
 
         plan_cfg = PlanConfig(
             model=args.model, batch=cfg.batch, state=cfg.state, device=resolve_device(args.device).type, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem,
@@ -173,7 +173,7 @@ def _finetune(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .store.store import StoreError
+    from ..store.store import StoreError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -181,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        from .cli_plan import COMMANDS
+        from .plan import COMMANDS
 
         return {"finetune": _finetune, "export": _export, **COMMANDS}[args.command](args)
     except KeyboardInterrupt:

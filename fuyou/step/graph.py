@@ -12,7 +12,37 @@ from typing import Callable, Dict, List, Optional, Protocol
 
 from scheduler import Graph
 
-from .plan import Consumer
+from ..config import BatchConfig
+from ..model.skeleton import Skeleton
+from ..optim.state import OPTIM_KINDS
+from ..store.store import Store
+
+
+# One thread per lane: the executor and the cost model both run the step graph with these.
+LANES = {"read": 1, "write": 1, "h2d": 1, "d2h": 1, "compute": 1, "optim": 1, "commit": 1}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One use of weights by the compute lane: phase 'fwd', 'head' (forward+backward) or 'bwd'."""
+
+    phase: str
+    block: str
+    weight_blocks: tuple  # blocks whose weights files it reads (own first, then borrowed)
+
+
+def consumers(block_names: List[str], borrowed: dict) -> List[Consumer]:
+    """Weight uses in compute order: forward embed..layers, head (fwd+bwd fused), backward layers..embed."""
+    embed, *layers, head = block_names
+    out = [Consumer("fwd", b, (b,)) for b in [embed] + layers]
+    out.append(Consumer("head", head, (head,) + tuple(borrowed.get(head, ()))))
+    out += [Consumer("bwd", b, (b,)) for b in reversed([embed] + layers)]
+    return out
+
+
+def model_consumers(store: Store, skeleton) -> List[Consumer]:
+    borrowed = {b.name: tuple(owner for owner, _ in b.borrowed) for b in skeleton.blocks}
+    return consumers(store.block_names, borrowed)
 
 
 @dataclass(frozen=True)
@@ -183,3 +213,29 @@ def build_redo_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
         optims[b] = op
         writes[b] = g.add(f"redo_write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
     return g
+
+
+def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:
+    """Sizes of every task of a step, from the store's layout and the model's shape."""
+    blocks = {
+        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS)) for b, lay in store.layouts.items()
+    }
+    cfg = skeleton.config
+    tokens = batch.batch_size * batch.seq_len
+    flops = [
+        consumer_flops(
+            c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer, recompute=plan.recompute
+        )
+        for c in cons
+    ]
+    # A layer whose input is recomputed also runs the forward of the layer below (block index i - 1,
+    # the i-1-th consumer) in its backward.
+    index = block_indices(cons)
+    for u, c in enumerate(cons):
+        if c.phase == "bwd" and index[c.block] in plan.act_recompute:
+            flops[u] += flops[index[c.block] - 1]
+    return StepSpec(
+        cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
+        act_offload=plan.act_offload, act_block_bytes=plan.micro_batches * plan.act_bytes, act_recompute=frozenset(plan.act_recompute),
+        act_ssd=plan.act_ssd,
+    )
