@@ -152,9 +152,10 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {source.config.vocab_size}; use the model's own tokenizer")
     dataset = TokenDataset(cfg.data or DEFAULT_CORPUS, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
     existing = prepare_store(cfg, source)
-    # Check the memory plan on the store's layout before writing anything.
+    # The run's memory plan, made on the store's layout before anything is written (a budget that
+    # cannot hold one block is refused here), and handed to the runtime.
     dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), cfg.state, skeleton.manifest_blocks()))
-    _check_plan(dry, skeleton, device, cfg)
+    plan = plan_for_model(dry, skeleton, device=device, batch=cfg.batch, memory=cfg.memory)
 
     t0 = time.perf_counter()
     if existing is None:
@@ -165,7 +166,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
         store = open_store(cfg.store)
     import_s = time.perf_counter() - t0
     store.verify = cfg.verify_reads
-    rt = Runtime(store, skeleton, device=device, memory=cfg.memory, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm, disk_mode=cfg.disk_mode)
+    rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm, disk_mode=cfg.disk_mode)
     results: List[StepResult] = []
     proc = psutil.Process()
     peak_rss = proc.memory_info().rss
@@ -203,13 +204,6 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
             os.makedirs(cfg.trace_dir, exist_ok=True)
             trace.save_chrome(os.path.join(cfg.trace_dir, "trace.json"))
     return FinetuneResult(results, os.path.abspath(cfg.store), store.numel(), peak_rss, {p.name: p.report() for p in (rt.cpu_pool, rt.dev_pool, rt.cache_pool)}, import_s)
-
-
-def _check_plan(store: Store, skeleton: Skeleton, device: torch.device, cfg: FinetuneConfig) -> None:
-    m = cfg.memory
-    plan_for_model(
-        store, skeleton, device=device, batch=cfg.batch, prefetch_depth=m.prefetch_depth, cpu_budget=m.cpu_mem_bytes, device_budget=m.gpu_mem_bytes, recompute=m.recompute
-    )
 
 
 def _import(source: ModelSource, cfg: FinetuneConfig, console) -> Store:

@@ -214,7 +214,8 @@ def render_plan(plan, console) -> None:
     from rich.table import Table
 
     from ..memory import format_bytes
-    from ..planning.search import RULE_KNOBS, tier_bytes_per_step
+    from ..planning.search import RULE_KNOBS
+    from ..step.graph import bytes_per_step
     from ..planning.probe import rates_table
 
     cfg, res = plan.cfg, plan.result
@@ -243,7 +244,7 @@ def render_plan(plan, console) -> None:
     for lane in lanes:
         t.add_row(f"busy {lane}", *[f"{e.prediction.busy_fraction().get(lane, 0) * 100:.0f}%" if e else "-" for e in rows])
     for tier in ("ssd read", "ssd written", "cpu->gpu"):
-        t.add_row(f"{tier} per step", *[f"{tier_bytes_per_step(e.prediction)[tier] / 1e9:.3f} GB" if e else "-" for e in rows])
+        t.add_row(f"{tier} per step", *[f"{bytes_per_step(e.prediction.trace.events)[tier] / 1e9:.3f} GB" if e else "-" for e in rows])
     console.print(t)
     if not res.best:
         from ..planning.search import minimum_message

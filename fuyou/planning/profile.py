@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 from scheduler.costmodel import Prediction, Rates, fit_rates, predict
 from scheduler.trace import TraceEvent
 
-from ..step.graph import BlockSizes, Consumer, StepSpec, assign_opt_slots, block_indices, build_step_graph
+from ..step.graph import BlockSizes, Consumer, StepSpec, TaskName, assign_opt_slots, block_indices, build_step_graph, bytes_per_step
 
 IO_KINDS = ("read", "write", "h2d", "d2h")
 LANE_ORDER = ("read", "h2d", "compute", "d2h", "optim", "write", "commit")
@@ -123,13 +123,7 @@ def profile_step(events: List[TraceEvent], rates: Optional[Dict[str, Rates]] = N
     comp = unions.get("compute", [])
     others = _union([iv for k, v in unions.items() if k != "compute" and k != "commit" for iv in v])
     overlap = _intersect_len(comp, others) / _length(comp) if _length(comp) else 0.0
-    moved = {"ssd read": 0, "block cache read": 0, "ssd written": 0, "cpu->gpu": 0, "gpu->cpu": 0}
-    for e in events:
-        key = {"read": "ssd read", "write": "ssd written", "h2d": "cpu->gpu", "d2h": "gpu->cpu"}.get(e.kind)
-        if key:
-            moved[key] += e.nbytes
-        moved["block cache read"] += int(e.meta.get("copy_bytes", 0))
-    prof = StepProfile(events[0].step or 0, span / 1e9, busy, overlap, compute_stalls(events), moved)
+    prof = StepProfile(events[0].step or 0, span / 1e9, busy, overlap, compute_stalls(events), bytes_per_step(events))
     graph, slots = graph_from_events(events)
     if graph is not None:
         prof.slots = slots
@@ -154,8 +148,8 @@ def compute_stalls(events: List[TraceEvent]) -> Dict[str, float]:
         prev_end = c.end_ns
         if g1 <= g0:
             continue
-        read = by_name.get(f"read_w{u}:{c.meta.get('block', c.name.split(':', 1)[-1])}")
-        h2d = by_name.get(f"h2d{u}:{c.meta.get('block', c.name.split(':', 1)[-1])}")
+        read = by_name.get(TaskName.read_weights(u, c.meta["block"]))
+        h2d = by_name.get(TaskName.h2d(u, c.meta["block"]))
         t = g0
         if read is not None and read.end_ns > t:
             stalls["weights read"] += (min(read.end_ns, g1) - t) / 1e9
@@ -176,37 +170,37 @@ def graph_from_events(events: List[TraceEvent]):
     not a step of the runtime's graph. Slot counts: the smallest the measured order respects."""
     comp = sorted((e for e in events if e.kind == "compute"), key=lambda e: e.start_ns)
     by_name = {e.name: e for e in events}
-    try:
-        cons_blocks = [(c.meta.get("phase") or c.name.split(":", 1)[0], c.meta.get("block") or c.name.split(":", 1)[1]) for c in comp]
-    except IndexError:
+    if not all("phase" in c.meta and "block" in c.meta for c in comp):
         return None, {}
+    cons_blocks = [(c.meta["phase"], c.meta["block"]) for c in comp]
     order = [b for p, b in cons_blocks if p == "fwd"]
     if not order or not any(p == "head" for p, _ in cons_blocks):
         return None, {}
     head = next(b for p, b in cons_blocks if p == "head")
     embed = order[0]
+    weight_reads = [e for e in events if e.meta.get("role") == "read_weights"]
     blocks: Dict[str, BlockSizes] = {}
     cached = set()  # blocks whose reads the block cache served (their bytes are in meta copy_bytes)
     for b in order + [head]:
-        rs, wr, op = by_name.get(f"read_s:{b}"), by_name.get(f"write:{b}"), by_name.get(f"optim:{b}")
+        rs, wr, op = by_name.get(TaskName.read_states(b)), by_name.get(TaskName.write(b)), by_name.get(TaskName.optim(b))
         if rs is not None and wr is not None and op is not None:
             states = rs.nbytes + int(rs.meta.get("copy_bytes", 0))
             if rs.meta.get("copy_bytes"):
                 cached.add(b)
             blocks[b] = BlockSizes(int(op.meta.get("numel", 0)), wr.nbytes - states, states)
         else:
-            rw = next((e for e in events if e.kind == "read" and e.name.startswith("read_w") and e.name.endswith(f":{b}")), None)
+            rw = next((e for e in weight_reads if e.meta.get("block") == b), None)
             blocks[b] = BlockSizes(0, rw.nbytes if rw else 0, 0)
-    head_read = next((e.nbytes + int(e.meta.get("copy_bytes", 0)) for e in events if e.name.endswith(f":{head}") and e.name.startswith("read_w")), 0)
+    head_read = next((e.nbytes + int(e.meta.get("copy_bytes", 0)) for e in weight_reads if e.meta.get("block") == head), 0)
     tied = head_read > blocks[head].weights_bytes and embed in blocks and head_read >= blocks[head].weights_bytes + blocks[embed].weights_bytes
     cons = [Consumer(p, b, (b, embed) if (p == "head" and tied) else (b,)) for p, b in cons_blocks]
     flops = [c.flops for c in comp]
-    act_out = [e for e in events if e.name.startswith("act_out")]  # offloaded block inputs
+    act_out = [e for e in events if e.meta.get("role") == "act_out"]  # offloaded block inputs
     act_bytes = act_out[0].nbytes if act_out else 0
     act_ssd = sum(1 for e in act_out if e.kind == "write")
     index = block_indices(cons)
     act_recompute = frozenset(index[c.meta.get("block")] for c in comp if c.meta.get("from_below") and c.meta.get("block") in index)
-    has_h2d = any(e.kind == "h2d" and not e.name.startswith("act_in") for e in events)
+    has_h2d = any(e.meta.get("role") == "h2d" for e in events)
     for w, d, o, gs in _slot_counts(has_h2d, bool(act_recompute)):
         g = build_step_graph(StepSpec(cons, blocks, w, d, o, assign_opt_slots(cons, tied, o, embed), flops, gs, frozenset(cached),
                                       act_offload=len(act_out), act_block_bytes=act_bytes, act_recompute=act_recompute, act_ssd=act_ssd))

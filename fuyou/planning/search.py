@@ -9,6 +9,7 @@ own (`build_step_graph` over `step_spec`), so what is predicted is what will run
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -22,7 +23,7 @@ from ..config import BatchConfig, MemoryConfig
 from ..optim.state import KINDS, WEIGHT_DTYPES, StateConfig
 from .probe import load_rates
 from ..step.graph import LANES, assign_opt_slots, build_step_graph, model_consumers, step_spec
-from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, compute_dtype_for, plan_cache, plan_for_model
+from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, plan_for_model
 
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
@@ -104,8 +105,22 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _plan_memory(shape: ModelShape, device: torch.device, compute_dtype, batch: BatchConfig, depth: int, cpu: int, gpu: int):
-    return plan_for_model(shape.store, shape.skeleton, device=device, batch=batch, prefetch_depth=depth, cpu_budget=cpu, device_budget=gpu, compute_dtype=compute_dtype)
+def _plan_memory(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, depth: int, cpu: int, gpu: int):
+    """The runtime's memory plan of a candidate (recompute always, the candidate's block cache)."""
+    device = torch.device(cfg.device)
+    memory = MemoryConfig(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, prefetch_depth=depth, recompute="always", cache_mem_bytes=cfg.cache_mem_bytes)
+    return plan_for_model(shape.store, shape.skeleton, device=device, batch=batch, memory=memory,
+                          compute_dtype=compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights]))
+
+
+def slot_sizes(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int) -> Optional[MemoryPlan]:
+    """The plan of (micro, depth) without budgets: every slot's size, and the most slots it would
+    use; None when even that cannot be built. Shared by the candidates that differ in optimizer slots."""
+    batch = BatchConfig(batch_size=cfg.batch.batch_size, micro_batches=micro, seq_len=cfg.batch.seq_len)
+    try:
+        return _plan_memory(shape, cfg, batch, depth, UNCONSTRAINED, UNCONSTRAINED)
+    except BudgetError:
+        return None
 
 
 def ssd_need_bytes(shape: ModelShape) -> int:
@@ -114,29 +129,26 @@ def ssd_need_bytes(shape: ModelShape) -> int:
     return 2 * sum(lay.kinds[k].file_bytes for lay in shape.store.layouts.values() for k in KINDS)
 
 
-def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int) -> Optional[Candidate]:
+def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int, sizes: Optional[MemoryPlan] = None) -> Optional[Candidate]:
     """The plan (micro, depth, opt_slots) as the runtime realises it, or None if the runtime's slot
-    planner would turn those budgets into another plan (which is enumerated on its own)."""
-    device = torch.device(cfg.device)
-    compute_dtype = compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights])
+    planner would turn those budgets into another plan (which is enumerated on its own). `sizes`:
+    slot_sizes(shape, cfg, micro, depth), when the caller has it already."""
     batch = BatchConfig(batch_size=cfg.batch.batch_size, micro_batches=micro, seq_len=cfg.batch.seq_len)
-    try:
-        sizes = _plan_memory(shape, device, compute_dtype, batch, depth, UNCONSTRAINED, UNCONSTRAINED)
-    except BudgetError:
+    sizes = sizes or slot_sizes(shape, cfg, micro, depth)
+    if sizes is None:
         return None
     w = depth + 1
     cpu = w * sizes.stage_slot_bytes + (opt_slots + sizes.tied_slot) * sizes.opt_slot_bytes + (MAX_GRAD_SLOTS + sizes.tied_slot) * sizes.grad_slot_bytes
     full_dev = sizes.device_bytes()  # with depth + 1 device slots (or none when no copy is needed)
     gpu = full_dev if cfg.gpu_mem_bytes is None else min(full_dev, cfg.gpu_mem_bytes)
     try:
-        plan = _plan_memory(shape, device, compute_dtype, batch, depth, cpu, gpu)
+        plan = _plan_memory(shape, cfg, batch, depth, cpu, gpu)
     except BudgetError:
-        plan = sizes  # does not fit the device budget at all: keep it, the planner reports the need
-        plan.weight_slots, plan.opt_slots = w, opt_slots
+        # Does not fit the device budget at all: keep the sizes, the planner reports the need.
+        plan = dataclasses.replace(sizes, weight_slots=w, opt_slots=opt_slots)
         gpu = full_dev
     if (plan.weight_slots, plan.opt_slots) != (w, opt_slots):
         return None
-    plan.cache_blocks, plan.cache_bytes = plan_cache(shape.store, cfg.cache_mem_bytes)
     owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0])
     spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch)
 
@@ -187,10 +199,11 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     cands = [naive] if naive is not None else []
     for micro in micros:
         for depth in range(cfg.max_prefetch_depth + 1):
+            sizes = slot_sizes(shape, cfg, micro, depth)
             for k in range(1, MAX_OPT_SLOTS + 1):
-                if (micro, depth, k) == (cfg.batch.micro_batches, 0, 1):
+                if (micro, depth, k) == (cfg.batch.micro_batches, 0, 1) or sizes is None:
                     continue
-                c = candidate(shape, cfg, micro, depth, k)
+                c = candidate(shape, cfg, micro, depth, k, sizes)
                 if c is not None:
                     cands.append(c)
     if not cands:
@@ -206,8 +219,6 @@ def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
 
     Budgets left None get the runtime's own defaults on this machine (host: half the RAM; CUDA: 90%
     of the free device memory). Raises ValueError naming the minimum budgets when nothing fits."""
-    import dataclasses
-
     import psutil
 
     if rates is None:
@@ -235,9 +246,3 @@ def minimum_message(plan: Plan) -> str:
 
 def _ceil_mib(n: int) -> str:
     return f"{(int(n) + (1 << 20) - 1) >> 20}MiB"
-
-
-def tier_bytes_per_step(pred) -> Dict[str, int]:
-    """Bytes a predicted step moves per tier link."""
-    b = pred.bytes
-    return {"ssd read": b.get("read", 0), "ssd written": b.get("write", 0), "cpu->gpu": b.get("h2d", 0), "gpu->cpu": b.get("d2h", 0)}

@@ -1,14 +1,17 @@
 """The task graph of one training step, built from sizes alone.
 
-The runtime builds it with real task bodies and runs it; the planner builds the very same graph with
-no bodies and feeds it to the cost model (scheduler.costmodel) to predict a step before running it.
-Slot reuse is expressed as dependencies (see runtime.py), so what the cost model simulates is
-exactly what the executor will be allowed to do.
+The runtime builds it with real task bodies (bodies.py) and runs it; the planner builds the very
+same graph with no bodies and feeds it to the cost model (scheduler.costmodel) to predict a step
+before running it; the profiler rebuilds it from a trace. Slot reuse is expressed as dependencies
+(a task starts only once the task that last used its slot has finished), so what the cost model
+simulates is exactly what the executor will be allowed to do, and no task ever waits for memory.
+`describe()` (schedule.py) prints the schedule one line per consumer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Protocol
+from functools import partial
+from typing import Dict, Iterable, List, Optional, Protocol
 
 from scheduler import Graph
 
@@ -63,8 +66,8 @@ class StepSpec:
     flops: List[int]  # per consumer
     grad_slots: int = 2  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
     cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
-    act_offload: int = 0  # inputs of layers 1..act_offload go to the host after their forward (see plan.py)
-    act_recompute: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see plan.py)
+    act_offload: int = 0  # inputs of layers 1..act_offload go to the host after their forward (see memory_plan.py)
+    act_recompute: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see memory_plan.py)
     act_ssd: int = 0  # offloaded inputs of layers 1..act_ssd go to the store's disk, not host memory
     act_block_bytes: int = 0  # one block's inputs, every micro-batch
 
@@ -81,27 +84,71 @@ def _previous_holders(order: List[str], owner: Dict[str, int], slots: int) -> Di
     return {cyc[i]: cyc[i - slots] for i in range(slots, len(cyc))}
 
 
+class TaskName:
+    """The name of every task of the step graph, one constructor per role: the graph names its tasks
+    with these and the profiler finds them in a trace with the same calls. Each task also carries
+    its role in `meta["role"]`."""
+
+    @staticmethod
+    def read_weights(u: int, block: str) -> str:
+        return f"read_w{u}:{block}"
+
+    @staticmethod
+    def h2d(u: int, block: str) -> str:
+        return f"h2d{u}:{block}"
+
+    @staticmethod
+    def compute(phase: str, block: str) -> str:
+        return f"{phase}:{block}"
+
+    @staticmethod
+    def act_out(i: int, block: str) -> str:
+        return f"act_out{i}:{block}"
+
+    @staticmethod
+    def act_in(i: int, block: str) -> str:
+        return f"act_in{i}:{block}"
+
+    @staticmethod
+    def read_states(block: str, redo: bool = False) -> str:
+        return f"{'redo_' if redo else ''}read_s:{block}"
+
+    @staticmethod
+    def read_grad(block: str) -> str:
+        return f"redo_read_g:{block}"
+
+    @staticmethod
+    def optim(block: str, redo: bool = False) -> str:
+        return f"{'redo_' if redo else ''}optim:{block}"
+
+    @staticmethod
+    def write(block: str, redo: bool = False) -> str:
+        return f"{'redo_' if redo else ''}write:{block}"
+
+
 class TaskBodies(Protocol):
-    def read_weights(self, u: int) -> Callable[[], object]: ...
-    def h2d(self, u: int) -> Callable[[], object]: ...
-    def compute(self, u: int) -> Callable[[], object]: ...
-    def read_states(self, b: str) -> Callable[[], object]: ...
-    def optim(self, b: str) -> Callable[[], object]: ...
-    def write(self, b: str) -> Callable[[], object]: ...
-    def read_grad(self, b: str) -> Callable[[], object]: ...
-    def act_out(self, i: int) -> Callable[[], object]: ...
-    def act_in(self, i: int) -> Callable[[], object]: ...
+    """What each task runs (bodies.StepBodies); the graph binds the argument."""
 
-
-def _noop() -> None:
-    return None
+    def read_weights(self, u: int) -> None: ...
+    def h2d(self, u: int) -> None: ...
+    def compute(self, u: int) -> None: ...
+    def read_states(self, b: str) -> None: ...
+    def optim(self, b: str) -> None: ...
+    def write(self, b: str) -> None: ...
+    def read_grad(self, b: str) -> None: ...
+    def act_out(self, i: int) -> None: ...
+    def act_in(self, i: int) -> None: ...
 
 
 class NoBodies:
     """Bodies that do nothing: the graph's shape and sizes only (for the cost model)."""
 
     def __getattr__(self, _name):
-        return lambda *_a: _noop
+        return _noop
+
+
+def _noop(*_args) -> None:
+    return None
 
 
 def assign_opt_slots(cons: List[Consumer], tied: bool, opt_slots: int, embed: str) -> Dict[str, int]:
@@ -132,87 +179,144 @@ def consumer_flops(
     return {"fwd": fwd, "head": 3 * fwd, "bwd": (3 if recompute or not is_layer else 2) * fwd}[c.phase]
 
 
-def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
-    bodies = bodies or NoBodies()
-    g = Graph()
-    W, D, O = spec.weight_slots, spec.device_slots, spec.opt_slots
-    if spec.act_recompute and (W < 2 or D == 1):
-        raise ValueError("recomputed block inputs need two weight slots (and two device slots when there are any)")
-    compute, ready, writes, optims = [], {}, {}, {}
-    order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
-    opt_free = _previous_holders(order, spec.opt_owner, O)  # freed by that block's write
-    grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)  # freed by that block's optimizer
-    index = block_indices(spec.cons)
-    act_out, bwd_done = {}, {}
+def _optimizer_order(spec: StepSpec) -> List[str]:
+    """Blocks with parameters in the order the optimizer lane updates them (backward order)."""
+    return [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
 
-    def weights_ready(u: int):
+
+class _StepGraphBuilder:
+    """Adds the tasks of one step in compute order; each method adds one kind of task with the
+    dependencies that order its slot reuse."""
+
+    def __init__(self, spec: StepSpec, bodies: TaskBodies):
+        self.spec, self.bodies, self.g = spec, bodies, Graph()
+        order = _optimizer_order(spec)
+        self.opt_free = _previous_holders(order, spec.opt_owner, spec.opt_slots)  # freed by that block's write
+        self.grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)  # freed by that block's optimizer
+        self.index = block_indices(spec.cons)
+        self.compute: list = []  # compute task of each consumer so far
+        self.ready: dict = {}  # consumer -> the task after which its weights sit in their slot
+        self.optims: dict = {}
+        self.writes: dict = {}
+        self.act_out: dict = {}  # layer -> its offload task
+        self.bwd_done: dict = {}  # layer -> its backward's compute task
+
+    def weights_ready(self, u: int):
         """The task after which consumer u's weights sit in its slot (added once)."""
-        if u in ready:
-            return ready[u]
-        c = spec.cons[u]
+        if u in self.ready:
+            return self.ready[u]
+        spec, g, c = self.spec, self.g, self.spec.cons[u]
+        W, D = spec.weight_slots, spec.device_slots
         stage_bytes = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks)
         copied = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks if b in spec.cached)
-        release = (ready[u - W] if D else compute[u - W]) if u >= W else None
+        # The staging slot is free once its last user has been copied to the device (or computed).
+        release = (self.ready[u - W] if D else self.compute[u - W]) if u >= W else None
         # nbytes: what the store reads; copy_bytes: what comes from the block cache instead.
-        read = g.add(f"read_w{u}:{c.block}", "read", "read", bodies.read_weights(u), [release], nbytes=stage_bytes - copied, block=c.block, copy_bytes=copied)
+        task = g.add(TaskName.read_weights(u, c.block), "read", "read", partial(self.bodies.read_weights, u), [release],
+                     nbytes=stage_bytes - copied, block=c.block, copy_bytes=copied, role="read_weights")
         if D:
-            dev_free = compute[u - D] if u >= D else None
-            read = g.add(f"h2d{u}:{c.block}", "h2d", "h2d", bodies.h2d(u), [read, dev_free], nbytes=stage_bytes, block=c.block)
-        ready[u] = read
-        return read
+            dev_free = self.compute[u - D] if u >= D else None
+            task = g.add(TaskName.h2d(u, c.block), "h2d", "h2d", partial(self.bodies.h2d, u), [task, dev_free], nbytes=stage_bytes,
+                         block=c.block, role="h2d")
+        self.ready[u] = task
+        return task
 
-    for u, c in enumerate(spec.cons):
-        read = weights_ready(u)
-        deps = [read, compute[-1] if compute else None]
-        i = index.get(c.block, -1)
-        if c.phase == "bwd" and i in spec.act_recompute:
+    def add_consumer(self, u: int) -> None:
+        spec, c = self.spec, self.spec.cons[u]
+        i = self.index.get(c.block, -1)
+        deps = [self.weights_ready(u), self.compute[-1] if self.compute else None]
+        recomputed = c.phase == "bwd" and i in spec.act_recompute
+        if recomputed:
             # Its input is recomputed from the layer below, whose weights (the next consumer's) must
             # be in their slot already (the plan keeps two slots then, so nothing waits on this compute).
-            deps.append(weights_ready(u + 1))
-        if c.phase != "fwd":
-            deps += [optims[grad_free[b]] for b in c.weight_blocks if b in grad_free]
-        if c.phase == "fwd" and i - 2 in act_out:
-            deps.append(act_out[i - 2])  # at most three offloaded inputs on the device in the forward
+            deps.append(self.weights_ready(u + 1))
+        if c.phase != "fwd":  # its gradient slot is free once the optimizer of its last user has run
+            deps += [self.optims[self.grad_free[b]] for b in c.weight_blocks if b in self.grad_free]
+        if c.phase == "fwd" and i - 2 in self.act_out:
+            deps.append(self.act_out[i - 2])  # at most three offloaded inputs on the device in the forward
         if c.phase == "bwd" and 1 <= i <= spec.act_offload:
-            # Back just before the backward that needs it, once the one two blocks later has freed its own.
-            lane = "read" if i <= spec.act_ssd else "h2d"
-            back = g.add(f"act_in{i}:{c.block}", lane, lane, bodies.act_in(i), [act_out[i], bwd_done.get(i + 2)], nbytes=spec.act_block_bytes, block=c.block)
-            deps.append(back)
-        extra = {"from_below": True} if c.phase == "bwd" and i in spec.act_recompute else {}  # kept in the trace for the profiler
-        compute.append(g.add(f"{c.phase}:{c.block}", "compute", "compute", bodies.compute(u), deps, flops=spec.flops[u], block=c.block, phase=c.phase, **extra))
+            deps.append(self._bring_back(i, c.block))
+        extra = {"from_below": True} if recomputed else {}  # kept in the trace for the profiler
+        task = self.g.add(TaskName.compute(c.phase, c.block), "compute", "compute", partial(self.bodies.compute, u), deps, flops=spec.flops[u],
+                          block=c.block, phase=c.phase, role="compute", **extra)
+        self.compute.append(task)
         if c.phase == "fwd" and 1 <= i <= spec.act_offload:
             lane = "write" if i <= spec.act_ssd else "d2h"
-            act_out[i] = g.add(f"act_out{i}:{c.block}", lane, lane, bodies.act_out(i), [compute[-1]], nbytes=spec.act_block_bytes, block=c.block)
+            self.act_out[i] = self.g.add(TaskName.act_out(i, c.block), lane, lane, partial(self.bodies.act_out, i), [task],
+                                         nbytes=spec.act_block_bytes, block=c.block, role="act_out")
         if c.phase == "bwd":
-            bwd_done[i] = compute[-1]
+            self.bwd_done[i] = task
         if c.phase != "fwd" and spec.blocks[c.block].numel:
-            b, size = c.block, spec.blocks[c.block]
-            prev = writes[opt_free[b]] if b in opt_free else None
-            hit = b in spec.cached
-            rs = g.add(f"read_s:{b}", "read", "read", bodies.read_states(b), [prev], nbytes=0 if hit else size.states_bytes, block=b,
-                       copy_bytes=size.states_bytes if hit else 0)
-            op = g.add(f"optim:{b}", "optim", "optim", bodies.optim(b), [compute[-1], rs], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
-            optims[b] = op
-            writes[b] = g.add(f"write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
-    return g
+            self._optimize(c.block, task)
+
+    def _bring_back(self, i: int, block: str):
+        """Layer i's offloaded inputs, back just before its backward, once the backward two layers
+        later has freed its own."""
+        lane = "read" if i <= self.spec.act_ssd else "h2d"
+        return self.g.add(TaskName.act_in(i, block), lane, lane, partial(self.bodies.act_in, i), [self.act_out[i], self.bwd_done.get(i + 2)],
+                          nbytes=self.spec.act_block_bytes, block=block, role="act_in")
+
+    def _optimize(self, b: str, backward) -> None:
+        """Block b's state read (once its optimizer slot is free), AdamW after its backward, write."""
+        g, size = self.g, self.spec.blocks[b]
+        prev = self.writes[self.opt_free[b]] if b in self.opt_free else None
+        hit = b in self.spec.cached
+        rs = g.add(TaskName.read_states(b), "read", "read", partial(self.bodies.read_states, b), [prev], nbytes=0 if hit else size.states_bytes,
+                   block=b, copy_bytes=size.states_bytes if hit else 0, role="read_states")
+        self.optims[b] = g.add(TaskName.optim(b), "optim", "optim", partial(self.bodies.optim, b), [backward, rs], nbytes=_optim_bytes(size),
+                               block=b, numel=size.numel, role="optim")
+        self.writes[b] = g.add(TaskName.write(b), "write", "write", partial(self.bodies.write, b), [self.optims[b]],
+                               nbytes=size.states_bytes + size.weights_bytes, block=b, role="write")
+
+
+def _optim_bytes(size: BlockSizes) -> int:
+    """Host memory an optimizer pass touches: states read and written, new weights, the fp32 gradient."""
+    return 2 * size.states_bytes + size.weights_bytes + 4 * size.numel
+
+
+def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
+    if spec.act_recompute and (spec.weight_slots < 2 or spec.device_slots == 1):
+        raise ValueError("recomputed block inputs need two weight slots (and two device slots when there are any)")
+    builder = _StepGraphBuilder(spec, bodies or NoBodies())
+    for u in range(len(spec.cons)):
+        builder.add_consumer(u)
+    return builder.g
 
 
 def build_redo_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
     """The optimizer pass again, from the live (old) states and the kept gradients (a clipped step)."""
     bodies = bodies or NoBodies()
     g = Graph()
-    order = [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
+    order = _optimizer_order(spec)
     opt_free = _previous_holders(order, spec.opt_owner, spec.opt_slots)
     grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)
     writes, optims = {}, {}
     for b in order:
         size = spec.blocks[b]
-        rs = g.add(f"redo_read_s:{b}", "read", "read", bodies.read_states(b), [writes.get(opt_free.get(b))], nbytes=size.states_bytes, block=b)
-        rg = g.add(f"redo_read_g:{b}", "read", "read", bodies.read_grad(b), [optims.get(grad_free.get(b))], nbytes=4 * size.numel, block=b)
-        op = g.add(f"redo_optim:{b}", "optim", "optim", bodies.optim(b), [rs, rg], nbytes=2 * size.states_bytes + size.weights_bytes + 4 * size.numel, block=b, numel=size.numel)
-        optims[b] = op
-        writes[b] = g.add(f"redo_write:{b}", "write", "write", bodies.write(b), [op], nbytes=size.states_bytes + size.weights_bytes, block=b)
+        rs = g.add(TaskName.read_states(b, redo=True), "read", "read", partial(bodies.read_states, b), [writes.get(opt_free.get(b))],
+                   nbytes=size.states_bytes, block=b, role="read_states")
+        rg = g.add(TaskName.read_grad(b), "read", "read", partial(bodies.read_grad, b), [optims.get(grad_free.get(b))], nbytes=4 * size.numel,
+                   block=b, role="read_grad")
+        optims[b] = g.add(TaskName.optim(b, redo=True), "optim", "optim", partial(bodies.optim, b), [rs, rg], nbytes=_optim_bytes(size), block=b,
+                          numel=size.numel, role="optim")
+        writes[b] = g.add(TaskName.write(b, redo=True), "write", "write", partial(bodies.write, b), [optims[b]],
+                          nbytes=size.states_bytes + size.weights_bytes, block=b, role="write")
     return g
+
+
+STORE_LANES = {"read": "ssd read", "write": "ssd written", "h2d": "cpu->gpu", "d2h": "gpu->cpu"}
+
+
+def bytes_per_step(tasks: Iterable) -> Dict[str, int]:
+    """Bytes one step moves per tier link (the store's reads and writes, host <-> device copies),
+    and the block cache's memory copies under "block cache read": of a step graph's tasks (what
+    the planner predicts) or of a traced step's events (what the profiler measured), alike."""
+    out = {k: 0 for k in list(STORE_LANES.values()) + ["block cache read"]}
+    for t in tasks:
+        if t.kind in STORE_LANES:
+            out[STORE_LANES[t.kind]] += t.nbytes
+        out["block cache read"] += int(t.meta.get("copy_bytes", 0))
+    return out
 
 
 def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:

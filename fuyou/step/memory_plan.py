@@ -17,8 +17,9 @@ from typing import List, Optional
 import psutil
 import torch
 
+from ..config import BatchConfig, MemoryConfig
 from ..memory import format_bytes
-from ..optim.state import KINDS, OPTIM_KINDS
+from ..optim.state import OPTIM_KINDS
 from ..store.directio import aligned_bytes
 from ..store.store import Store
 from .graph import Consumer, model_consumers
@@ -91,13 +92,18 @@ class MemoryPlan:
         return self.kept_bytes == 0
 
 
+# What an optimizer slot holds of a block, in this order: the states the optimizer updates and the
+# compute weights it emits.
+SLOT_KINDS = OPTIM_KINDS + ("weights",)
+
+
 def opt_region_offsets(store: Store, block: str) -> dict:
     """Byte offsets of master / exp_avg / exp_avg_sq / new weights inside an optimizer slot. The
     block's gradient has its own slot (grad slots), so the backward of the next block need not wait
     for this block's states to be written."""
     lay = store.layouts[block]
     off, out = 0, {}
-    for kind in OPTIM_KINDS + ("weights",):
+    for kind in SLOT_KINDS:
         out[kind] = off
         off += lay.kinds[kind].file_bytes
     out["end"] = off
@@ -245,12 +251,10 @@ def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
     return stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
 
 
-def plan_for_model(
-    store: Store, skeleton, *, device, batch, prefetch_depth: int, cpu_budget, device_budget, compute_dtype=None, recompute: str = "always",
-    cache_budget: Optional[int] = 0,
-) -> MemoryPlan:
-    """plan_memory for a Skeleton-like model (`.config`, `.tied`, `.blocks`) and a BatchConfig, plus
-    the block cache of `cache_budget` bytes (None: auto, 0: none; see plan_cache)."""
+def plan_for_model(store: Store, skeleton, *, device, batch: BatchConfig, memory: MemoryConfig, compute_dtype=None) -> MemoryPlan:
+    """The memory plan of a run: plan_memory for a Skeleton-like model (`.config`, `.tied`,
+    `.blocks`) with the budgets, prefetch depth and recompute mode of `memory`, plus its block cache
+    (see plan_cache). Raises BudgetError, naming the minimum, when the budgets cannot hold one block."""
     hf = skeleton.config
     device = torch.device(device)
     if compute_dtype is None:
@@ -267,12 +271,12 @@ def plan_for_model(
         micro_batch_size=batch.micro_batch_size,
         micro_batches=batch.micro_batches,
         seq_len=batch.seq_len,
-        prefetch_depth=prefetch_depth,
-        cpu_budget=cpu_budget,
-        device_budget=device_budget,
-        recompute=recompute,
+        prefetch_depth=memory.prefetch_depth,
+        cpu_budget=memory.cpu_mem_bytes,
+        device_budget=memory.gpu_mem_bytes,
+        recompute=memory.recompute,
     )
-    plan.cache_blocks, plan.cache_bytes = plan_cache(store, cache_budget)
+    plan.cache_blocks, plan.cache_bytes = plan_cache(store, memory.cache_mem_bytes)
     return plan
 
 
@@ -298,11 +302,3 @@ def _check_minimum(plan: MemoryPlan) -> None:
 
 def _round_up_mib(n: int) -> str:
     return f"{(n + (1 << 20) - 1) >> 20}MiB"
-
-
-def ssd_bytes_per_step(store: Store) -> dict:
-    """Bytes a step moves to and from the store: weights read twice (forward, backward), states read and written once."""
-    lay = store.layouts.values()
-    read = sum(2 * b.kinds["weights"].file_bytes + sum(b.kinds[k].file_bytes for k in OPTIM_KINDS) for b in lay)
-    written = sum(sum(b.kinds[k].file_bytes for k in KINDS) for b in lay)
-    return {"read_bytes": read, "written_bytes": written}

@@ -54,7 +54,7 @@ def test_partial_cache_reads_only_the_other_blocks(tmp_path):
 def test_cache_off_reads_everything_every_step(tmp_path):
     ckpt, batches = _setup(tmp_path)
     rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(cache_mem_bytes=0))
-    assert rt.plan.cache_blocks == () and rt.cache == {}
+    assert rt.plan.cache_blocks == () and rt.cache.entries == {}
     assert len({r.bytes_read for r in results}) == 1
     _exact(tmp_path, ckpt, batches, results)
 

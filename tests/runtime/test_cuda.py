@@ -37,7 +37,7 @@ def test_cuda_fp32_matches_plain_pytorch(tmp_path, recompute, tied):
     ckpt = save_checkpoint(str(tmp_path / "ckpt"), cfg, tokenizer=False)
     batches = random_batches(STEPS, BATCH, SEQ, cfg.vocab_size, seed=11)
     rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute=recompute), device="cuda")
-    assert rt.device.type == "cuda" and rt.dslots, "the run did not use device weight slots"
+    assert rt.device.type == "cuda" and rt.slots.device, "the run did not use device weight slots"
     assert rt.cpu_pool.pin, "host pools should be pinned on a CUDA device"
     assert rt.plan.recompute == (recompute == "always")
     _assert_matches_reference(tmp_path, ckpt, batches, results)
@@ -54,7 +54,7 @@ def test_cuda_out_of_core_matches_plain_pytorch(tmp_path):
     )
     assert rt.store.state_bytes() >= 2 * (cpu_mem + gpu_mem)
     assert rt.cpu_pool.peak_bytes <= cpu_mem and rt.dev_pool.peak_bytes <= gpu_mem
-    assert len(rt.dslots) < len(rt.cons), "the device slots should be fewer than the blocks"
+    assert len(rt.slots.device) < len(rt.cons), "the device slots should be fewer than the blocks"
     _assert_matches_reference(tmp_path, ckpt, batches, results)
 
 

@@ -1,0 +1,100 @@
+"""What each task of the step graph runs: one method per task kind, over the run's context and the
+step's shared state. The graph binds each method to its consumer u, block b or layer i
+(graph.build_step_graph); slot reuse is already ordered by the graph's dependencies, so a body
+never waits for memory."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..faults import crash_point
+from ..optim.state import OPTIM_KINDS, adamw_update_, set_weight_shape_
+from .compute import run_consumer
+from .context import RunContext, StepState
+from .memory_plan import SLOT_KINDS
+
+
+class StepBodies:
+    def __init__(self, ctx: RunContext, st: StepState):
+        self.ctx, self.st = ctx, st
+
+    def read_weights(self, u: int) -> None:
+        """Consumer u's weights files into its staging slot (from the block cache where it holds them)."""
+        for block, region in self.ctx.slots.staging_regions(u):
+            self.ctx.cache.read(block, "weights", region)
+
+    def h2d(self, u: int) -> None:
+        """Staging slot -> device slot, decoded (fp8 dequantized, upcast) here rather than on the compute lane."""
+        slots, stream = self.ctx.slots, self.ctx.streams.get("h2d")
+        src, dst = slots.staged_weights(u), slots.device_weights(u)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for name, t in src.items():
+                dst[name].copy_(t, non_blocking=stream is not None)
+        if stream is not None:
+            stream.synchronize()  # the staging slot is reused as soon as this task ends
+
+    def compute(self, u: int) -> None:
+        run_consumer(self.ctx, u, self.st)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.current_stream(self.ctx.device).synchronize()  # slots are reused once this task ends
+
+    def read_states(self, b: str) -> None:
+        """Block b's live master and moments into its optimizer slot."""
+        if b in self.st.done_blocks:
+            return  # lean mode, resumed step: this block's update is live already
+        for k in OPTIM_KINDS:
+            self.ctx.cache.read(b, k, self.ctx.slots.optimizer_region(b, k))
+
+    def optim(self, b: str) -> None:
+        """AdamW on block b from its gradient slot; the first pass also measures the gradient norms."""
+        crash_point("optim")
+        ctx, st = self.ctx, self.st
+        if st.grad_scale == 1.0:  # a redo (clipping) reuses the first pass's norms
+            if not self._first_pass_checks(b):
+                return
+        views, grads, lay, o = ctx.slots.optimizer_views(b), ctx.slots.grad_views(b), ctx.store.layouts[b], ctx.optim
+        for name, _numel in lay.params:
+            parts = {k: views[k][name] for k in views}
+            set_weight_shape_(parts["weights"], lay.shapes[name])  # the output region is fresh
+            adamw_update_(ctx.store.state_cfg, grads[name], parts, step=st.step, lr=st.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                          weight_decay=o.weight_decay, grad_scale=st.grad_scale)
+
+    def _first_pass_checks(self, b: str) -> bool:
+        """Record b's gradient norms (and keep its gradient for a clipped redo); False: skip its update."""
+        ctx, st = self.ctx, self.st
+        norms = {name: torch.linalg.vector_norm(g) for name, g in ctx.slots.grad_views(b).items()}
+        st.add_norms(norms)
+        if ctx.max_grad_norm is not None:
+            # Kept until the commit: a clipped step is redone from these and the old states.
+            # Written here, before the gradient slot is handed to the next block.
+            ctx.store.write(b, "grad", ctx.slots.grad(b), version=st.step)
+        if b in st.done_blocks:
+            return False  # lean mode, resumed step: this block's update is live already
+        if ctx.disk_mode == "lean" and not all(bool(torch.isfinite(n)) for n in norms.values()):
+            raise FloatingPointError(
+                f"non-finite gradient in {b} at step {st.step}; lean disk mode cannot skip a step whose other blocks may be "
+                "updated already: lower --lr or fix the data, or train with --disk-mode safe"
+            )
+        return True
+
+    def write(self, b: str) -> None:
+        """Block b's new master, moments and weights as version-`step` files (then into the cache)."""
+        ctx, step = self.ctx, self.st.step
+        if b in self.st.done_blocks:
+            return
+        for k in SLOT_KINDS:
+            ctx.store.write(b, k, ctx.slots.optimizer_region(b, k), version=step)
+        ctx.cache.keep(b, ctx.slots.slot_bytes(b), step)
+        if ctx.disk_mode == "lean":
+            ctx.store.commit_block(b, step, SLOT_KINDS)
+
+    def read_grad(self, b: str) -> None:
+        """Block b's kept gradient back into its gradient slot (a clipped step's redo)."""
+        self.ctx.store.read(b, "grad", self.ctx.slots.grad(b).view(torch.uint8), version=self.st.step)
+
+    def act_out(self, i: int) -> None:
+        self.ctx.acts.offload(i, len(self.st.mbs))
+
+    def act_in(self, i: int) -> None:
+        self.ctx.acts.bring_back(i, len(self.st.mbs))

@@ -1,0 +1,74 @@
+"""What the task bodies of a step work on: the run's parts (`RunContext`, built once by the runtime)
+and the state one step's tasks share (`StepState`, built per step)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional
+
+import torch
+
+from ..config import OptimConfig
+from ..data.dataset import Batch
+from ..model.skeleton import Skeleton
+from ..store.store import Store
+from .activations import Activations
+from .cache import BlockCache
+from .graph import Consumer
+from .memory_plan import MemoryPlan
+from .slots import Slots
+
+
+@dataclass
+class RunContext:
+    store: Store
+    skeleton: Skeleton
+    cons: List[Consumer]  # the compute lane's consumers of weights, in order
+    plan: MemoryPlan
+    slots: Slots
+    cache: BlockCache
+    acts: Activations
+    device: torch.device
+    streams: Dict[str, torch.cuda.Stream]  # "h2d", "d2h" side streams on CUDA; empty otherwise
+    optim: OptimConfig
+    max_grad_norm: Optional[float]
+    disk_mode: str  # "safe" | "lean"
+
+    def grad_blocks(self, c: Consumer) -> List[str]:
+        """Blocks whose gradient slot consumer c writes into (none in the forward)."""
+        if c.phase == "fwd":
+            return []
+        return [b for b in c.weight_blocks if self.store.layouts[b].numel > 0]
+
+
+@dataclass
+class StepState:
+    step: int
+    lr: float
+    mbs: List[Batch]  # the micro-batches, on the compute device
+    targets: int  # label tokens of the whole batch (the loss is their mean)
+    kwargs: Dict[int, dict] = field(default_factory=dict)  # micro-batch -> the layers' keyword inputs (masks, positions)
+    dh: Dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> gradient of the current block's output
+    graphs: Dict[tuple, tuple] = field(default_factory=dict)  # kept forward: (block, micro-batch) -> (input, output)
+    refs: Dict[int, object] = field(default_factory=dict)  # kept forward: block -> its saved-weight hooks
+    fwd_params: Dict[int, dict] = field(default_factory=dict)  # kept forward: block -> the Parameters its graph uses
+    loss_sums: List[float] = field(default_factory=list)
+    grad_started: set = field(default_factory=set)  # blocks whose gradient region this step has zeroed
+    grad_scale: float = 1.0  # clip factor of a redone optimizer pass
+    done_blocks: FrozenSet[str] = frozenset()  # lean mode: blocks already updated by a crashed run
+    norms: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-parameter fp32 gradient norms
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add_norms(self, norms: Dict[str, torch.Tensor]) -> None:
+        with self._lock:  # the optimizer lane and a redo both report here
+            self.norms.update(norms)
+
+    def total_norm(self, order: List[str]) -> float:
+        """Global L2 norm, reduced like torch.nn.utils.clip_grad_norm_ (fp32, parameter order)."""
+        norms = [self.norms[n] for n in order if n in self.norms]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def clear_kept_forward(self) -> None:
+        self.graphs.clear()
+        self.refs.clear()
+        self.fwd_params.clear()
