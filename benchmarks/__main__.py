@@ -25,7 +25,7 @@ BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
 OTHER_SCRIPTS = ("bench_io.py", "bench_store.py", "bench_adam.py", "bench_gemm.py", "bench_predict.py")
 SCRIPT_TIMEOUT_S = 1800
 # Reference points (B/param/step on SSD): the Fuyou paper's design moves 16 read + 14 written;
-# ZeRO-Infinity's gradient spill adds 8 (shared/ANCHORS.md, "Physical limits").
+# ZeRO-Infinity also spills the gradients to the SSD and reads them back, 8 more.
 FUYOU_PAPER_B, ZERO_INFINITY_B = 30, 38
 
 

@@ -12,8 +12,9 @@ from ._jit import AMAX_EPS_C, FP8_MAX_C, pow2_ceil
 from ._triton import check_2d, check_device, pick_configs
 from .reference import FP8_DTYPE, FP8_GROUP
 
-# Rows per program. Untuned (no GPU measurement yet): 32 rows x 128 fp32 = 16 KiB per program
-# keeps registers modest; the benchmark script is where a GPU session should tune this.
+# Rows per program: 32 rows x 128 fp32 = 16 KiB per program keeps registers modest, with 16 and 64
+# on either side. On CUDA the autotuner picks one of these per K at the first launch; the
+# candidates were not chosen from a sweep on a GPU (benchmarks/bench_gemm.py times the quantizers).
 _CONFIGS = [
     triton.Config({"BLOCK_M": 32}, num_warps=4),
     triton.Config({"BLOCK_M": 64}, num_warps=8),

@@ -12,7 +12,9 @@ import triton.language as tl
 from ._triton import check_2d, check_device, pick_configs
 from .reference import hadamard_matrix
 
-# Rows per program; untuned (no GPU measurement yet). Each program does a [BLOCK_R, B] x [B, B] dot.
+# Rows per program. Each program does a [BLOCK_R, B] x [B, B] dot; on CUDA the autotuner picks
+# one of these per (C, B) at the first launch. The candidates bracket the dot's register use; they
+# were not chosen from a sweep on a GPU.
 _CONFIGS = [
     triton.Config({"BLOCK_R": 64}, num_warps=4),
     triton.Config({"BLOCK_R": 128}, num_warps=4),

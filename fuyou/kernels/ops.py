@@ -81,7 +81,9 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor, a_scale=None, b_scale=None
 
     On CUDA the product runs in BF16: an E2M1 value times an E4M3 or power-of-two block scale is
     exact in bf16, once the fp32 tensor scale (a_scale/b_scale, NVFP4) is divided out and
-    multiplied back after. On CPU bf16 matmul is ~100x slower than fp32 (DESIGN §5), so fp32.
+    multiplied back after. On CPU, fp32: on the AVX2-only 2-vCPU EPYC dev box bf16 matmul is ~100x
+    slower (~1.3 GFLOP/s against 40-120 GFLOP/s in fp32). CPUs with AVX512-BF16 run bf16 matmul
+    faster than fp32 (about 2x on a 2-vCPU EPYC that has it).
     """
     if not a.is_cuda:
         return a @ b

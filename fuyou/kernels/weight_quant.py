@@ -9,7 +9,9 @@ from ._jit import AMAX_EPS_C, FP8_MAX_C, pow2_ceil
 from ._triton import check_2d, check_device, pick_configs
 from .reference import FP8_DTYPE, FP8_GROUP
 
-# One 128x128 tile per program; only the warp count is free. Untuned (no GPU measurement yet).
+# One 128x128 tile per program (the scale's tile), so only the warp count is free. On CUDA the
+# autotuner picks one of these two per K at the first launch; the candidates were chosen from the
+# tile's register footprint, not from a sweep on a GPU.
 _CONFIGS = [triton.Config({}, num_warps=8), triton.Config({}, num_warps=4)]
 
 

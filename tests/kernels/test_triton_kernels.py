@@ -1,8 +1,8 @@
 """Triton kernels against their torch references.
 
 Without CUDA they run under TRITON_INTERPRET=1 (conftest.py) on small shapes. The interpreter casts
-fp32 -> fp8 wrongly and without clipping (DESIGN §5), so on CPU the GEMM is fed codes from the
-torch quantizers, and the Triton FP8 quantizer tests run on CUDA only.
+fp32 -> fp8 wrongly and without clipping (docs/kernels.md, "What runs where"), so on CPU the GEMM
+is fed codes from the torch quantizers, and the Triton FP8 quantizer tests run on CUDA only.
 """
 import pytest
 import torch
