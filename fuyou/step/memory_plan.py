@@ -244,8 +244,9 @@ def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, hos
 
 
 def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
-    """On the CPU device compute in fp32 (bf16 matmul there is ~100x slower, DESIGN §5); on a GPU in
-    the stored compute-weight dtype, bf16 for fp8 codes."""
+    """On the CPU device compute in fp32 (on AVX2-only CPUs, such as the 2-vCPU EPYC dev box, bf16
+    matmul is ~100x slower: ~1.3 GFLOP/s against 40-120 in fp32; fp32 also keeps the CPU device the
+    exact reference); on a GPU in the stored compute-weight dtype, bf16 for fp8 codes."""
     if torch.device(device).type == "cpu":
         return torch.float32
     return stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
