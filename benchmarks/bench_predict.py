@@ -30,7 +30,8 @@ from fuyou.model.skeleton import Skeleton  # noqa: E402
 from fuyou.model.source import ModelSource, preset_config  # noqa: E402
 from fuyou.optim.state import StateConfig  # noqa: E402
 from fuyou.planning.search import PlanConfig, candidate, model_shape  # noqa: E402
-from fuyou.planning.probe import machine_info, probe_rates  # noqa: E402
+from fuyou.planning.probe import probe_rates  # noqa: E402
+from fuyou.planning.rates import machine_info  # noqa: E402
 from fuyou.planning.profile import profile_step  # noqa: E402
 from fuyou.step.runtime import Runtime  # noqa: E402
 from scheduler import Trace  # noqa: E402

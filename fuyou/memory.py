@@ -2,7 +2,7 @@
 
 A pool has a capacity in bytes; `alloc` hands out 4 KiB-aligned uint8 buffers and raises
 `MemoryBudgetError` rather than exceed the capacity, so a run can never use more than its budget
-for the buffers fuyou owns. The runtime plans its slots up front (see runtime.plan_memory) so that a
+for the buffers fuyou owns. The runtime plans its slots up front (fuyou/step/memory_plan.py) so that a
 step never asks for more than fits. Each pool records its peak use.
 """
 from __future__ import annotations
@@ -39,11 +39,11 @@ class Pool:
         self._sizes: Dict[int, int] = {}  # id(buffer) -> charged bytes
         self._lock = threading.Lock()
 
-    def _charge(self, nbytes: int) -> int:
+    def _charge(self, nbytes: int, what: str = "a buffer") -> int:
         charged = (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN
         if self.in_use_bytes + charged > self.capacity_bytes:
             raise MemoryBudgetError(
-                f"{self.name} pool: {format_bytes(charged)} more would exceed its budget of {format_bytes(self.capacity_bytes)} "
+                f"{self.name} pool: {format_bytes(charged)} more ({what}) would exceed its budget of {format_bytes(self.capacity_bytes)} "
                 f"({format_bytes(self.in_use_bytes)} in use)"
             )
         self.in_use_bytes += charged
@@ -72,11 +72,7 @@ class Pool:
     def reserve(self, nbytes: int, what: str) -> None:
         """Charge bytes used outside fuyou's buffers (e.g. compute workspace) against the budget."""
         with self._lock:
-            self._charge(nbytes)
-
-    def release(self, nbytes: int) -> None:
-        with self._lock:
-            self.in_use_bytes -= (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN
+            self._charge(nbytes, what)
 
     def report(self) -> dict:
         return {"pool": self.name, "capacity_bytes": self.capacity_bytes, "peak_bytes": self.peak_bytes}

@@ -76,7 +76,7 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     # A compressed codec is planned with its own probed optimizer rate.
     from fuyou.optim.state import StateConfig
     from fuyou.planning.search import PlanConfig, make_plan
-    from fuyou.planning.probe import load_rates
+    from fuyou.planning.rates import load_rates
 
     rates, _src = load_rates("cpu")
     plan = make_plan(PlanConfig(model="llama-tiny", state=StateConfig(weights="bf16", master="bf16+rem", states="fp8"), max_prefetch_depth=0), rates)

@@ -99,7 +99,7 @@ def _device(name: Optional[str]) -> str:
 
 def resolve_rates(args, device: str):
     """(Rates, sentence naming where they came from): file or saved probe, then flag overrides."""
-    from ..planning.probe import load_rates, read_rates_file
+    from ..planning.rates import load_rates, read_rates_file
 
     if args.rates:
         rates, _m = read_rates_file(args.rates)
@@ -152,7 +152,8 @@ def _probe(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..planning.probe import machine_info, probe_rates, rates_table, save_rates
+    from ..planning.probe import probe_rates
+    from ..planning.rates import machine_info, rates_table, save_rates
 
     if not os.path.isdir(args.store_dir):
         raise ValueError(f"--store-dir {args.store_dir} is not a directory; pass a directory on the disk the store will use")
@@ -216,7 +217,7 @@ def render_plan(plan, console) -> None:
     from ..memory import format_bytes
     from ..planning.search import RULE_KNOBS
     from ..step.graph import bytes_per_step
-    from ..planning.probe import rates_table
+    from ..planning.rates import rates_table
 
     cfg, res = plan.cfg, plan.result
     b = cfg.batch
@@ -274,7 +275,7 @@ def render_plan(plan, console) -> None:
 
 
 def _saved_rates_exist() -> bool:
-    from ..planning.probe import rates_path
+    from ..planning.rates import rates_path
 
     return os.path.isfile(rates_path())
 

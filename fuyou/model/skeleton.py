@@ -213,12 +213,6 @@ class Skeleton:
             for key, buf in list(module._buffers.items()):
                 if buf is not None and buf.device != device:
                     module._buffers[key] = buf.to(device)
-        self._fix_rotary_dtype()
-
-    def _fix_rotary_dtype(self) -> None:
-        # Rotary inv_freq is computed in fp32 at build time; nothing to cast. Kept as the single
-        # place to adjust buffers should an architecture need it.
-        return None
 
     # -- block compute -----------------------------------------------------------------------
     def embed_forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):

@@ -8,75 +8,33 @@
               backward), at a layer-like shape; two token counts give the fixed cost per call
     optim     parameters/s of the runtime's optimizer task body: gradient norm pass + adamw_update_
               on fp32 state
-The result is a JSON file in the user's config dir ($FUYOU_CONFIG_DIR, else $XDG_CONFIG_HOME/fuyou,
-else ~/.config/fuyou): rates.json, with the machine it was measured on.
+The result is saved with the machine it was measured on (rates.py).
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
+import shutil
 import statistics
 import tempfile
+import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-import psutil
 import torch
 
 from scheduler.costmodel import Rates
 
-RATES_FILE = "rates.json"
-# Rates used when `fuyou probe` has not been run: deliberately low (so a plan errs slow), from
-# the 2-vCPU EPYC dev box's measured figures for the CPU and one PCIe 4 x16 NVMe-less H100 host for CUDA.
-DEFAULT_RATES = {
-    "cpu": Rates(read_Bps=1.0e9, write_Bps=0.8e9, h2d_Bps=5e9, d2h_Bps=5e9, compute_flops=40e9, optim_params_per_s=300e6,
-                 latency_s={"read": 2e-3, "write": 10e-3}),
-    "cuda": Rates(read_Bps=2.0e9, write_Bps=1.5e9, h2d_Bps=12e9, d2h_Bps=12e9, compute_flops=200e12, optim_params_per_s=500e6,
-                  latency_s={"read": 1e-3, "write": 5e-3, "compute": 1e-3}),
-}
+from ..model.skeleton import Skeleton
+from ..optim.state import KINDS, StateConfig, adamw_update_
+from ..store import backends
+from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
+from ..store.store import BlockLayout
+
 DEFAULT_FILE_BYTES = 512 << 20
 # Files per task in the step graph: a weights read is one file (two with a tied embedding), a
 # states read three (master, exp_avg, exp_avg_sq), a write four (those plus the new weights).
 FILES_PER_READ_TASK = 2
 FILES_PER_WRITE_TASK = 4
-
-
-def config_dir() -> str:
-    d = os.environ.get("FUYOU_CONFIG_DIR")
-    if d:
-        return d
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(base, "fuyou")
-
-
-def rates_path() -> str:
-    return os.path.join(config_dir(), RATES_FILE)
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_bytes": psutil.virtual_memory().total,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device.type,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def _median_time(fn: Callable[[], None], repeats: int, min_s: float = 0.0, max_repeats: int = 200) -> float:
@@ -112,8 +70,6 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
                   backend: Optional[str] = None) -> dict:
     """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does,
     through the I/O `backend` (None: the default one); `background` runs meanwhile (see _Busy)."""
-    from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
-
     if total_bytes < files * ALIGN:
         raise ValueError(f"--size {total_bytes} is too small; give at least {files * ALIGN} bytes (e.g. 512MiB)")
     os.makedirs(store_dir, exist_ok=True)
@@ -124,48 +80,32 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
     small.zero_()
     tmp = tempfile.mkdtemp(prefix="fuyou-probe-", dir=store_dir)
     paths = [os.path.join(tmp, f"f{i}.bin") for i in range(files)]
+    small_paths = [p + ".s" for p in paths]
+
+    def write_files(names, data):  # as the store writes: one file per request, fsync after each
+        for p in names:
+            with DirectFile(p, "w", backend) as f:
+                f.pwrite(data).get()
+                f.fsync()
+
+    def read_files(names, data):
+        for p in names:
+            with DirectFile(p, "r", backend) as f:
+                f.pread(data).get()
+
     try:
-
-        def write_all():
-            for p in paths:
-                with DirectFile(p, "w", backend) as f:
-                    f.pwrite(buf).get()
-                    f.fsync()
-
-        def read_all():
-            for p in paths:
-                with DirectFile(p, "r", backend) as f:
-                    f.pread(buf).get()
-
-        def write_small():
-            for p in paths:
-                with DirectFile(p + ".s", "w", backend) as f:
-                    f.pwrite(small).get()
-                    f.fsync()
-
-        def read_small():
-            for p in paths:
-                with DirectFile(p + ".s", "r", backend) as f:
-                    f.pread(small).get()
-
         with _Busy(background):
-            t_write = _median_time(write_all, repeats)
-            t_read = _median_time(read_all, repeats)
-            t_wsmall = _median_time(write_small, repeats) / files
-            t_rsmall = _median_time(read_small, repeats) / files
+            t_write = _median_time(lambda: write_files(paths, buf), repeats)
+            t_read = _median_time(lambda: read_files(paths, buf), repeats)
+            t_wsmall = _median_time(lambda: write_files(small_paths, small), repeats) / files
+            t_rsmall = _median_time(lambda: read_files(small_paths, small), repeats) / files
             t_commit = _median_time(lambda: _commit_like(tmp), repeats)
         t0 = time.perf_counter()
-        for p in paths:
-            os.unlink(p + ".s")
+        for p in small_paths:
+            os.unlink(p)
         t_unlink = (time.perf_counter() - t0) / files
     finally:
-        if os.path.exists(os.path.join(tmp, "manifest.json")):
-            os.unlink(os.path.join(tmp, "manifest.json"))
-        for p in paths:
-            for q in (p, p + ".s"):
-                if os.path.exists(q):
-                    os.unlink(q)
-        os.rmdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     n = per * files
     return {
         "read_Bps": n / t_read,
@@ -183,8 +123,6 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
 def probe_backends(store_dir: str, total_bytes: int, log: Callable[[str], None] = lambda _s: None) -> Dict[str, dict]:
     """Read and write GB/s of every I/O backend that can run here, one after another with nothing
     else running (the plan's storage rates are the default backend's, probed under load)."""
-    from ..store import backends
-
     backends.get_backend()  # registers the optional backends
     out = {}
     for name in backends.available_backends():
@@ -249,13 +187,9 @@ class _Busy:
     gets in a step; rates probed alone overstate it (on the 2-vCPU dev box, by 1.5-4x)."""
 
     def __init__(self, fn: Optional[Callable[[], None]]):
-        import threading
-
         self.fn, self.stop, self.thread = fn, threading.Event(), None
 
     def __enter__(self):
-        import threading
-
         if self.fn is not None:
             self.thread = threading.Thread(target=self._loop, daemon=True)
             self.thread.start()
@@ -276,8 +210,6 @@ class LayerRunner:
     """One decoder layer run as the runtime runs it: forward, then recompute + backward."""
 
     def __init__(self, device: torch.device, hidden: int, intermediate: int, heads: int, kv_heads: int):
-        from ..model.skeleton import Skeleton
-
         self.device, self.hidden = device, hidden
         self.dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         self.sk = Skeleton(_layer_config(hidden, intermediate, heads, kv_heads))
@@ -360,8 +292,6 @@ def probe_compute(
 def io_loop(store_dir: str, nbytes: int = 16 << 20) -> Tuple[Callable[[], None], Callable[[], None]]:
     """(step, cleanup): one write + fsync and one read of an `nbytes` file per step, as the
     store's write and read lanes do during a training step."""
-    from ..store.directio import DirectFile, aligned_bytes, aligned_empty
-
     buf = aligned_empty(aligned_bytes(nbytes))
     buf.zero_()
     fd, path = tempfile.mkstemp(prefix="fuyou-probe-bg-", dir=store_dir)
@@ -401,10 +331,6 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
                 moments: str = "fp32", master: str = "fp32") -> float:
     """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_, with the
     given moment and master codecs (bf16 compute weights when they are compressed)."""
-    from ..optim.state import KINDS, StateConfig, adamw_update_
-    from ..store.directio import aligned_empty
-    from ..store.store import BlockLayout
-
     compressed = (moments, master) != ("fp32", "fp32")
     cfg = StateConfig(weights="bf16" if compressed else "fp32", master=master, states=moments)
     g = torch.Generator().manual_seed(0)
@@ -466,52 +392,3 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
     return rates, details
 
 
-def save_rates(rates: Rates, details: dict, device: torch.device, path: Optional[str] = None) -> str:
-    path = path or rates_path()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    doc = {"format": "fuyou-rates", "version": 1, "machine": machine_info(device), "rates": rates.to_json(), "details": details}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
-def read_rates_file(path: str) -> Tuple[Rates, dict]:
-    """Rates from a probe file or a plain JSON object of Rates fields; (rates, machine info)."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read rates file {path} ({exc}); run `fuyou probe` again or fix the file") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"rates file {path} is not a JSON object; run `fuyou probe` again")
-    body = doc.get("rates", doc)
-    try:
-        return Rates.from_json(body), doc.get("machine", {})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"rates file {path}: {exc}") from None
-
-
-def load_rates(device: str, path: Optional[str] = None) -> Tuple[Rates, str]:
-    """Saved probe rates for this device kind, else the planner's conservative defaults; with a
-    sentence saying which."""
-    path = path or rates_path()
-    if os.path.isfile(path):
-        rates, machine = read_rates_file(path)
-        if machine.get("device", device) == device:
-            return rates, f"probed {machine.get('date', '?')} on {machine.get('cpu', '?')}" + (f" / {machine['gpu']}" if "gpu" in machine else "") + f" ({path})"
-    return DEFAULT_RATES[device], f"conservative defaults for {device} (no `fuyou probe` result for this device at {path})"
-
-
-def rates_table(rates: Rates) -> Dict[str, str]:
-    lat = rates.latency_s
-    return {
-        "storage read": f"{rates.read_Bps / 1e9:.2f} GB/s" + (f" + {lat['read'] * 1e3:.1f} ms/task" if lat.get("read") else ""),
-        "storage write": f"{rates.write_Bps / 1e9:.2f} GB/s" + (f" + {lat['write'] * 1e3:.1f} ms/task" if lat.get("write") else ""),
-        "h2d / d2h": f"{rates.h2d_Bps / 1e9:.2f} / {rates.d2h_Bps / 1e9:.2f} GB/s",
-        "compute": f"{rates.compute_flops / 1e12:.3f} TFLOP/s (model FLOPs)" + (f" + {rates.compute_call_s * 1e3:.2f} ms/call" if rates.compute_call_s else ""),
-        "optimizer": f"{rates.optim_params_per_s / 1e6:.0f} M params/s (fp32)"
-        + "".join(f", {v / 1e6:.0f} ({k})" for k, v in rates.optim_by_codec.items()),
-        "host copy": f"{rates.copy_Bps / 1e9:.2f} GB/s",
-    }

@@ -143,13 +143,13 @@ def compute_stalls(events: List[TraceEvent]) -> Dict[str, float]:
     writes = sorted(e.end_ns for e in events if e.kind == "write")
     stalls = {"weights read": 0.0, "h2d copy": 0.0, "optimizer slot": 0.0, "scheduling": 0.0}
     prev_end = min(e.start_ns for e in events)
-    for u, c in enumerate(comp):
+    for consumer, c in enumerate(comp):
         g0, g1 = prev_end, c.start_ns
         prev_end = c.end_ns
         if g1 <= g0:
             continue
-        read = by_name.get(TaskName.read_weights(u, c.meta["block"]))
-        h2d = by_name.get(TaskName.h2d(u, c.meta["block"]))
+        read = by_name.get(TaskName.read_weights(consumer, c.meta["block"]))
+        h2d = by_name.get(TaskName.h2d(consumer, c.meta["block"]))
         t = g0
         if read is not None and read.end_ns > t:
             stalls["weights read"] += (min(read.end_ns, g1) - t) / 1e9
@@ -197,13 +197,13 @@ def graph_from_events(events: List[TraceEvent]):
     flops = [c.flops for c in comp]
     act_out = [e for e in events if e.meta.get("role") == "act_out"]  # offloaded block inputs
     act_bytes = act_out[0].nbytes if act_out else 0
-    act_ssd = sum(1 for e in act_out if e.kind == "write")
+    n_on_ssd = sum(1 for e in act_out if e.kind == "write")
     index = block_indices(cons)
-    act_recompute = frozenset(index[c.meta.get("block")] for c in comp if c.meta.get("from_below") and c.meta.get("block") in index)
+    recomputed_inputs = frozenset(index[c.meta.get("block")] for c in comp if c.meta.get("from_below") and c.meta.get("block") in index)
     has_h2d = any(e.meta.get("role") == "h2d" for e in events)
-    for w, d, o, gs in _slot_counts(has_h2d, bool(act_recompute)):
+    for w, d, o, gs in _slot_counts(has_h2d, bool(recomputed_inputs)):
         g = build_step_graph(StepSpec(cons, blocks, w, d, o, assign_opt_slots(cons, tied, o, embed), flops, gs, frozenset(cached),
-                                      act_offload=len(act_out), act_block_bytes=act_bytes, act_recompute=act_recompute, act_ssd=act_ssd))
+                                      n_offloaded=len(act_out), act_block_bytes=act_bytes, recomputed_inputs=recomputed_inputs, n_on_ssd=n_on_ssd))
         if _consistent(g, by_name):
             return g, {"weight_slots": w, "device_slots": d, "opt_slots": o}
     return None, {}

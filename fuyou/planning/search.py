@@ -21,7 +21,7 @@ from scheduler.planner import Candidate, PlanResult, choose
 
 from ..config import BatchConfig, MemoryConfig
 from ..optim.state import KINDS, WEIGHT_DTYPES, StateConfig
-from .probe import load_rates
+from .rates import load_rates
 from ..step.graph import LANES, assign_opt_slots, build_step_graph, model_consumers, step_spec
 from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, plan_for_model
 

@@ -2,9 +2,9 @@
 buffers, or in scratch files beside the store's blocks.
 
 Key (i, m): the input of block i (0 = embedding, 1..L = layers, L+1 = head) for micro-batch m. The
-memory plan places them (memory_plan._place_block_inputs): the inputs of layers 1..act_offload go
+memory plan places them (memory_plan._place_block_inputs): the inputs of layers 1..n_offloaded go
 out after their layer's forward and come back just before its backward (`offload` / `bring_back`,
-the act_out / act_in tasks of the step graph), layers 1..act_ssd of those to scratch files
+the act_out / act_in tasks of the step graph), layers 1..n_on_ssd of those to scratch files
 (`<store>/scratch/act.<layer>.<micro>.bin`, O_DIRECT, no fsync: they live one step; staged through
 pinned host buffers on a GPU), the others to host memory. Leftovers of a killed run are removed
 when a runtime opens the store.
@@ -33,9 +33,9 @@ class Activations:
         self.dev_pool, self.cpu_pool = dev_pool, cpu_pool
         self.scratch = os.path.join(store.root, "scratch")
         shutil.rmtree(self.scratch, ignore_errors=True)
-        if plan.act_ssd:
+        if plan.n_on_ssd:
             os.makedirs(self.scratch)
-        stage = plan.act_ssd and device.type != "cpu"
+        stage = plan.n_on_ssd and device.type != "cpu"
         self._staging = [cpu_pool.alloc(aligned_bytes(plan.act_bytes)) for _ in range(2)] if stage else []
         self.on_device: Dict[Key, tuple] = {}  # (device pool buffer, tensor)
         self.on_host: Dict[Key, tuple] = {}  # (host pool buffer, tensor)
@@ -62,14 +62,14 @@ class Activations:
     # -- offloaded (the act_out / act_in tasks) ---------------------------------------------------
     def offload(self, i: int, n_micro: int) -> None:
         """Layer i's inputs (every micro-batch) to host buffers or scratch files; their device buffers freed."""
-        if i <= self.plan.act_ssd:
+        if i <= self.plan.n_on_ssd:
             self._write_scratch(i, n_micro)
         else:
             self._move(i, n_micro, self.on_device, self.on_host, self.dev_pool, self.cpu_pool, "d2h")
 
     def bring_back(self, i: int, n_micro: int) -> None:
         """Layer i's inputs back into device buffers, for its backward."""
-        if i <= self.plan.act_ssd:
+        if i <= self.plan.n_on_ssd:
             self._read_scratch(i, n_micro)
         else:
             self._move(i, n_micro, self.on_host, self.on_device, self.cpu_pool, self.dev_pool, "h2d")

@@ -1,5 +1,5 @@
 """What each task of the step graph runs: one method per task kind, over the run's context and the
-step's shared state. The graph binds each method to its consumer u, block b or layer i
+step's shared state. The graph binds each method to its consumer, block b or layer i
 (graph.build_step_graph); slot reuse is already ordered by the graph's dependencies, so a body
 never waits for memory."""
 from __future__ import annotations
@@ -19,23 +19,23 @@ class StepBodies:
     def __init__(self, ctx: RunContext, st: StepState):
         self.ctx, self.st = ctx, st
 
-    def read_weights(self, u: int) -> None:
-        """Consumer u's weights files into its staging slot (from the block cache where it holds them)."""
-        for block, region in self.ctx.slots.staging_regions(u):
+    def read_weights(self, consumer: int) -> None:
+        """Consumer consumer's weights files into its staging slot (from the block cache where it holds them)."""
+        for block, region in self.ctx.slots.staging_regions(consumer):
             self.ctx.cache.read(block, "weights", region)
 
-    def h2d(self, u: int) -> None:
+    def h2d(self, consumer: int) -> None:
         """Staging slot -> device slot, decoded (fp8 dequantized, upcast) here rather than on the compute lane."""
         slots, stream = self.ctx.slots, self.ctx.streams.get("h2d")
-        src, dst = slots.staged_weights(u), slots.device_weights(u)
+        src, dst = slots.staged_weights(consumer), slots.device_weights(consumer)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for name, t in src.items():
                 dst[name].copy_(t, non_blocking=stream is not None)
         if stream is not None:
             stream.synchronize()  # the staging slot is reused as soon as this task ends
 
-    def compute(self, u: int) -> None:
-        run_consumer(self.ctx, u, self.st)
+    def compute(self, consumer: int) -> None:
+        run_consumer(self.ctx, consumer, self.st)
         if self.ctx.device.type == "cuda":
             torch.cuda.current_stream(self.ctx.device).synchronize()  # slots are reused once this task ends
 

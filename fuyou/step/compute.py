@@ -22,11 +22,11 @@ from ..model.skeleton import causal_lm_loss_sum
 from .context import RunContext, StepState
 
 
-def run_consumer(ctx: RunContext, u: int, st: StepState) -> None:
-    c, sk = ctx.cons[u], ctx.skeleton
+def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
+    c, sk = ctx.cons[consumer], ctx.skeleton
     index = sk.block(c.block).index
     keep = not ctx.plan.recompute and sk.block(c.block).is_layer
-    weights = ctx.slots.weights(u)
+    weights = ctx.slots.weights(consumer)
     train = c.phase != "fwd"
     params = sk.attach(weights, requires_grad=train or keep)
     if keep and c.phase == "bwd":
@@ -35,16 +35,16 @@ def run_consumer(ctx: RunContext, u: int, st: StepState) -> None:
         if train and ctx.device.type == "cpu":
             _bind_grads(ctx, c, params, st)
         if c.phase == "fwd" and keep:
-            _forward_keep(ctx, u, index, params, st)
+            _forward_keep(ctx, consumer, index, params, st)
         elif c.phase == "fwd":
             with torch.no_grad():
                 _forward(ctx, index, st)
         elif c.phase == "head":
             _head(ctx, index, st)
         elif keep:
-            _backward_keep(ctx, u, index, st)
+            _backward_keep(ctx, consumer, index, st)
         else:
-            _backward(ctx, u, index, st)
+            _backward(ctx, consumer, index, st)
         if train and ctx.device.type != "cpu":
             _copy_grads_to_host(ctx, c, params, st)
     finally:
@@ -113,13 +113,13 @@ def _forward(ctx: RunContext, index: int, st: StepState) -> None:
         else:
             h = sk.layer_forward(index - 1, acts.get((index, m)), st.kwargs[m])
         acts.save((index + 1, m), h)
-        if index in ctx.plan.act_recompute:  # the plan drops this input: its backward recomputes it
+        if index in ctx.plan.recomputed_inputs:  # the plan drops this input: its backward recomputes it
             buf, _t = acts.take((index, m))
             acts.release(buf)
 
 
-def _forward_keep(ctx: RunContext, u: int, index: int, params, st: StepState) -> None:
-    refs = WeightRefs(ctx.slots.compute_slot(u))
+def _forward_keep(ctx: RunContext, consumer: int, index: int, params, st: StepState) -> None:
+    refs = WeightRefs(ctx.slots.compute_slot(consumer))
     for m in range(len(st.mbs)):
         x = ctx.acts.get((index, m)).detach().requires_grad_(True)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(refs.pack, refs.unpack):
@@ -130,13 +130,13 @@ def _forward_keep(ctx: RunContext, u: int, index: int, params, st: StepState) ->
     st.fwd_params[index] = params
 
 
-def _backward_keep(ctx: RunContext, u: int, index: int, st: StepState) -> None:
+def _backward_keep(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
     refs = st.refs.pop(index)
-    refs.bwd_slot = ctx.slots.compute_slot(u)
+    refs.bwd_slot = ctx.slots.compute_slot(consumer)
     for m in range(len(st.mbs)):
         x, y = st.graphs.pop((index, m))
-        y.backward(st.dh[m])
-        st.dh[m] = x.grad
+        y.backward(st.out_grads[m])
+        st.out_grads[m] = x.grad
         buf, _saved = ctx.acts.take((index, m))
         ctx.acts.release(buf)
 
@@ -147,35 +147,35 @@ def _head(ctx: RunContext, index: int, st: StepState) -> None:
         x = saved.detach().requires_grad_(True)
         loss_sum = causal_lm_loss_sum(ctx.skeleton.head_logits(x), mb.labels)
         (loss_sum / max(st.targets, 1)).backward()
-        st.dh[m] = x.grad
+        st.out_grads[m] = x.grad
         st.loss_sums.append(float(loss_sum.detach()))
         ctx.acts.release(buf)
 
 
-def _backward(ctx: RunContext, u: int, index: int, st: StepState) -> None:
-    if index in ctx.plan.act_recompute:
-        _backward_from_below(ctx, u, index, st)
+def _backward(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
+    if index in ctx.plan.recomputed_inputs:
+        _backward_from_below(ctx, consumer, index, st)
         return
     sk = ctx.skeleton
     for m, mb in enumerate(st.mbs):
         if index == 0:
             h, _ = sk.embed_forward(mb.input_ids, mb.attention_mask)
-            h.backward(st.dh.pop(m))
+            h.backward(st.out_grads.pop(m))
             continue
         buf, saved = ctx.acts.take((index, m))
         x = saved.detach().requires_grad_(True)
         y = sk.layer_forward(index - 1, x, st.kwargs[m])
-        y.backward(st.dh[m])
-        st.dh[m] = x.grad
+        y.backward(st.out_grads[m])
+        st.out_grads[m] = x.grad
         ctx.acts.release(buf)
 
 
-def _backward_from_below(ctx: RunContext, u: int, index: int, st: StepState) -> None:
+def _backward_from_below(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
     """Backward of a layer whose input the forward dropped: recompute it from the layer below's
     input with that layer's weights, which sit in the next consumer's slot (the step graph made
     this compute wait for them), then backpropagate as usual."""
     sk = ctx.skeleton
-    below = ctx.slots.weights(u + 1)
+    below = ctx.slots.weights(consumer + 1)
     sk.attach(below, requires_grad=False)
     try:
         for m in range(len(st.mbs)):
@@ -183,7 +183,7 @@ def _backward_from_below(ctx: RunContext, u: int, index: int, st: StepState) -> 
                 x = sk.layer_forward(index - 2, ctx.acts.get((index - 1, m)), st.kwargs[m])
             x = x.detach().requires_grad_(True)
             y = sk.layer_forward(index - 1, x, st.kwargs[m])
-            y.backward(st.dh[m])
-            st.dh[m] = x.grad
+            y.backward(st.out_grads[m])
+            st.out_grads[m] = x.grad
     finally:
         sk.detach(list(below))

@@ -48,7 +48,7 @@ class StepState:
     mbs: List[Batch]  # the micro-batches, on the compute device
     targets: int  # label tokens of the whole batch (the loss is their mean)
     kwargs: Dict[int, dict] = field(default_factory=dict)  # micro-batch -> the layers' keyword inputs (masks, positions)
-    dh: Dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> gradient of the current block's output
+    out_grads: Dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> gradient of the current block's output
     graphs: Dict[tuple, tuple] = field(default_factory=dict)  # kept forward: (block, micro-batch) -> (input, output)
     refs: Dict[int, object] = field(default_factory=dict)  # kept forward: block -> its saved-weight hooks
     fwd_params: Dict[int, dict] = field(default_factory=dict)  # kept forward: block -> the Parameters its graph uses

@@ -64,11 +64,11 @@ class StepSpec:
     opt_slots: int
     opt_owner: Dict[str, int]  # block -> optimizer slot index (-1: a dedicated slot)
     flops: List[int]  # per consumer
-    grad_slots: int = 2  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
+    grad_slots: int  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
     cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
-    act_offload: int = 0  # inputs of layers 1..act_offload go to the host after their forward (see memory_plan.py)
-    act_recompute: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see memory_plan.py)
-    act_ssd: int = 0  # offloaded inputs of layers 1..act_ssd go to the store's disk, not host memory
+    n_offloaded: int = 0  # inputs of layers 1..n_offloaded go to the host after their forward (see memory_plan.py)
+    recomputed_inputs: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see memory_plan.py)
+    n_on_ssd: int = 0  # offloaded inputs of layers 1..n_on_ssd go to the store's disk, not host memory
     act_block_bytes: int = 0  # one block's inputs, every micro-batch
 
 
@@ -90,12 +90,12 @@ class TaskName:
     its role in `meta["role"]`."""
 
     @staticmethod
-    def read_weights(u: int, block: str) -> str:
-        return f"read_w{u}:{block}"
+    def read_weights(consumer: int, block: str) -> str:
+        return f"read_w{consumer}:{block}"
 
     @staticmethod
-    def h2d(u: int, block: str) -> str:
-        return f"h2d{u}:{block}"
+    def h2d(consumer: int, block: str) -> str:
+        return f"h2d{consumer}:{block}"
 
     @staticmethod
     def compute(phase: str, block: str) -> str:
@@ -129,9 +129,9 @@ class TaskName:
 class TaskBodies(Protocol):
     """What each task runs (bodies.StepBodies); the graph binds the argument."""
 
-    def read_weights(self, u: int) -> None: ...
-    def h2d(self, u: int) -> None: ...
-    def compute(self, u: int) -> None: ...
+    def read_weights(self, consumer: int) -> None: ...
+    def h2d(self, consumer: int) -> None: ...
+    def compute(self, consumer: int) -> None: ...
     def read_states(self, b: str) -> None: ...
     def optim(self, b: str) -> None: ...
     def write(self, b: str) -> None: ...
@@ -201,47 +201,47 @@ class _StepGraphBuilder:
         self.act_out: dict = {}  # layer -> its offload task
         self.bwd_done: dict = {}  # layer -> its backward's compute task
 
-    def weights_ready(self, u: int):
-        """The task after which consumer u's weights sit in its slot (added once)."""
-        if u in self.ready:
-            return self.ready[u]
-        spec, g, c = self.spec, self.g, self.spec.cons[u]
+    def weights_ready(self, consumer: int):
+        """The task after which the consumer's weights sit in its slot (added once)."""
+        if consumer in self.ready:
+            return self.ready[consumer]
+        spec, g, c = self.spec, self.g, self.spec.cons[consumer]
         W, D = spec.weight_slots, spec.device_slots
         stage_bytes = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks)
         copied = sum(spec.blocks[b].weights_bytes for b in c.weight_blocks if b in spec.cached)
         # The staging slot is free once its last user has been copied to the device (or computed).
-        release = (self.ready[u - W] if D else self.compute[u - W]) if u >= W else None
+        release = (self.ready[consumer - W] if D else self.compute[consumer - W]) if consumer >= W else None
         # nbytes: what the store reads; copy_bytes: what comes from the block cache instead.
-        task = g.add(TaskName.read_weights(u, c.block), "read", "read", partial(self.bodies.read_weights, u), [release],
+        task = g.add(TaskName.read_weights(consumer, c.block), "read", "read", partial(self.bodies.read_weights, consumer), [release],
                      nbytes=stage_bytes - copied, block=c.block, copy_bytes=copied, role="read_weights")
         if D:
-            dev_free = self.compute[u - D] if u >= D else None
-            task = g.add(TaskName.h2d(u, c.block), "h2d", "h2d", partial(self.bodies.h2d, u), [task, dev_free], nbytes=stage_bytes,
+            dev_free = self.compute[consumer - D] if consumer >= D else None
+            task = g.add(TaskName.h2d(consumer, c.block), "h2d", "h2d", partial(self.bodies.h2d, consumer), [task, dev_free], nbytes=stage_bytes,
                          block=c.block, role="h2d")
-        self.ready[u] = task
+        self.ready[consumer] = task
         return task
 
-    def add_consumer(self, u: int) -> None:
-        spec, c = self.spec, self.spec.cons[u]
+    def add_consumer(self, consumer: int) -> None:
+        spec, c = self.spec, self.spec.cons[consumer]
         i = self.index.get(c.block, -1)
-        deps = [self.weights_ready(u), self.compute[-1] if self.compute else None]
-        recomputed = c.phase == "bwd" and i in spec.act_recompute
+        deps = [self.weights_ready(consumer), self.compute[-1] if self.compute else None]
+        recomputed = c.phase == "bwd" and i in spec.recomputed_inputs
         if recomputed:
             # Its input is recomputed from the layer below, whose weights (the next consumer's) must
             # be in their slot already (the plan keeps two slots then, so nothing waits on this compute).
-            deps.append(self.weights_ready(u + 1))
+            deps.append(self.weights_ready(consumer + 1))
         if c.phase != "fwd":  # its gradient slot is free once the optimizer of its last user has run
             deps += [self.optims[self.grad_free[b]] for b in c.weight_blocks if b in self.grad_free]
         if c.phase == "fwd" and i - 2 in self.act_out:
             deps.append(self.act_out[i - 2])  # at most three offloaded inputs on the device in the forward
-        if c.phase == "bwd" and 1 <= i <= spec.act_offload:
+        if c.phase == "bwd" and 1 <= i <= spec.n_offloaded:
             deps.append(self._bring_back(i, c.block))
         extra = {"from_below": True} if recomputed else {}  # kept in the trace for the profiler
-        task = self.g.add(TaskName.compute(c.phase, c.block), "compute", "compute", partial(self.bodies.compute, u), deps, flops=spec.flops[u],
+        task = self.g.add(TaskName.compute(c.phase, c.block), "compute", "compute", partial(self.bodies.compute, consumer), deps, flops=spec.flops[consumer],
                           block=c.block, phase=c.phase, role="compute", **extra)
         self.compute.append(task)
-        if c.phase == "fwd" and 1 <= i <= spec.act_offload:
-            lane = "write" if i <= spec.act_ssd else "d2h"
+        if c.phase == "fwd" and 1 <= i <= spec.n_offloaded:
+            lane = "write" if i <= spec.n_on_ssd else "d2h"
             self.act_out[i] = self.g.add(TaskName.act_out(i, c.block), lane, lane, partial(self.bodies.act_out, i), [task],
                                          nbytes=spec.act_block_bytes, block=c.block, role="act_out")
         if c.phase == "bwd":
@@ -252,7 +252,7 @@ class _StepGraphBuilder:
     def _bring_back(self, i: int, block: str):
         """Layer i's offloaded inputs, back just before its backward, once the backward two layers
         later has freed its own."""
-        lane = "read" if i <= self.spec.act_ssd else "h2d"
+        lane = "read" if i <= self.spec.n_on_ssd else "h2d"
         return self.g.add(TaskName.act_in(i, block), lane, lane, partial(self.bodies.act_in, i), [self.act_out[i], self.bwd_done.get(i + 2)],
                           nbytes=self.spec.act_block_bytes, block=block, role="act_in")
 
@@ -275,11 +275,11 @@ def _optim_bytes(size: BlockSizes) -> int:
 
 
 def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
-    if spec.act_recompute and (spec.weight_slots < 2 or spec.device_slots == 1):
+    if spec.recomputed_inputs and (spec.weight_slots < 2 or spec.device_slots == 1):
         raise ValueError("recomputed block inputs need two weight slots (and two device slots when there are any)")
     builder = _StepGraphBuilder(spec, bodies or NoBodies())
-    for u in range(len(spec.cons)):
-        builder.add_consumer(u)
+    for consumer in range(len(spec.cons)):
+        builder.add_consumer(consumer)
     return builder.g
 
 
@@ -335,11 +335,11 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     # A layer whose input is recomputed also runs the forward of the layer below (block index i - 1,
     # the i-1-th consumer) in its backward.
     index = block_indices(cons)
-    for u, c in enumerate(cons):
-        if c.phase == "bwd" and index[c.block] in plan.act_recompute:
-            flops[u] += flops[index[c.block] - 1]
+    for consumer, c in enumerate(cons):
+        if c.phase == "bwd" and index[c.block] in plan.recomputed_inputs:
+            flops[consumer] += flops[index[c.block] - 1]
     return StepSpec(
         cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
-        act_offload=plan.act_offload, act_block_bytes=plan.micro_batches * plan.act_bytes, act_recompute=frozenset(plan.act_recompute),
-        act_ssd=plan.act_ssd,
+        n_offloaded=plan.n_offloaded, act_block_bytes=plan.micro_batches * plan.act_bytes, recomputed_inputs=frozenset(plan.recomputed_inputs),
+        n_on_ssd=plan.n_on_ssd,
     )

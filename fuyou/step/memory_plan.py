@@ -56,18 +56,18 @@ class MemoryPlan:
     cache_blocks: tuple = ()  # blocks whose live states and weights stay in host RAM between steps
     cache_bytes: int = 0  # host RAM of that cache (its own pool, outside cpu_bytes())
     micro_batches: int = 1
-    # Activation placement (recompute backward only): the inputs of layers 1..act_offload (every
+    # Activation placement (recompute backward only): the inputs of layers 1..n_offloaded (every
     # micro-batch) go to host memory after their forward and come back just before their backward;
     # the other block inputs stay on the device.
-    act_offload: int = 0
-    act_ssd: int = 0  # of those, layers 1..act_ssd go to scratch files in the store instead of host memory
+    n_offloaded: int = 0
+    n_on_ssd: int = 0  # of those, layers 1..n_on_ssd go to scratch files in the store instead of host memory
     # Layers whose inputs are freed after their forward and recomputed in their backward from the
     # previous layer's input, with that layer's weights (the next consumer's, already in its slot).
-    act_recompute: tuple = ()
+    recomputed_inputs: tuple = ()
 
     def offloaded_act_bytes(self) -> int:
         # Host-held inputs, plus a staging buffer each way for the ones on the SSD.
-        host = (self.act_offload - self.act_ssd) * self.micro_batches + (2 if self.act_ssd else 0)
+        host = (self.n_offloaded - self.n_on_ssd) * self.micro_batches + (2 if self.n_on_ssd else 0)
         return host * aligned_bytes(self.act_bytes)
 
     def cpu_bytes(self) -> int:
@@ -81,9 +81,9 @@ class MemoryPlan:
     def device_bytes(self) -> int:
         on_device = (
             self.n_acts
-            - (self.act_offload + len(self.act_recompute)) * self.micro_batches
-            + min(self.act_offload, ACT_OFFLOAD_WINDOW) * self.micro_batches
-            + (2 * self.micro_batches if self.act_recompute else 0)  # a dropped input in its forward; a recomputed one
+            - (self.n_offloaded + len(self.recomputed_inputs)) * self.micro_batches
+            + min(self.n_offloaded, ACT_OFFLOAD_WINDOW) * self.micro_batches
+            + (2 * self.micro_batches if self.recomputed_inputs else 0)  # a dropped input in its forward; a recomputed one
         )
         return self.device_slots * self.device_slot_bytes + on_device * aligned_bytes(self.act_bytes) + self.workspace_bytes + self.kept_bytes
 
@@ -233,7 +233,7 @@ def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, hos
     def placed(k: int, ssd: int, dropped=()) -> MemoryPlan:
         # Recomputing an input needs the next consumer's weights in their slot: two of each.
         slots = (max(plan.weight_slots, 2), max(plan.device_slots, 2) if copy else 0) if dropped else (plan.weight_slots, plan.device_slots)
-        return dataclasses.replace(plan, act_offload=k, act_ssd=ssd, act_recompute=tuple(sorted(dropped)), weight_slots=slots[0], device_slots=slots[1])
+        return dataclasses.replace(plan, n_offloaded=k, n_on_ssd=ssd, recomputed_inputs=tuple(sorted(dropped)), weight_slots=slots[0], device_slots=slots[1])
 
     tries = [placed(k, ssd) for k in offloads for ssd in range(k + 1)]  # host memory first, then the SSD
     tries += [placed(k, k, droppable(k)[:j]) for k in offloads for j in range(1, len(droppable(k)) + 1)]
@@ -293,8 +293,8 @@ def _check_minimum(plan: MemoryPlan) -> None:
     if need_dev > plan.device_budget_bytes:
         raise BudgetError(
             f"--gpu-mem {format_bytes(plan.device_budget_bytes)} is too small: block inputs of every micro-batch "
-            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}, {plan.act_offload * plan.micro_batches} of them offloaded ({plan.act_ssd * plan.micro_batches} to the SSD), "
-            f"{len(plan.act_recompute) * plan.micro_batches} recomputed), the compute workspace ({format_bytes(plan.workspace_bytes)}), "
+            f"({plan.n_acts} x {format_bytes(plan.act_bytes)}, {plan.n_offloaded * plan.micro_batches} of them offloaded ({plan.n_on_ssd * plan.micro_batches} to the SSD), "
+            f"{len(plan.recomputed_inputs) * plan.micro_batches} recomputed), the compute workspace ({format_bytes(plan.workspace_bytes)}), "
             f"kept activations ({format_bytes(plan.kept_bytes)}) and "
             f"{plan.device_slots} weight slot(s) need {format_bytes(need_dev)}; pass --gpu-mem {_round_up_mib(need_dev)} or more, "
             "or lower --batch-size / --seq-len / raise --micro-batches"

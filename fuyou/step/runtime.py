@@ -2,7 +2,7 @@
 
 A step is a task graph (graph.py; `describe()` prints its schedule) run by the scheduler's
 executor, one thread per lane:
-    read    weights of consumer u into its staging slot, ahead by the prefetch depth
+    read    weights of each consumer into its staging slot, ahead by the prefetch depth
     h2d     staging slot -> device slot (only when the device is not the host or dtypes differ)
     compute the consumers in order: fwd embed, fwd layers, head (forward + loss + backward), bwd
             layers, bwd embed; every micro-batch passes a block before the next block

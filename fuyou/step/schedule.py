@@ -80,8 +80,8 @@ def describe(spec: StepSpec) -> str:
     rows.append(("", "(after the last)", "", during.get(len(compute), [])))
     lines = [
         f"one step: {n_layers} layers; slots: {spec.weight_slots} weight staging, {spec.device_slots} device, {spec.opt_slots} optimizer, "
-        f"{spec.grad_slots} gradient; {spec.act_offload} layers' inputs offloaded ({spec.act_ssd} of them to the SSD), "
-        f"{len(spec.act_recompute)} recomputed; {len(spec.cached)} blocks cached",
+        f"{spec.grad_slots} gradient; {spec.n_offloaded} layers' inputs offloaded ({spec.n_on_ssd} of them to the SSD), "
+        f"{len(spec.recomputed_inputs)} recomputed; {len(spec.cached)} blocks cached",
         f"{'#':>3}  {'compute':<18} {'waits for':<44} while it runs",
     ]
     for k, name, waits, now in rows:

@@ -1,7 +1,7 @@
 """The fixed buffers a run reuses every step, allocated once from its memory plan, and views into them.
 
-    weight staging slots (host)   consumer u's weights as stored, slot u % W (W = prefetch depth + 1)
-    device weight slots           the same decoded to the compute dtype, slot u % D (none when the
+    weight staging slots (host)   consumer's weights as stored, slot consumer % W (W = prefetch depth + 1)
+    device weight slots           the same decoded to the compute dtype, slot consumer % D (none when the
                                   device is the host and the stored dtype is the compute dtype)
     optimizer slots (host)        a block's master, moments and new weights (regions at the offsets
                                   of memory_plan.opt_region_offsets), cycled in backward order
@@ -71,39 +71,39 @@ class Slots:
         return out
 
     # -- weight slots ---------------------------------------------------------------------------
-    def staged_weights(self, u: int) -> Dict[str, torch.Tensor]:
-        """Consumer u's parameters decoded from its staging slot (views, or dequantized fp8)."""
-        stage, off, out = self.staging[u % len(self.staging)], 0, {}
-        for b in self.cons[u].weight_blocks:
+    def staged_weights(self, consumer: int) -> Dict[str, torch.Tensor]:
+        """Consumer consumer's parameters decoded from its staging slot (views, or dequantized fp8)."""
+        stage, off, out = self.staging[consumer % len(self.staging)], 0, {}
+        for b in self.cons[consumer].weight_blocks:
             kl = self.store.layouts[b].kinds["weights"]
             for name, parts in kl.views(stage[off : off + kl.file_bytes]).items():
                 out[name] = decode_weights(self.store.state_cfg, parts)
             off += kl.file_bytes
         return out
 
-    def staging_regions(self, u: int) -> List[tuple]:
-        """[(block, region)] of consumer u's staging slot: where each weights file is read into."""
-        stage, off, out = self.staging[u % len(self.staging)], 0, []
-        for b in self.cons[u].weight_blocks:
+    def staging_regions(self, consumer: int) -> List[tuple]:
+        """[(block, region)] of consumer's staging slot: where each weights file is read into."""
+        stage, off, out = self.staging[consumer % len(self.staging)], 0, []
+        for b in self.cons[consumer].weight_blocks:
             n = self.store.layouts[b].kinds["weights"].file_bytes
             out.append((b, stage[off : off + n]))
             off += n
         return out
 
-    def device_weights(self, u: int) -> Dict[str, torch.Tensor]:
-        """Consumer u's parameters in its device slot (compute dtype), flat."""
-        dslot, off, out = self.device[u % len(self.device)], 0, {}
+    def device_weights(self, consumer: int) -> Dict[str, torch.Tensor]:
+        """Consumer consumer's parameters in its device slot (compute dtype), flat."""
+        dslot, off, out = self.device[consumer % len(self.device)], 0, {}
         esize = torch.empty((), dtype=self.compute_dtype).element_size()
-        for b in self.cons[u].weight_blocks:
+        for b in self.cons[consumer].weight_blocks:
             for name, numel in self.store.layouts[b].params:
                 out[name] = dslot[off : off + numel * esize].view(self.compute_dtype)
                 off += aligned_bytes(numel * esize, 256)
         return out
 
-    def weights(self, u: int) -> Dict[str, torch.Tensor]:
-        """What the compute of consumer u runs on: device slot views, or the staging views."""
-        return self.device_weights(u) if self.device else self.staged_weights(u)
+    def weights(self, consumer: int) -> Dict[str, torch.Tensor]:
+        """What the compute of consumer runs on: device slot views, or the staging views."""
+        return self.device_weights(consumer) if self.device else self.staged_weights(consumer)
 
-    def compute_slot(self, u: int) -> torch.Tensor:
-        """The buffer consumer u's compute weights live in."""
-        return self.device[u % len(self.device)] if self.device else self.staging[u % len(self.staging)]
+    def compute_slot(self, consumer: int) -> torch.Tensor:
+        """The buffer consumer's compute weights live in."""
+        return self.device[consumer % len(self.device)] if self.device else self.staging[consumer % len(self.staging)]

@@ -24,14 +24,14 @@ def model(tmp_path_factory):
 def test_offloaded_inputs_train_exactly_within_the_smaller_budget(tmp_path, model):
     ckpt, batches = model
     full, full_res = run_fuyou(ckpt, str(tmp_path / "full"), batches, MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
-    assert full.plan.act_offload == 0
+    assert full.plan.n_offloaded == 0
     act = full.plan.act_bytes  # one micro-batch's block input (4 KiB aligned here)
     budget = full.plan.device_bytes() - 2 * MICRO * act
     rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cache_mem_bytes=0))
-    assert rt.plan.act_offload >= 3  # three stay on the device while they move: the first two save nothing
+    assert rt.plan.n_offloaded >= 3  # three stay on the device while they move: the first two save nothing
     assert rt.dev_pool.peak_bytes <= budget < full.dev_pool.peak_bytes
     names = {e.name.split(":")[0]: e.lane for e in results[-1].events if e.name.startswith("act_")}
-    assert names == {**{f"act_out{i}": "d2h" for i in range(1, rt.plan.act_offload + 1)}, **{f"act_in{i}": "h2d" for i in range(1, rt.plan.act_offload + 1)}}
+    assert names == {**{f"act_out{i}": "d2h" for i in range(1, rt.plan.n_offloaded + 1)}, **{f"act_in{i}": "h2d" for i in range(1, rt.plan.n_offloaded + 1)}}
     assert [r.loss for r in results] == [r.loss for r in full_res]  # the same bytes come back
     assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results, rtol=RTOL, atol=ATOL)
 
@@ -42,7 +42,7 @@ def test_offload_takes_the_fewest_blocks_and_says_when_nothing_fits(tmp_path, mo
     act = full.plan.act_bytes
     need = full.plan.device_bytes()
     rt, _ = run_fuyou(ckpt, str(tmp_path / "one"), batches[:1], MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - MICRO * act, cache_mem_bytes=0))
-    assert rt.plan.act_offload == 4  # 3 blocks in flight + 1 saved = one block's worth
+    assert rt.plan.n_offloaded == 4  # 3 blocks in flight + 1 saved = one block's worth
     # Layers 1..L-2 at most: 6 of 8, saving 3 blocks; one more than that cannot fit.
     with pytest.raises(BudgetError, match=r"12 of them offloaded \(12 to the SSD\)"):
         run_fuyou(ckpt, str(tmp_path / "none"), batches[:1], MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=need - 4 * MICRO * act, cache_mem_bytes=0))
@@ -63,7 +63,7 @@ def test_recomputed_inputs_train_exactly_when_the_host_has_no_room(tmp_path):
     rt, results = run_fuyou(
         ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)
     )
-    assert (rt.plan.act_offload, rt.plan.act_recompute, rt.plan.weight_slots) == (0, (3, 5, 7), 2)
+    assert (rt.plan.n_offloaded, rt.plan.recomputed_inputs, rt.plan.weight_slots) == (0, (3, 5, 7), 2)
     assert graph_from_events(results[-1].events)[0] is not None  # the profiler rebuilds this step's graph
     assert rt.dev_pool.peak_bytes <= budget and rt.dev_pool.peak_bytes < full.dev_pool.peak_bytes
     assert [r.loss for r in results] == [r.loss for r in full_res]
@@ -81,7 +81,7 @@ def test_inputs_offloaded_to_the_ssd_when_the_host_is_full(tmp_path, model):
     rt, results = run_fuyou(
         ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)
     )
-    assert rt.plan.act_offload == 5 and rt.plan.act_ssd == 5 and rt.plan.act_recompute == ()
+    assert rt.plan.n_offloaded == 5 and rt.plan.n_on_ssd == 5 and rt.plan.recomputed_inputs == ()
     assert graph_from_events(results[-1].events)[0] is not None  # the profiler rebuilds this step's graph
     assert rt.dev_pool.peak_bytes <= budget and rt.cpu_pool.peak_bytes <= host
     lanes = {e.name.split(":")[0]: e.lane for e in results[-1].events if e.name.startswith("act_")}
