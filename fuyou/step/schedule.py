@@ -10,6 +10,7 @@ such instead.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Set
 
 from scheduler import Graph, Task
@@ -61,8 +62,16 @@ def _waited_for(c: Task) -> Set[str]:
     return seen
 
 
-def describe(spec: StepSpec) -> str:
-    """The step's schedule, one line per consumer (see the module docstring)."""
+@dataclass
+class Row:
+    index: str  # the consumer's position in the compute order ("" for the lines before and after)
+    compute: str  # its compute task, or what the line stands for
+    waits: List[Task]  # the tasks it waits for, besides the consumer before it
+    during: List[Task]  # what the other lanes may run while it computes
+
+
+def schedule_rows(spec: StepSpec) -> List[Row]:
+    """The rows describe() prints, from the step graph of `spec`."""
     g = build_step_graph(spec)
     compute = [t for t in g.tasks if t.kind == "compute"]
     earliest = _earliest_consumer(g)
@@ -71,20 +80,25 @@ def describe(spec: StepSpec) -> str:
         if t.kind != "compute":
             during.setdefault(earliest[t.name], []).append(t)
     before_first = _waited_for(compute[0])
-    n_layers = sum(1 for c in spec.cons if c.phase == "fwd") - 1
-    rows = [("", "(before the first)", "", [t for t in during.get(0, []) if t.name in before_first])]
+    rows = [Row("", "(before the first)", [], [t for t in during.get(0, []) if t.name in before_first])]
     for k, c in enumerate(compute):
-        waits = [d for d in c.deps if d.kind != "compute"]
-        now = [t for t in during.get(k, []) if t.name not in _waited_for(c) and t.name not in before_first]
-        rows.append((str(k), c.name, ", ".join(_wait_label(d) for d in waits), now))
-    rows.append(("", "(after the last)", "", during.get(len(compute), [])))
+        must_finish = _waited_for(c) | before_first
+        rows.append(Row(str(k), c.name, [d for d in c.deps if d.kind != "compute"], [t for t in during.get(k, []) if t.name not in must_finish]))
+    rows.append(Row("", "(after the last)", [], during.get(len(compute), [])))
+    return rows
+
+
+def describe(spec: StepSpec) -> str:
+    """The step's schedule, one line per consumer (see the module docstring)."""
+    n_layers = sum(1 for c in spec.cons if c.phase == "fwd") - 1
     lines = [
         f"one step: {n_layers} layers; slots: {spec.weight_slots} weight staging, {spec.device_slots} device, {spec.opt_slots} optimizer, "
         f"{spec.grad_slots} gradient; {spec.n_offloaded} layers' inputs offloaded ({spec.n_on_ssd} of them to the SSD), "
         f"{len(spec.recomputed_inputs)} recomputed; {len(spec.cached)} blocks cached",
         f"{'#':>3}  {'compute':<18} {'waits for':<44} while it runs",
     ]
-    for k, name, waits, now in rows:
-        lines.append(f"{k:>3}  {name:<18} {waits or '-':<44} {', '.join(_label(t) for t in now) or '-'}")
+    for row in schedule_rows(spec):
+        waits = ", ".join(_wait_label(t) for t in row.waits) or "-"
+        lines.append(f"{row.index:>3}  {row.compute:<18} {waits:<44} {', '.join(_label(t) for t in row.during) or '-'}")
     lines.append(f"{'':>3}  {'then':<18} {'every write':<44} commit (the manifest switches to the new step)")
     return "\n".join(lines)
