@@ -31,7 +31,10 @@ _NUMBER = re.compile(r"^[a-z_]+?(\d+):")  # the consumer (w[u]) or layer (in[i])
 
 def _label(t: Task) -> str:
     number = _NUMBER.match(t.name)
-    return _WORDS.get(t.meta.get("role", ""), t.name).format(n=number.group(1) if number else "", block=t.meta.get("block", ""))
+    words = _WORDS.get(t.meta.get("role", ""), t.name)
+    if t.kind == "read" and t.nbytes == 0 and t.meta.get("copy_bytes"):
+        words = words.replace("read ", "copy ", 1) + " (cache)"  # the block cache serves it: a memory copy
+    return words.format(n=number.group(1) if number else "", block=t.meta.get("block", ""))
 
 
 def _wait_label(t: Task) -> str:
