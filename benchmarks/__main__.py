@@ -52,42 +52,32 @@ def supports_quick(name: str) -> bool:
 
 
 def ssd_bytes_table() -> str:
-    """SSD bytes per parameter per step for each codec setting fuyou.optim.state accepts, computed
-    from fuyou.plan.ssd_bytes_per_step on a dry (never written) store of llama-220m."""
+    """SSD bytes per parameter per step for each codec setting StateConfig accepts: the store traffic
+    of llama-220m's step graph (the one the runtime runs: prefetch depth 0, one optimizer slot, no
+    block cache), counted by fuyou.step.graph.bytes_per_step. Nothing is written."""
     import fuyou.optim.state as st
-    from fuyou.model.importer import model_info
-    from fuyou.model.skeleton import Skeleton
-    from fuyou.model.source import ModelSource
-    from fuyou.step.memory_plan import ssd_bytes_per_step
-    from fuyou.store.store import Store, new_manifest
+    from fuyou.planning.search import PlanConfig, candidate, load_model_config, model_shape
+    from fuyou.step.graph import bytes_per_step
 
-    source = ModelSource("llama-220m")
-    skel = Skeleton(source.config)
-    blocks = [{"name": b.name, "params": [{"name": n, "shape": list(skel.params[n].shape), "numel": skel.params[n].numel} for n in b.params]} for b in skel.blocks]
-    info = model_info(source, skel)
-    numel = info["numel"]
+    hf_config = load_model_config("llama-220m")
     nominal = {  # the arithmetic, per parameter
         ("fp32", "fp32", "fp32"): "weights read twice 2x4 + master/m/v read 12 = 20; master/m/v/weights written 4x4 = 16; 36",
         ("bf16", "fp32", "fp32"): "weights read twice 2x2 + master/m/v read 12 = 16; master/m/v written 12 + weights 2 = 14; 30",
     }
-    rows = []
-    settings = [(w, m, s) for w in st.WEIGHT_DTYPES for m in st.MASTER_CODECS for s in st.STATE_CODECS]
-    with tempfile.TemporaryDirectory() as tmp:
-        for w, m, s in settings:
-            cfg = st.StateConfig(weights=w, master=m, states=s)
-            store = Store(os.path.join(tmp, "dry"), new_manifest(info, cfg, blocks))  # layouts only: nothing is written
-            b = ssd_bytes_per_step(store)
-            r, wr = b["read_bytes"] / numel, b["written_bytes"] / numel
-            rows.append([f"weights {w}, master {m}, states {s}", f"{r:.2f}", f"{wr:.2f}", f"{r + wr:.2f}", nominal.get((w, m, s), "from the store layout")])
-    fp8 = [c for c in st.STATE_CODECS if "fp8" in c]
-    if not fp8:
-        rows.append(["fp8 states + bf16+rem master", "pending", "pending", "pending",
-                     f"StateConfig accepts master {st.MASTER_CODECS}, states {st.STATE_CODECS} in this tree: the fp8 codecs have not landed"])
+    rows, numel = [], 0
+    for w, m, s in [(w, m, s) for w in st.WEIGHT_DTYPES for m in st.MASTER_CODECS for s in st.STATE_CODECS]:
+        cfg = PlanConfig(model="llama-220m", state=st.StateConfig(weights=w, master=m, states=s))
+        shape = model_shape(hf_config, cfg.state)
+        numel = shape.numel
+        b = bytes_per_step(candidate(shape, cfg, cfg.batch.micro_batches, 0, 1).build().tasks)
+        r, wr = b["ssd read"] / numel, b["ssd written"] / numel
+        rows.append([f"weights {w}, master {m}, states {s}", f"{r:.2f}", f"{wr:.2f}", f"{r + wr:.2f}", nominal.get((w, m, s), "from the store layout")])
     rows.append(["Fuyou paper design", "16", "14", str(FUYOU_PAPER_B), "weights/states as in the paper"])
     rows.append(["ZeRO-Infinity (design accounting)", "", "", str(ZERO_INFINITY_B), "Fuyou's 30 + 8 of gradient spill"])
     return "\n".join([
-        f"SSD bytes per parameter per step (llama-220m, {numel / 1e6:.1f} M params; tensors under {st.SMALL_NUMEL} elements keep fp32 state, "
-        "so the computed values can sit slightly above the nominal ones):",
+        f"SSD bytes per parameter per step (llama-220m, {numel / 1e6:.1f} M params), counted on the step graph the runtime runs: "
+        f"the head's forward and backward share one read of its weights, so reads sit below the nominal 'weights read twice'; "
+        f"tensors under {st.SMALL_NUMEL} elements keep fp32 state:",
         "",
         markdown_table(["codec setting", "read B/param", "written B/param", "total", "arithmetic"], rows),
     ])

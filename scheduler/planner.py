@@ -1,6 +1,6 @@
 """Choose the fastest plan that fits the memory budgets, by predicting each candidate's step.
 
-Knows nothing of models: a caller (fuyou.planning) enumerates candidate plans, each with the knobs
+Knows nothing of models: a caller (fuyou.planning.search) enumerates candidate plans, each with the knobs
 that define it, the bytes it needs per memory tier and a function building its step graph. The
 planner predicts every candidate with the cost model, drops those over a budget and returns the
 fastest; among plans within `tie_rel` of the fastest it takes the caller's preferred one (e.g. the

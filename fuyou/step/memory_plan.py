@@ -156,7 +156,7 @@ def plan_memory(
     recompute: str = "always",
 ) -> MemoryPlan:
     """recompute: "always" (the backward recomputes each block from its saved input), "never" (the
-    forward keeps each layer's autograd activations; weights are not kept, see runtime_compute), or
+    forward keeps each layer's autograd activations; weights are not kept, see compute.py), or
     "auto" (keep them when they fit the device budget)."""
     if recompute not in ("always", "never", "auto"):
         raise ValueError(f"recompute {recompute!r} unknown; choose always, never or auto")
