@@ -52,9 +52,10 @@ def supports_quick(name: str) -> bool:
 
 
 def ssd_bytes_table() -> str:
-    """SSD bytes per parameter per step for each codec setting fuyou.optim.state accepts, computed
-    from fuyou.plan.ssd_bytes_per_step on a dry (never written) store of llama-220m."""
-    import fuyou.optim.state as st
+    """SSD bytes per parameter per step for each codec setting fuyou.config.StateConfig accepts,
+    computed from fuyou.plan.ssd_bytes_per_step on a dry (never written) store of llama-220m."""
+    import fuyou.config as cf
+    from fuyou.optim.state import SMALL_NUMEL
     from fuyou.model.importer import model_info
     from fuyou.model.skeleton import Skeleton
     from fuyou.model.source import ModelSource
@@ -71,22 +72,22 @@ def ssd_bytes_table() -> str:
         ("bf16", "fp32", "fp32"): "weights read twice 2x2 + master/m/v read 12 = 16; master/m/v written 12 + weights 2 = 14; 30",
     }
     rows = []
-    settings = [(w, m, s) for w in st.WEIGHT_DTYPES for m in st.MASTER_CODECS for s in st.STATE_CODECS]
+    settings = [(w, m, s) for w in cf.WEIGHT_CODECS for m in cf.MASTER_CODECS for s in cf.MOMENT_CODECS]
     with tempfile.TemporaryDirectory() as tmp:
         for w, m, s in settings:
-            cfg = st.StateConfig(weights=w, master=m, states=s)
+            cfg = cf.StateConfig(weights=w, master=m, states=s)
             store = Store(os.path.join(tmp, "dry"), new_manifest(info, cfg, blocks))  # layouts only: nothing is written
             b = ssd_bytes_per_step(store)
             r, wr = b["read_bytes"] / numel, b["written_bytes"] / numel
             rows.append([f"weights {w}, master {m}, states {s}", f"{r:.2f}", f"{wr:.2f}", f"{r + wr:.2f}", nominal.get((w, m, s), "from the store layout")])
-    fp8 = [c for c in st.STATE_CODECS if "fp8" in c]
+    fp8 = [c for c in cf.MOMENT_CODECS if "fp8" in c]
     if not fp8:
         rows.append(["fp8 states + bf16+rem master", "pending", "pending", "pending",
-                     f"StateConfig accepts master {st.MASTER_CODECS}, states {st.STATE_CODECS} in this tree: the fp8 codecs have not landed"])
+                     f"StateConfig accepts master {cf.MASTER_CODECS}, states {cf.MOMENT_CODECS} in this tree: the fp8 codecs have not landed"])
     rows.append(["Fuyou paper design", "16", "14", str(FUYOU_PAPER_B), "weights/states as in the paper"])
     rows.append(["ZeRO-Infinity (design accounting)", "", "", str(ZERO_INFINITY_B), "Fuyou's 30 + 8 of gradient spill"])
     return "\n".join([
-        f"SSD bytes per parameter per step (llama-220m, {numel / 1e6:.1f} M params; tensors under {st.SMALL_NUMEL} elements keep fp32 state, "
+        f"SSD bytes per parameter per step (llama-220m, {numel / 1e6:.1f} M params; tensors under {SMALL_NUMEL} elements keep fp32 state, "
         "so the computed values can sit slightly above the nominal ones):",
         "",
         markdown_table(["codec setting", "read B/param", "written B/param", "total", "arithmetic"], rows),

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from ..config import BatchConfig, MemoryConfig, OptimConfig, parse_size
+from ..config import BatchConfig, FinetuneConfig, MemoryConfig, OptimConfig, StateConfig, parse_size
 
 EXIT_USAGE = 2
 LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
@@ -121,8 +121,7 @@ def _finetune(args) -> int:
     from rich.console import Console
 
     from ..model.source import PRESETS
-    from ..optim.state import StateConfig
-    from ..train import FinetuneConfig, finetune, print_summary
+    from ..train import finetune, print_summary
 
     lr = args.lr if args.lr is not None else (LR_FROM_SCRATCH if args.model in PRESETS else LR_FINETUNE)
     cfg = FinetuneConfig(
@@ -151,7 +150,8 @@ def _finetune(args) -> int:
     if args.plan == "auto":
         import dataclasses
 
-        from ..planning.search import PlanConfig, auto_memory_config
+        from ..config import PlanConfig
+        from ..planning.search import auto_memory_config
         from ..train import resolve_device
 
         plan_cfg = PlanConfig(

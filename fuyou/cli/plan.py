@@ -122,9 +122,8 @@ def resolve_rates(args, device: str):
 def _plan(args) -> int:
     from rich.console import Console
 
-    from ..config import BatchConfig
-    from ..optim.state import StateConfig
-    from ..planning.search import PlanConfig, make_plan
+    from ..config import BatchConfig, PlanConfig, StateConfig
+    from ..planning.search import make_plan
 
     device = args.device or _device(None)
     if args.max_prefetch_depth < 0:

@@ -401,7 +401,8 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
                 moments: str = "fp32", master: str = "fp32") -> float:
     """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_, with the
     given moment and master codecs (bf16 compute weights when they are compressed)."""
-    from ..optim.state import KINDS, StateConfig, adamw_update_
+    from ..config import StateConfig
+    from ..optim.state import KINDS, adamw_update_
     from ..store.directio import aligned_empty
     from ..store.store import BlockLayout
 
