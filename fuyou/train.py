@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import psutil
@@ -115,6 +115,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     set_default_backend(cfg.io_backend)
     device = resolve_device(cfg.device)
     source = ModelSource(cfg.model)
+    cfg = replace(cfg, optim=cfg.optim.with_default_lr(from_scratch=source.preset is not None))  # lr None: by the weights' origin
     skeleton = Skeleton(source.config, linear=cfg.linear)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     if len(tokenizer) > source.config.vocab_size:
