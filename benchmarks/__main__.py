@@ -55,8 +55,9 @@ def ssd_bytes_table() -> str:
     """SSD bytes per parameter per step for each codec setting StateConfig accepts: the store traffic
     of llama-220m's step graph (the one the runtime runs: prefetch depth 0, one optimizer slot, no
     block cache), counted by fuyou.step.graph.bytes_per_step. Nothing is written."""
-    import fuyou.optim.state as st
-    from fuyou.planning.search import PlanConfig, candidate, load_model_config, model_shape
+    import fuyou.config as cf
+    from fuyou.optim.state import SMALL_NUMEL
+    from fuyou.planning.search import candidate, load_model_config, model_shape
     from fuyou.step.graph import bytes_per_step
 
     hf_config = load_model_config("llama-220m")
@@ -65,8 +66,8 @@ def ssd_bytes_table() -> str:
         ("bf16", "fp32", "fp32"): "weights read twice 2x2 + master/m/v read 12 = 16; master/m/v written 12 + weights 2 = 14; 30",
     }
     rows, numel = [], 0
-    for w, m, s in [(w, m, s) for w in st.WEIGHT_DTYPES for m in st.MASTER_CODECS for s in st.STATE_CODECS]:
-        cfg = PlanConfig(model="llama-220m", state=st.StateConfig(weights=w, master=m, states=s))
+    for w, m, s in [(w, m, s) for w in cf.WEIGHT_CODECS for m in cf.MASTER_CODECS for s in cf.MOMENT_CODECS]:
+        cfg = cf.PlanConfig(model="llama-220m", state=cf.StateConfig(weights=w, master=m, states=s))
         shape = model_shape(hf_config, cfg.state)
         numel = shape.numel
         b = bytes_per_step(candidate(shape, cfg, cfg.batch.micro_batches, 0, 1).build().tasks)
@@ -77,7 +78,7 @@ def ssd_bytes_table() -> str:
     return "\n".join([
         f"SSD bytes per parameter per step (llama-220m, {numel / 1e6:.1f} M params), counted on the step graph the runtime runs: "
         f"the head's forward and backward share one read of its weights, so reads sit below the nominal 'weights read twice'; "
-        f"tensors under {st.SMALL_NUMEL} elements keep fp32 state:",
+        f"tensors under {SMALL_NUMEL} elements keep fp32 state:",
         "",
         markdown_table(["codec setting", "read B/param", "written B/param", "total", "arithmetic"], rows),
     ])

@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks._common import report_path, write_report  # noqa: E402
 
-from fuyou.optim import KINDS, StateConfig, fused, init_state_, state_layout  # noqa: E402
+from fuyou.config import StateConfig  # noqa: E402
+from fuyou.optim import KINDS, fused, init_state_, state_layout  # noqa: E402
 
 CODECS = [  # (label, StateConfig)
     ("fuyou fp32 (correctly rounded sqrt)", StateConfig(weights="fp32", master="fp32", states="fp32")),

@@ -27,9 +27,8 @@ GROUPS = {
 
 
 def run(name, opts, steps, root):
-    from fuyou.config import OptimConfig
-    from fuyou.optim.state import StateConfig
-    from fuyou.train import FinetuneConfig, finetune
+    from fuyou.config import FinetuneConfig, OptimConfig, StateConfig
+    from fuyou.train import finetune
 
     state = StateConfig(master=opts.get("master", "fp32"), states=opts.get("states", "fp32"))
     cfg = FinetuneConfig(store=os.path.join(root, name.replace(" ", "_")), steps=steps, state=state, optim=OptimConfig(lr=1e-3), linear=opts.get("linear"))

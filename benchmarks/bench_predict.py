@@ -23,13 +23,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fuyou.config import BatchConfig, MemoryConfig, OptimConfig  # noqa: E402
+from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, PlanConfig, StateConfig  # noqa: E402
 from fuyou.data.dataset import Batch  # noqa: E402
 from fuyou.model.importer import import_model  # noqa: E402
 from fuyou.model.skeleton import Skeleton  # noqa: E402
 from fuyou.model.source import ModelSource, preset_config  # noqa: E402
-from fuyou.optim.state import StateConfig  # noqa: E402
-from fuyou.planning.search import PlanConfig, candidate, model_shape  # noqa: E402
+from fuyou.planning.search import candidate, model_shape  # noqa: E402
 from fuyou.planning.probe import probe_rates  # noqa: E402
 from fuyou.planning.rates import machine_info  # noqa: E402
 from fuyou.planning.profile import profile_step  # noqa: E402

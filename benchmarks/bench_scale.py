@@ -103,8 +103,7 @@ def disk_error(p: dict) -> str:
 
 def run(a, p: dict) -> dict:
     import fuyou.train as train
-    from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, parse_size
-    from fuyou.optim.state import StateConfig
+    from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig, parse_size
 
     ckpt = _checkpoint(a) if a.plain or a.model not in _presets() else a.model
     cfg = train.FinetuneConfig(

@@ -113,8 +113,7 @@ def worker_plain(a) -> dict:
 
 def worker_fuyou(a) -> dict:
     import fuyou.train as train
-    from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, parse_size
-    from fuyou.optim.state import StateConfig
+    from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig, parse_size
     from scheduler import Trace
 
     records: List[dict] = []

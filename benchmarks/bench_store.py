@@ -26,7 +26,7 @@ def make_store(root: str, numel: int):
     """A one-block store whose master file holds `numel` fp32 values."""
     import torch
 
-    from fuyou.optim.state import StateConfig
+    from fuyou.config import StateConfig
     from fuyou.store.store import create_store, new_manifest
 
     blocks = [{"name": "blk", "params": [{"name": "w", "shape": [numel], "numel": numel}]}]

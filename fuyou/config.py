@@ -1,9 +1,17 @@
-"""Configuration: one frozen, keyword-only dataclass per component, validated at construction."""
+"""Every run setting of fuyou: frozen, keyword-only dataclasses, validated at construction.
+
+One dataclass per section (optimizer, memory, batch, state codecs, ...), composed into one per
+`fuyou` subcommand (FinetuneCommand, PlanCommand, ...). Each field declares in one `setting(...)` its
+default, a one-line help and how the command line spells it; fuyou.cli.args generates the parser
+from these declarations, so a default, a choice or a help text exists only here. This module
+imports nothing of fuyou: every other module may import it.
+"""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -22,27 +30,109 @@ def parse_size(text) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def format_size(n: int) -> str:
+    """Bytes as parse_size reads them back: the largest binary unit that divides n ('512MiB')."""
+    for unit in "TGMK":
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}iB"
+    return str(n)
+
+
+# Help groups, in the order `--help` lists them, and the note a group's title carries.
+MODEL_DATA, INPUT, OPTIMIZATION, DEVICE_MEMORY = "model & data", "input", "optimization", "device & memory"
+STORAGE, PRECISION, PROBE, RATES, OUTPUT = "storage", "precision", "probe", "machine rates", "output & logging"
+GROUPS = (MODEL_DATA, INPUT, OPTIMIZATION, DEVICE_MEMORY, STORAGE, PRECISION, PROBE, RATES, OUTPUT)
+GROUP_NOTES = {RATES: "default: the saved `fuyou probe` result, else conservative defaults"}
+
+WEIGHT_CODECS = ("fp32", "bf16", "fp8")  # compute weights streamed to the device
+MASTER_CODECS = ("fp32", "bf16+rem")  # master weights the optimizer updates
+MOMENT_CODECS = ("fp32", "bf16", "fp8", "de8")  # AdamW exp_avg / exp_avg_sq
+RECOMPUTE_MODES = ("auto", "always", "never")
+DISK_MODES = ("safe", "lean")
+LINEAR_RECIPES = ("fp8-blockwise", "mxfp4", "nvfp4")
+DEVICES = ("cuda", "cpu")
+DEFAULT_MODEL = "llama-tiny"  # a preset of fuyou.model.source
+LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
+LR_FINETUNE = 1e-5  # a checkpoint is fine-tuned
+MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
+
+CLI = "fuyou.cli"  # metadata key of a setting's command-line declaration
+SECTION = "fuyou.section"  # metadata key of a nested config
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How the command line spells a setting (see `setting`)."""
+
+    help: str
+    flag: Optional[str] = None
+    choices: Optional[Sequence[str]] = None
+    parse: Optional[Callable] = None
+    group: Optional[str] = None
+    shown: Optional[str] = None
+
+
+def setting(default=dataclasses.MISSING, help: str = "", *, flag=None, choices=None, parse=None, group=None, shown=None):
+    """A dataclass field that is a command-line flag: `help` (one line, with units), `flag` (when it is
+    not --field-name), `choices`, `parse` (text -> value, e.g. parse_size; default: the field's type),
+    its help `group`, and `shown`: the default as --help states it, where the value alone says too
+    little (what None means). A bool field is a switch that flips its default: its help says what
+    passing the flag does, and a default-True switch names its flag (--no-verify)."""
+    spec = Flag(help, flag, tuple(choices) if choices else None, parse, group, shown)
+    return dataclasses.field(default=default, metadata={CLI: spec})
+
+
+def section(cls):
+    """A nested config field: its settings join the command line of the config holding it."""
+    return dataclasses.field(default_factory=cls, metadata={SECTION: cls})
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The command-line flag of a setting: its declared flag, else --field-name."""
+    return field.metadata[CLI].flag or "--" + field.name.replace("_", "-")
+
+
+def _exponent(x: float) -> str:
+    """1e-05 -> '1e-5': a learning rate as people write it."""
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def _device_setting():
+    return setting(None, "compute device", choices=DEVICES, group=DEVICE_MEMORY, shown="cuda when present")
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """AdamW hyper-parameters (torch.optim.AdamW semantics)."""
 
-    lr: float = 1e-4  # learning rate
-    beta1: float = 0.9
+    # None: the run picks by where the weights come from (with_default_lr).
+    lr: Optional[float] = setting(None, "learning rate", group=OPTIMIZATION,
+                                  shown=f"{_exponent(LR_FROM_SCRATCH)} for a preset, {_exponent(LR_FINETUNE)} for a checkpoint")
+    beta1: float = 0.9  # the betas and eps are torch's defaults, not on the command line
     beta2: float = 0.999
     eps: float = 1e-8
-    weight_decay: float = 0.0  # decoupled weight decay
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps, then constant
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay", group=OPTIMIZATION)
+    warmup_steps: int = setting(0, "linear learning-rate warm-up from 0 over this many steps, then constant", group=OPTIMIZATION)
 
     def __post_init__(self):
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}; pass e.g. --lr 1e-5")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"AdamW betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("weight decay and warm-up steps must be >= 0")
 
+    def with_default_lr(self, *, from_scratch: bool) -> OptimConfig:
+        """This config, its lr set if it was None: LR_FROM_SCRATCH for random weights, else LR_FINETUNE."""
+        if self.lr is not None:
+            return self
+        return dataclasses.replace(self, lr=LR_FROM_SCRATCH if from_scratch else LR_FINETUNE)
+
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (counting from 1)."""
+        if self.lr is None:
+            raise ValueError("the learning rate is unset; pass OptimConfig(lr=...) or call with_default_lr first")
         if self.warmup_steps and step <= self.warmup_steps:
             return self.lr * step / self.warmup_steps
         return self.lr
@@ -52,16 +142,21 @@ class OptimConfig:
 class MemoryConfig:
     """Budgets of the buffers fuyou owns, and the streaming depth."""
 
-    gpu_mem_bytes: Optional[int] = None  # device budget; None = auto (most of the free device memory)
-    cpu_mem_bytes: Optional[int] = None  # pinned host budget; None = auto (what the plan needs, up to half the RAM)
-    # Host RAM that keeps blocks' live states and weights between steps (reads of cached blocks are
-    # memory copies; writes still go to the store). None = auto (up to a quarter of the RAM); 0 = off.
-    cache_mem_bytes: Optional[int] = None
-    prefetch_depth: int = 2  # blocks whose weights are read ahead of the one computing
-    recompute: str = "auto"  # always | never | auto: keep the forward's activations when they fit the device budget
+    gpu_mem_bytes: Optional[int] = setting(None, "device memory budget, e.g. 4GiB", flag="--gpu-mem", parse=parse_size, group=DEVICE_MEMORY,
+                                           shown="90% of the free device memory; on the CPU device what the plan needs")
+    cpu_mem_bytes: Optional[int] = setting(None, "pinned host memory budget, e.g. 8GiB", flag="--cpu-mem", parse=parse_size, group=DEVICE_MEMORY,
+                                           shown="what the plan needs, at most half the RAM")
+    # Reads of cached blocks are memory copies; writes still go to the store. 0 = off.
+    cache_mem_bytes: Optional[int] = setting(
+        None, "host RAM that keeps whole blocks' states and weights between steps, so their reads skip the store (writes still go to it); "
+        "0 turns it off", flag="--cache-mem", parse=parse_size, group=DEVICE_MEMORY, shown="up to a quarter of the RAM")
+    prefetch_depth: int = setting(2, "blocks whose weights are read ahead of the one computing", group=DEVICE_MEMORY)
+    recompute: str = setting(
+        "auto", "backward of a decoder layer: recompute its forward from the saved input (least memory), or keep the forward's "
+        "activations (no recompute, ~25% less compute); auto keeps them when they fit --gpu-mem", choices=RECOMPUTE_MODES, group=DEVICE_MEMORY)
 
     def __post_init__(self):
-        if self.recompute not in ("always", "never", "auto"):
+        if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"--recompute {self.recompute!r} unknown; choose always, never or auto")
         for name in ("gpu_mem_bytes", "cpu_mem_bytes"):
             v = getattr(self, name)
@@ -77,9 +172,10 @@ class MemoryConfig:
 class BatchConfig:
     """Shape of one optimizer step."""
 
-    batch_size: int = 8  # sequences per optimizer step
-    micro_batches: int = 2  # the batch is split into this many micro-batches, passed layer-wise
-    seq_len: int = 128  # tokens per sequence
+    batch_size: int = setting(8, "sequences per optimizer step", group=OPTIMIZATION)
+    micro_batches: int = setting(2, "micro-batches the batch is split into; all pass a block before the next block "
+                                 "(the planner may pick another divisor)", group=OPTIMIZATION)
+    seq_len: int = setting(128, "tokens per sequence", group=OPTIMIZATION)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.micro_batches < 1 or self.seq_len < 2:
@@ -92,3 +188,189 @@ class BatchConfig:
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.micro_batches
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateConfig:
+    """How each kind of training state is encoded in the store (fuyou.optim implements the codecs)."""
+
+    weights: str = setting("fp32", "compute weights kept in the store: fp32, bf16, or fp8 (E4M3, a scale per 128x128 tile; "
+                           "1 B/param read per pass)", choices=WEIGHT_CODECS, group=PRECISION)
+    master: str = setting("fp32", "master weights: fp32, or bf16 + 16-bit remainder (exact fp32 in 2+2 bytes)", choices=MASTER_CODECS, group=PRECISION)
+    states: str = setting("fp32", "AdamW moments: fp8 = E4M3 with dynamic range expansion per 128, de8 = dynamic 8-bit per 256",
+                          flag="--optim-states", choices=MOMENT_CODECS, group=PRECISION)
+
+    def __post_init__(self):
+        if self.weights not in WEIGHT_CODECS:
+            raise ValueError(f"weights codec {self.weights!r} unknown; choose one of {', '.join(WEIGHT_CODECS)}")
+        if self.master not in MASTER_CODECS:
+            raise ValueError(f"master codec {self.master!r} unknown; choose one of {', '.join(MASTER_CODECS)}")
+        if self.states not in MOMENT_CODECS:
+            raise ValueError(f"optimizer-state codec {self.states!r} unknown; choose one of {', '.join(MOMENT_CODECS)}")
+
+    def to_json(self) -> dict:
+        return {"weights": self.weights, "master": self.master, "states": self.states}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Everything fuyou.train.finetune needs."""
+
+    model: str = setting(DEFAULT_MODEL, "Hugging Face model directory (config.json + *.safetensors) or a preset "
+                         "(llama-tiny, llama-220m, llama-1b, ...)", group=MODEL_DATA)
+    data: Optional[str] = setting(None, ".jsonl ('text', or 'prompt'/'completion') or .txt", group=MODEL_DATA, shown="the bundled corpus")
+    seed: int = setting(0, "seed of the data order (and of a preset's initial weights)", group=MODEL_DATA)
+    steps: int = setting(60, "optimizer steps to run", group=OPTIMIZATION)
+    max_grad_norm: Optional[float] = setting(None, "clip the global gradient norm (exact: a clipped step redoes the optimizer pass)",
+                                             group=OPTIMIZATION, shown="no clipping")
+    device: Optional[str] = _device_setting()
+    store: str = setting("fuyou-store", "store directory (created; on an NVMe SSD for real runs)", group=STORAGE)
+    resume: bool = setting(False, "continue the run in --store from its last committed step", group=STORAGE)
+    overwrite: bool = setting(False, "replace an existing fuyou store at --store", group=STORAGE)
+    disk_mode: str = setting(
+        "safe", "safe: a step's old states stay until it commits (exact clipping and non-finite skipping; peak disk up to 2x the state); "
+        "lean: each block's states are replaced as soon as they are written, journaled per block (peak disk ~1.25x; no clipping/skipping)",
+        choices=DISK_MODES, group=STORAGE)
+    io_backend: str = setting("auto", "store I/O backend: auto (the fastest available), python, threads or uring", group=STORAGE)
+    verify_reads: bool = setting(True, "skip the CRC-32 check of every block read", flag="--no-verify", group=STORAGE)  # True: check it
+    linear: Optional[str] = setting(None, "run the decoder layers' linear GEMMs in this low-precision recipe (Triton on CUDA, the torch "
+                                    "reference on CPU)", choices=LINEAR_RECIPES, group=PRECISION, shown="the weights' dtype")
+    trace_dir: Optional[str] = setting(None, "write a Chrome/Perfetto trace of every task to this directory", flag="--trace", group=OUTPUT)
+    state: StateConfig = section(StateConfig)
+    optim: OptimConfig = section(OptimConfig)
+    batch: BatchConfig = section(BatchConfig)
+    memory: MemoryConfig = section(MemoryConfig)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pass one")
+        if self.disk_mode not in DISK_MODES:
+            raise ValueError(f"disk mode {self.disk_mode!r} unknown; choose safe or lean")
+        if self.disk_mode == "lean" and self.max_grad_norm is not None:  # checked here too: before the import writes the store
+            raise ValueError("--max-grad-norm needs --disk-mode safe: lean mode replaces each block's states before the global norm is known")
+        if self.linear is not None and self.linear not in LINEAR_RECIPES:
+            raise ValueError(f"--linear {self.linear!r} unknown; choose one of {', '.join(LINEAR_RECIPES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanConfig:
+    """What the planner is asked: the model, the step's shape, the codecs and the budgets."""
+
+    model: str = setting(DEFAULT_MODEL, "preset (llama-tiny ... llama-70b) or a directory with config.json (no weights needed)", group=MODEL_DATA)
+    batch: BatchConfig = section(BatchConfig)
+    state: StateConfig = section(StateConfig)
+    device: str = "cpu"  # "cuda" or "cpu": where the compute runs (`fuyou plan` sets it from PlanCommand.device)
+    gpu_mem_bytes: Optional[int] = setting(None, "device memory budget", flag="--gpu-mem", parse=parse_size, group=DEVICE_MEMORY, shown="unconstrained")
+    cpu_mem_bytes: Optional[int] = setting(None, "host (pinned) memory budget", flag="--cpu-mem", parse=parse_size, group=DEVICE_MEMORY,
+                                           shown="unconstrained")
+    ssd_bytes: Optional[int] = setting(None, "store capacity", flag="--ssd-mem", parse=parse_size, group=DEVICE_MEMORY, shown="unconstrained")
+    # 0: no block cache; None: the run's default (a quarter of the RAM), which depends on the machine.
+    cache_mem_bytes: Optional[int] = setting(0, "host RAM of the block cache (cached blocks' reads skip the store; `fuyou finetune` "
+                                             "defaults to a quarter of the RAM)", flag="--cache-mem", parse=parse_size, group=DEVICE_MEMORY)
+    max_prefetch_depth: int = setting(MAX_PREFETCH_DEPTH, "deepest prefetch the planner considers", group=DEVICE_MEMORY)
+    search_micro_batches: bool = setting(True, "keep --micro-batches as given instead of trying every divisor of --batch-size",
+                                         flag="--fixed-micro-batches", group=OPTIMIZATION)
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r} unknown; pass --device cuda or --device cpu")
+        for name in ("gpu_mem_bytes", "cpu_mem_bytes", "ssd_bytes"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name.replace('_bytes', '').replace('_', '-')} must be > 0")
+        if self.cache_mem_bytes is not None and self.cache_mem_bytes < 0:
+            raise ValueError("cache-mem must be >= 0 (0: no block cache)")
+        if not 0 <= self.max_prefetch_depth <= 64:
+            raise ValueError(f"--max-prefetch-depth must be in 0..64, got {self.max_prefetch_depth}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RatesConfig:
+    """Machine rates given by hand; each replaces that rate of the saved probe (or of `path`)."""
+
+    path: Optional[str] = setting(None, "JSON file of rates (a `fuyou probe` output, or an object of Rates fields)", flag="--rates", group=RATES)
+    ssd_gbps: Optional[float] = setting(None, "storage GB/s, read and write (unless given apart)", flag="--ssd-bw", group=RATES)
+    read_gbps: Optional[float] = setting(None, "storage read GB/s", group=RATES)
+    write_gbps: Optional[float] = setting(None, "storage write GB/s", group=RATES)
+    h2d_gbps: Optional[float] = setting(None, "host -> device GB/s", group=RATES)
+    d2h_gbps: Optional[float] = setting(None, "device -> host GB/s", group=RATES)
+    compute_tflops: Optional[float] = setting(None, "model TFLOP/s of the compute device", group=RATES)
+    optim_mparams: Optional[float] = setting(None, "optimizer M params/s", group=RATES)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "path" and v is not None and not v > 0:
+                raise ValueError(f"{flag_of(f)} must be > 0, got {v}")
+
+    def given(self) -> dict:
+        """The rates given by hand, by field name (the file excluded)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path" and getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneCommand:
+    """Fine-tune a model whose training state lives in a store on disk.
+
+    Fine-tune a Hugging Face causal LM with weights, fp32 master weights and AdamW states kept in
+    --store, streamed block by block. With no arguments: the llama-tiny preset on the bundled corpus.
+    """
+
+    job: FinetuneConfig = section(FinetuneConfig)
+    plan: Optional[str] = setting(None, "let the planner choose --prefetch-depth, --micro-batches and the memory budgets (see `fuyou plan`)",
+                                  choices=("auto",), group=DEVICE_MEMORY)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanCommand:
+    """Choose prefetch depth, micro-batches and optimizer slots; predict the step.
+
+    Plan a run from the model's config alone (no weights needed): the fastest settings that fit the
+    budgets, the predicted step time, its bottleneck and the bytes per tier.
+    """
+
+    device: Optional[str] = _device_setting()
+    plan: PlanConfig = section(PlanConfig)
+    rates: RatesConfig = section(RatesConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeCommand:
+    """Measure this machine's storage, copy, compute and optimizer rates (saved for `fuyou plan`)."""
+
+    store_dir: str = setting(".", "directory on the disk the store will live on (a temporary file is written there)", group=STORAGE)
+    device: Optional[str] = _device_setting()
+    size: int = setting(512 << 20, "bytes written and read back by the storage probe", parse=parse_size, group=PROBE)
+    hidden: int = setting(1024, "hidden size of the probed decoder layer", group=PROBE)
+    intermediate: int = setting(2816, "MLP size of the probed decoder layer", group=PROBE)
+    heads: int = setting(16, "attention heads of the probed layer", group=PROBE)
+    tokens: int = setting(512, "tokens per probed call (sequences of 128)", group=PROBE)
+    isolated: bool = setting(False, "probe each resource alone, not as in a step (storage and optimizer with a layer computing, "
+                             "compute with storage busy)", group=PROBE)
+    out: Optional[str] = setting(None, "where to save the rates JSON", group=OUTPUT, shown="the user config dir, see `fuyou plan`")
+
+    def __post_init__(self):
+        if self.hidden < 8 or self.tokens < 128 or self.heads < 1 or self.hidden % self.heads:
+            raise ValueError("--hidden must be >= 8 and divisible by --heads, --tokens >= 128")
+        if self.size < 1 or self.intermediate < 1:
+            raise ValueError("--size and --intermediate must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileCommand:
+    """Summarize a trace of `fuyou finetune --trace DIR`: timeline PNG and table."""
+
+    trace: str = setting(help="DIR/trace.json written by `fuyou finetune --trace DIR`", group=INPUT)
+    step: Optional[int] = setting(None, "step to show", group=INPUT, shown="the median-length step after the first")
+    png: Optional[str] = setting(None, "timeline image path", group=OUTPUT, shown="timeline.png beside the trace")
+    rates: RatesConfig = section(RatesConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportCommand:
+    """Write a Hugging Face checkpoint from a store's master weights."""
+
+    store: str = setting(help="the store directory", group=INPUT)
+    to: str = setting(help="output directory (new or empty)", group=OUTPUT)

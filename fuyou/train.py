@@ -11,53 +11,22 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import psutil
 import torch
 
-from .config import BatchConfig, MemoryConfig, OptimConfig
+from .config import FinetuneConfig
 from .data.dataset import TokenDataset
 from .data.tokenizer import DEFAULT_CORPUS, load_tokenizer
 from .memory import format_bytes
 from .model.importer import import_model, model_info
 from .model.skeleton import Skeleton
-from .model.source import DEFAULT_PRESET, ModelSource
-from .optim.state import StateConfig
+from .model.source import ModelSource
 from .step.memory_plan import plan_for_model
 from .step.runtime import Runtime, StepResult
 from .store.store import Store, StoreError, check_store_target, is_store, new_manifest, open_store, read_manifest
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneConfig:
-    """Everything `fuyou finetune` needs (the CLI fills it from its flags)."""
-
-    model: str = DEFAULT_PRESET  # HF model directory, or a preset name
-    data: Optional[str] = None  # .jsonl / .txt; None = the bundled corpus
-    store: str = "fuyou-store"  # store directory (created)
-    steps: int = 60
-    seed: int = 0
-    resume: bool = False  # continue an existing store of this model
-    overwrite: bool = False  # delete an existing fuyou store at --store first
-    device: Optional[str] = None  # "cuda", "cpu"; None = cuda when present
-    io_backend: str = "auto"
-    trace_dir: Optional[str] = None
-    max_grad_norm: Optional[float] = None  # clip the global gradient norm (exact, under overlap)
-    verify_reads: bool = True  # check every block read against its CRC-32
-    disk_mode: str = "safe"  # safe: old states kept until commit (exact clip/skip, up to 2x disk); lean: per-block journal (~1.25x)
-    linear: Optional[str] = None  # low-precision recipe for decoder-layer linears (fp8-blockwise, mxfp4, nvfp4)
-    state: StateConfig = field(default_factory=StateConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError("--steps must be >= 1")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other; pass one")
 
 
 @dataclass
@@ -146,6 +115,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     set_default_backend(cfg.io_backend)
     device = resolve_device(cfg.device)
     source = ModelSource(cfg.model)
+    cfg = replace(cfg, optim=cfg.optim.with_default_lr(from_scratch=source.preset is not None))  # lr None: by the weights' origin
     skeleton = Skeleton(source.config, linear=cfg.linear)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     if len(tokenizer) > source.config.vocab_size:

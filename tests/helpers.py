@@ -58,11 +58,10 @@ def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> L
 
 def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, device="cpu", state=None, linear=None):
     """Import `ckpt` into a fresh store and train one fuyou step per batch; (runtime, step results)."""
-    from fuyou.config import BatchConfig, MemoryConfig, OptimConfig
+    from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig
     from fuyou.model.importer import import_model
     from fuyou.model.skeleton import Skeleton
     from fuyou.model.source import ModelSource
-    from fuyou.optim.state import StateConfig
     from fuyou.step.runtime import Runtime
 
     src = ModelSource(ckpt)

@@ -74,8 +74,8 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
     assert "probed" in capsys.readouterr().out
     # A compressed codec is planned with its own probed optimizer rate.
-    from fuyou.optim.state import StateConfig
-    from fuyou.planning.search import PlanConfig, make_plan
+    from fuyou.config import PlanConfig, StateConfig
+    from fuyou.planning.search import make_plan
     from fuyou.planning.rates import load_rates
 
     rates, _src = load_rates("cpu")
@@ -88,10 +88,9 @@ def test_auto_memory_config_is_what_the_runtime_builds():
     build the planned slots, within the budgets."""
     import torch
 
-    from fuyou.config import BatchConfig
+    from fuyou.config import BatchConfig, PlanConfig, StateConfig
     from fuyou.step.memory_plan import plan_memory
-    from fuyou.planning.search import PlanConfig, auto_memory_config, load_model_config, model_shape
-    from fuyou.optim.state import StateConfig
+    from fuyou.planning.search import auto_memory_config, load_model_config, model_shape
 
     cfg = PlanConfig(model="llama-tiny", batch=BatchConfig(batch_size=4, micro_batches=2, seq_len=32), device="cpu", cpu_mem_bytes=20 << 20, gpu_mem_bytes=64 << 20)
     mem, batch = auto_memory_config(cfg)

@@ -14,7 +14,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..optim.state import KINDS, StateConfig, init_state_
+from ..config import StateConfig
+from ..optim.state import KINDS, init_state_
 from ..store.directio import aligned_empty
 from ..store.store import IMPORTING, Store, create_store, finalize_import, fingerprint_config, new_manifest
 from .skeleton import Skeleton

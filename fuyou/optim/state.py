@@ -15,17 +15,15 @@ runs the whole update in one pass when it is built, and reproduces the reference
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
+from ..config import StateConfig
 from . import fused
 from .adamw import adamw_step_
 from .codecs import (
-    MASTER_CODECS,
     SMALL_NUMEL,
-    STATE_CODECS,
     PartSpec,
     decode_master_ref,
     decode_moment,
@@ -48,29 +46,9 @@ BACKENDS = ("auto", "fused", "torch")
 Parts = Dict[str, torch.Tensor]
 
 __all__ = [
-    "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "PartSpec", "StateConfig", "adamw_update_",
+    "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "PartSpec", "adamw_update_",
     "bytes_per_param_step", "decode_master", "decode_state", "decode_weights", "init_state_", "set_weight_shape_", "state_layout",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class StateConfig:
-    """How each kind of state is encoded in the store."""
-
-    weights: str = "fp32"  # compute weights streamed to the device: fp32 | bf16 | fp8 (blockwise E4M3)
-    master: str = "fp32"  # master weights: fp32 | bf16+rem (exact fp32 as bf16 + 16-bit remainder)
-    states: str = "fp32"  # AdamW moments exp_avg / exp_avg_sq: fp32 | bf16 | fp8 (E4M3+DRE) | de8
-
-    def __post_init__(self):
-        if self.weights not in WEIGHT_DTYPES:
-            raise ValueError(f"weights codec {self.weights!r} unknown; choose one of {', '.join(WEIGHT_DTYPES)}")
-        if self.master not in MASTER_CODECS:
-            raise ValueError(f"master codec {self.master!r} unknown; choose one of {', '.join(MASTER_CODECS)}")
-        if self.states not in STATE_CODECS:
-            raise ValueError(f"optimizer-state codec {self.states!r} unknown; choose one of {', '.join(STATE_CODECS)}")
-
-    def to_json(self) -> dict:
-        return {"weights": self.weights, "master": self.master, "states": self.states}
 
 
 def _fp8_weight(cfg: StateConfig, numel: int, shape) -> bool:

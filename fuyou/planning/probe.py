@@ -25,7 +25,8 @@ import torch
 from scheduler.costmodel import Rates
 
 from ..model.skeleton import Skeleton
-from ..optim.state import KINDS, StateConfig, adamw_update_
+from ..config import StateConfig
+from ..optim.state import KINDS, adamw_update_
 from ..store import backends
 from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
 from ..store.store import BlockLayout

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -19,13 +19,12 @@ import torch
 from scheduler.costmodel import Rates
 from scheduler.planner import Candidate, PlanResult, choose
 
-from ..config import BatchConfig, MemoryConfig
-from ..optim.state import KINDS, WEIGHT_DTYPES, StateConfig
+from ..config import BatchConfig, MemoryConfig, PlanConfig, StateConfig
+from ..optim.state import KINDS, WEIGHT_DTYPES
 from .rates import load_rates
 from ..step.graph import LANES, assign_opt_slots, build_step_graph, model_consumers, step_spec
 from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, plan_for_model
 
-MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
 # Knobs the memory plan sets by rule from the budgets, for every candidate alike (not searched).
 RULE_KNOBS = (
@@ -33,33 +32,6 @@ RULE_KNOBS = (
      "SSD when the host is full, then every other upper layer's is recomputed from the layer below"),
     ("block cache", "whole blocks in forward order while they fit --cache-mem"),
 )
-
-@dataclass(frozen=True, kw_only=True)
-class PlanConfig:
-    """What `fuyou plan` is asked: the model, the step's shape, the codecs and the budgets."""
-
-    model: str = "llama-tiny"  # preset name or a Hugging Face model directory (config.json suffices)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    state: StateConfig = field(default_factory=StateConfig)
-    device: str = "cpu"  # "cuda" or "cpu": where the compute runs
-    gpu_mem_bytes: Optional[int] = None  # device budget; None = unconstrained
-    cpu_mem_bytes: Optional[int] = None  # host (pinned) budget; None = unconstrained
-    ssd_bytes: Optional[int] = None  # store capacity; None = unconstrained
-    cache_mem_bytes: Optional[int] = 0  # host RAM of the block cache; 0 = none, None = the run's default (a quarter of the RAM)
-    max_prefetch_depth: int = MAX_PREFETCH_DEPTH
-    search_micro_batches: bool = True  # False: keep batch.micro_batches
-
-    def __post_init__(self):
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"device {self.device!r} unknown; pass --device cuda or --device cpu")
-        for name in ("gpu_mem_bytes", "cpu_mem_bytes", "ssd_bytes"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"{name.replace('_bytes', '').replace('_', '-')} must be > 0")
-        if self.cache_mem_bytes is not None and self.cache_mem_bytes < 0:
-            raise ValueError("cache-mem must be >= 0 (0: no block cache)")
-        if not 0 <= self.max_prefetch_depth <= 64:
-            raise ValueError(f"max prefetch depth must be in 0..64, got {self.max_prefetch_depth}")
 
 
 @dataclass

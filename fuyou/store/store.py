@@ -29,8 +29,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..optim.state import KINDS, PartSpec, StateConfig, state_layout
+from ..config import StateConfig
 from ..faults import crash_point
+from ..optim.state import KINDS, PartSpec, state_layout
 from .directio import DirectFile, aligned_bytes
 
 FORMAT = "fuyou-store"

@@ -7,10 +7,10 @@ import textwrap
 import pytest
 import torch
 
+from fuyou.config import StateConfig
 from fuyou.model.importer import import_model
 from fuyou.model.skeleton import EMBED, HEAD, Skeleton, UnsupportedModelError
 from fuyou.model.source import ModelSource
-from fuyou.optim.state import StateConfig
 from tests.helpers import save_checkpoint, store_master_weights, tiny_config
 
 
@@ -70,9 +70,9 @@ def test_import_memory_stays_near_one_block(tmp_path):
         f"""
         import resource, sys
         sys.path.insert(0, {root!r})
+        from fuyou.config import StateConfig
         from fuyou.model.importer import import_model
         from fuyou.model.source import ModelSource
-        from fuyou.optim.state import StateConfig
         src = ModelSource({ckpt!r})
         import torch, transformers  # everything imported before the baseline
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

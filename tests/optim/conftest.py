@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fuyou.optim import KINDS, StateConfig, init_state_, state_layout
+from fuyou.config import StateConfig
+from fuyou.optim import KINDS, init_state_, state_layout
 
 
 def make_parts(cfg: StateConfig, value: torch.Tensor) -> dict:

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from fuyou.optim import StateConfig, bytes_per_param_step, state_layout
+from fuyou.config import StateConfig
+from fuyou.optim import bytes_per_param_step, state_layout
 from fuyou.optim.codecs import (
     DE8_BLOCK,
     E4M3_MAX,

@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from fuyou.optim import StateConfig, adamw_update_, fused
+from fuyou.config import StateConfig
+from fuyou.optim import adamw_update_, fused
 from fuyou.optim.codecs import SMALL_NUMEL
 
 from .conftest import clone_parts, make_parts

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fuyou.optim import StateConfig, adamw_step_, adamw_update_, decode_master, decode_state
+from fuyou.config import StateConfig
+from fuyou.optim import adamw_step_, adamw_update_, decode_master, decode_state
 
 from .conftest import make_parts
 

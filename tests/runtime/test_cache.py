@@ -62,11 +62,10 @@ def test_cache_off_reads_everything_every_step(tmp_path):
 def test_clipped_steps_with_the_cache_match_pytorch(tmp_path):
     """A clipped step redoes the optimizer from the old states: the cache, already holding the first
     pass's new version, must not serve them (the versions differ), and must end on the redone one."""
-    from fuyou.config import BatchConfig, OptimConfig
+    from fuyou.config import BatchConfig, OptimConfig, StateConfig
     from fuyou.model.importer import import_model
     from fuyou.model.skeleton import Skeleton
     from fuyou.model.source import ModelSource
-    from fuyou.optim.state import StateConfig
     from fuyou.step.runtime import Runtime
 
     ckpt, batches = _setup(tmp_path)

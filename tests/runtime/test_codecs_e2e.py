@@ -4,11 +4,11 @@ computes on the same decoded weights, and calls the same update."""
 import pytest
 import torch
 
-from fuyou.config import BatchConfig, MemoryConfig, OptimConfig
+from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig
 from fuyou.model.importer import import_model
 from fuyou.model.skeleton import Skeleton, causal_lm_loss_sum, count_targets
 from fuyou.model.source import ModelSource
-from fuyou.optim.state import KINDS, StateConfig, adamw_update_, decode_master, decode_weights, init_state_, state_layout
+from fuyou.optim.state import KINDS, adamw_update_, decode_master, decode_weights, init_state_, state_layout
 from fuyou.step.runtime import Runtime
 from tests.helpers import random_batches, save_checkpoint, store_master_weights, tiny_config
 

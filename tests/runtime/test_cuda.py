@@ -6,8 +6,7 @@ These tests need a GPU (they skip without one: the CPU runtime is covered by tes
 import pytest
 import torch
 
-from fuyou.config import MemoryConfig
-from fuyou.optim.state import StateConfig
+from fuyou.config import MemoryConfig, StateConfig
 from tests.helpers import LR, WD, assert_trains_like_pytorch, random_batches, reference_train, run_fuyou, save_checkpoint, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from fuyou.cli import main
-from fuyou.config import BatchConfig, MemoryConfig, OptimConfig
+from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig
 from fuyou.model.importer import import_model
 from fuyou.model.skeleton import Skeleton
 from fuyou.model.source import ModelSource
-from fuyou.optim.state import StateConfig
 from fuyou.step.runtime import Runtime
 from fuyou.store.directio import set_fault_hook
 from tests.helpers import random_batches, reference_train, save_checkpoint, store_master_weights, tiny_config

@@ -52,10 +52,9 @@ def test_nothing_fits_reports_minimum():
 
 
 # -- fuyou.planning.search over random model configs ------------------------------------------------------
-from fuyou.config import BatchConfig  # noqa: E402
-from fuyou.optim.state import StateConfig  # noqa: E402
+from fuyou.config import BatchConfig, PlanConfig, StateConfig  # noqa: E402
 from fuyou.step.memory_plan import plan_memory  # noqa: E402
-from fuyou.planning.search import PlanConfig, make_plan, model_shape  # noqa: E402
+from fuyou.planning.search import make_plan, model_shape  # noqa: E402
 
 RATES = Rates(read_Bps=1e9, write_Bps=0.8e9, h2d_Bps=5e9, d2h_Bps=5e9, compute_flops=5e10, optim_params_per_s=3e8,
               latency_s={"read": 2e-3, "write": 1e-2}, compute_call_s=1e-3)

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from fuyou.optim.state import KINDS, StateConfig
+from fuyou.config import StateConfig
+from fuyou.optim.state import KINDS
 from fuyou.store.directio import aligned_empty
 from fuyou.store.store import (
     PART_ALIGN,
