@@ -334,6 +334,8 @@ class PlanCommand:
     device: Optional[str] = _device_setting()
     plan: PlanConfig = section(PlanConfig)
     rates: RatesConfig = section(RatesConfig)
+    explain: bool = setting(False, "also print the chosen plan's schedule of one step: per consumer, what it waits for and what the other "
+                            "lanes run meanwhile", group=OUTPUT)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -113,3 +113,13 @@ def test_plan_from_config_dir_without_weights(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path / "m"), "--device", "cpu", "--batch-size", "2", "--micro-batches", "1", "--seq-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "chosen plan" in out and "predicted step" in out
+
+
+def test_plan_explain_prints_the_chosen_plans_schedule(capsys):
+    assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1", "--explain"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()[:1].isdigit() and ":" in line]
+    # One line per consumer of llama-tiny (4 layers): 5 forwards, the head, 5 backwards.
+    assert [line.split()[1] for line in lines] == (["fwd:embed"] + [f"fwd:layer{i:04d}" for i in range(4)] + ["head:head"]
+                                                 + [f"bwd:layer{i:04d}" for i in range(3, -1, -1)] + ["bwd:embed"])
+    assert "commit" in out.splitlines()[-1]

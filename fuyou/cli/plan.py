@@ -58,7 +58,12 @@ def plan_command(cmd: PlanCommand) -> int:
     device = cmd.device or _device(None)
     rates, source = resolve_rates(cmd.rates, device)
     planned = make_plan(dataclasses.replace(cmd.plan, device=device), rates, source)
-    render_plan(planned, Console())
+    console = Console()
+    render_plan(planned, console)
+    if cmd.explain and planned.fits:
+        from ..step.schedule import describe
+
+        console.print(describe(planned.result.best.candidate.extra["spec"]), highlight=False, soft_wrap=True)
     return 0 if planned.fits else 1
 
 

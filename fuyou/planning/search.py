@@ -139,7 +139,7 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     memory = {"gpu": plan.device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape), "cache": plan.cache_bytes}
     pref = (micro != cfg.batch.micro_batches, depth)
     run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1), cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes), "batch": batch}
-    return Candidate(knobs, memory, build, pref, {"plan": plan, "run": run_cfg})
+    return Candidate(knobs, memory, build, pref, {"plan": plan, "spec": spec, "run": run_cfg})
 
 
 @dataclass
