@@ -115,7 +115,7 @@ def test_plan_with_fp8_weights(capsys, monkeypatch, tmp_path):
 
 def test_planner_reads_fp8_weights_as_one_byte_codes(monkeypatch, tmp_path):
     monkeypatch.setenv("FUYOU_CONFIG_DIR", str(tmp_path / "cfg"))
-    from fuyou.planning.probe import load_rates
+    from fuyou.planning.rates import load_rates
     from fuyou.planning.search import make_plan, tier_bytes_per_step
 
     rates, _src = load_rates("cpu")
