@@ -116,13 +116,14 @@ def test_plan_with_fp8_weights(capsys, monkeypatch, tmp_path):
 def test_planner_reads_fp8_weights_as_one_byte_codes(monkeypatch, tmp_path):
     monkeypatch.setenv("FUYOU_CONFIG_DIR", str(tmp_path / "cfg"))
     from fuyou.planning.rates import load_rates
-    from fuyou.planning.search import make_plan, tier_bytes_per_step
+    from fuyou.planning.search import make_plan
+    from fuyou.step.graph import bytes_per_step
 
     rates, _src = load_rates("cpu")
     plans = {w: make_plan(PlanConfig(state=StateConfig(weights=w), max_prefetch_depth=1), rates) for w in ("bf16", "fp8")}
     parts = {p.part for lay in plans["fp8"].shape.store.layouts.values() for p in lay.kinds["weights"].parts}
     assert {"codes", "scales"} <= parts
-    read = {w: tier_bytes_per_step(p.result.best.prediction)["ssd read"] for w, p in plans.items()}
+    read = {w: bytes_per_step(p.result.best.prediction.trace.events)["ssd read"] for w, p in plans.items()}
     assert read["fp8"] < read["bf16"]
 
 
