@@ -74,8 +74,8 @@ def ssd_bytes_table() -> str:
     settings = [(w, m, s) for w in st.WEIGHT_DTYPES for m in st.MASTER_CODECS for s in st.STATE_CODECS]
     with tempfile.TemporaryDirectory() as tmp:
         for w, m, s in settings:
-            cfg = st.StateConfig(weights=w, master=m, states=s)
-            store = Store(os.path.join(tmp, "dry"), new_manifest(info, cfg, blocks))  # layouts only: nothing is written
+            state = st.StateCodecs(st.StateConfig(weights=w, master=m, states=s))
+            store = Store(os.path.join(tmp, "dry"), new_manifest(info, state, blocks), state)  # layouts only: nothing is written
             b = ssd_bytes_per_step(store)
             r, wr = b["read_bytes"] / numel, b["written_bytes"] / numel
             rows.append([f"weights {w}, master {m}, states {s}", f"{r:.2f}", f"{wr:.2f}", f"{r + wr:.2f}", nominal.get((w, m, s), "from the store layout")])

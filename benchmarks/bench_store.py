@@ -26,11 +26,12 @@ def make_store(root: str, numel: int):
     """A one-block store whose master file holds `numel` fp32 values."""
     import torch
 
-    from fuyou.optim.state import StateConfig
+    from fuyou.optim.state import StateCodecs, StateConfig
     from fuyou.store.store import create_store, new_manifest
 
     blocks = [{"name": "blk", "params": [{"name": "w", "shape": [numel], "numel": numel}]}]
-    store = create_store(root, new_manifest({"source": "bench", "fingerprint": "x"}, StateConfig(), blocks), None)
+    state = StateCodecs(StateConfig())
+    store = create_store(root, new_manifest({"source": "bench", "fingerprint": "x"}, state, blocks), state, None)
     lay = store.layouts["blk"].kinds["master"]
     from fuyou.store.directio import aligned_empty
 

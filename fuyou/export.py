@@ -11,13 +11,13 @@ import os
 import shutil
 from typing import Callable, Optional
 
-from .optim.state import decode_master
+from .optim.state import StateCodecs, decode_master
 from .store.directio import aligned_empty
 from .store.store import StoreError, open_store
 
 
 def export_store(store_path: str, out: str, on_block: Optional[Callable[[str], None]] = None) -> str:
-    store = open_store(store_path)
+    store = open_store(store_path, StateCodecs.from_json)
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise StoreError(f"export target {out} exists and is not an empty directory; choose a new directory")
@@ -45,7 +45,7 @@ def _write(store, tmp: str, on_block) -> None:
         buf = aligned_empty(lay.file_bytes)
         store.read(block, "master", buf)
         shapes = {p["name"]: p["shape"] for b in store.manifest["blocks"] if b["name"] == block for p in b["params"]}
-        tensors = {name: decode_master(store.state_cfg, parts).reshape(shapes[name]).clone() for name, parts in lay.views(buf).items()}
+        tensors = {name: decode_master(store.state.cfg, parts).reshape(shapes[name]).clone() for name, parts in lay.views(buf).items()}
         fname = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
         save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
         for name, t in tensors.items():

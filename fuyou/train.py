@@ -24,7 +24,7 @@ from .memory import format_bytes
 from .model.importer import import_model, model_info
 from .model.skeleton import Skeleton
 from .model.source import DEFAULT_PRESET, ModelSource
-from .optim.state import StateConfig
+from .optim.state import StateCodecs, StateConfig
 from .step.memory_plan import plan_for_model
 from .step.runtime import Runtime, StepResult
 from .store.store import Store, StoreError, check_store_target, is_store, new_manifest, open_store, read_manifest
@@ -153,7 +153,8 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     dataset = TokenDataset(cfg.data or DEFAULT_CORPUS, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
     existing = prepare_store(cfg, source)
     # Check the memory plan on the store's layout before writing anything.
-    dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), cfg.state, skeleton.manifest_blocks()))
+    state = StateCodecs(cfg.state)  # an existing store's state equals it (prepare_store checked)
+    dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks()), state)
     _check_plan(dry, skeleton, device, cfg)
 
     t0 = time.perf_counter()
@@ -162,7 +163,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
             shutil.rmtree(cfg.store)
         store = _import(source, cfg, console)
     else:
-        store = open_store(cfg.store)
+        store = open_store(cfg.store, StateCodecs.from_json)
     import_s = time.perf_counter() - t0
     store.verify = cfg.verify_reads
     rt = Runtime(store, skeleton, device=device, memory=cfg.memory, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm, disk_mode=cfg.disk_mode)

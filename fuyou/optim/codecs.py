@@ -22,11 +22,12 @@ Tensors under SMALL_NUMEL elements keep fp32 moments and master whatever the cod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict
 
 import torch
+
+from ..store.layout import PartSpec
 
 SMALL_NUMEL = 4096
 FP8_GROUP = 128
@@ -40,19 +41,6 @@ STATE_CODECS = ("fp32", "bf16", "fp8", "de8")
 MASTER_CODECS = ("fp32", "bf16+rem")
 
 Parts = Dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """One flat stored array of a kind of state."""
-
-    name: str
-    numel: int
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 def _ceil_div(a: int, b: int) -> int:

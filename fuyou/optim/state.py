@@ -3,7 +3,8 @@
 Each parameter has four kinds of state: `weights` (the compute copy streamed to the device),
 `master` (the exact value the optimizer updates), `exp_avg` and `exp_avg_sq` (AdamW moments). Each
 kind is stored in a codec as one or more flat *parts* (e.g. fp8 codes + fp32 scales). The store
-lays the parts out in the block's files; the runtime hands this module flat tensor views of them.
+lays the parts out in the block's files (`StateCodecs` gives it the layouts); the runtime hands
+this module flat tensor views of them.
 
     layout = state_layout(cfg, "exp_avg", numel)     # [PartSpec(name, numel, dtype), ...]
     init_state_(cfg, value_fp32, parts)               # import: fill every kind from fp32 weights
@@ -16,17 +17,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import ClassVar, Dict, Optional
 
 import torch
 
+from ..store.layout import PartSpec
 from . import fused
 from .adamw import adamw_step_
 from .codecs import (
     MASTER_CODECS,
     SMALL_NUMEL,
     STATE_CODECS,
-    PartSpec,
     decode_master_ref,
     decode_moment,
     encode_master_,
@@ -48,7 +49,7 @@ BACKENDS = ("auto", "fused", "torch")
 Parts = Dict[str, torch.Tensor]
 
 __all__ = [
-    "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "PartSpec", "StateConfig", "adamw_update_",
+    "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "StateCodecs", "StateConfig", "adamw_update_",
     "bytes_per_param_step", "decode_master", "decode_state", "decode_weights", "init_state_", "set_weight_shape_", "state_layout",
 ]
 
@@ -71,6 +72,25 @@ class StateConfig:
 
     def to_json(self) -> dict:
         return {"weights": self.weights, "master": self.master, "states": self.states}
+
+
+@dataclass(frozen=True)
+class StateCodecs:
+    """A StateConfig as the store's StateLayout: the kinds of state, the parts each kind of a
+    parameter is stored as, and the manifest's "state" entry."""
+
+    cfg: StateConfig
+    kinds: ClassVar[tuple[str, ...]] = KINDS
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "StateCodecs":
+        return cls(StateConfig(**entry))
+
+    def to_json(self) -> dict:
+        return self.cfg.to_json()
+
+    def parts(self, kind: str, numel: int, shape=None) -> list[PartSpec]:
+        return state_layout(self.cfg, kind, numel, shape)
 
 
 def _fp8_weight(cfg: StateConfig, numel: int, shape) -> bool:

@@ -401,15 +401,15 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
                 moments: str = "fp32", master: str = "fp32") -> float:
     """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_, with the
     given moment and master codecs (bf16 compute weights when they are compressed)."""
-    from ..optim.state import KINDS, StateConfig, adamw_update_
+    from ..optim.state import KINDS, StateCodecs, StateConfig, adamw_update_
     from ..store.directio import aligned_empty
-    from ..store.store import BlockLayout
+    from ..store.layout import BlockLayout
 
     compressed = (moments, master) != ("fp32", "fp32")
     cfg = StateConfig(weights="bf16" if compressed else "fp32", master=master, states=moments)
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(numel, generator=g)
-    lay = BlockLayout("probe", [("w", numel, (numel,))], cfg)
+    lay = BlockLayout("probe", [("w", numel, (numel,))], StateCodecs(cfg))
     bufs = {k: aligned_empty(lay.kinds[k].file_bytes).zero_() for k in KINDS}
     parts = {k: lay.kinds[k].views(bufs[k])["w"] for k in KINDS}
     for k in ("master", "exp_avg_sq"):  # a plausible state: positive second moments

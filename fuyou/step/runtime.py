@@ -158,7 +158,7 @@ class Runtime:
         for b in self.cons[u].weight_blocks:
             kl = self.store.layouts[b].kinds["weights"]
             for name, parts in kl.views(stage[off : off + kl.file_bytes]).items():
-                out[name] = decode_weights(self.store.state_cfg, parts)
+                out[name] = decode_weights(self.store.state.cfg, parts)
             off += kl.file_bytes
         return out
 
@@ -314,7 +314,7 @@ class Runtime:
         def run():
             crash_point("optim")
             v = self._opt_views(b)
-            cfg, o = self.store.state_cfg, self.optim_cfg
+            cfg, o = self.store.state.cfg, self.optim_cfg
             if st.grad_scale == 1.0:  # the first pass measures the norm; a redo reuses it
                 norms = {name: torch.linalg.vector_norm(g) for name, g in v["grads"].items()}
                 st.add_norms(norms)
