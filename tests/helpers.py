@@ -120,7 +120,7 @@ def store_master_weights(store_path: str) -> dict:
         buf = aligned_empty(lay.file_bytes)
         store.read(b, "master", buf)
         for name, parts in lay.views(buf).items():
-            out[name] = decode_master(store.state.cfg, parts).clone()
+            out[name] = decode_master(store.state.cfg, parts, dict(store.layouts[b].params)[name]).clone()
     return out
 
 

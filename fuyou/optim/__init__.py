@@ -1,5 +1,6 @@
 """Optimizer math (AdamW reference), optimizer-state codecs and the fused CPU kernel binding."""
 from .adamw import adamw_step_
+from .codecs import Codec, ParamCodecs, master_codec, moment_codec, weights_codec
 from .state import (
     KINDS,
     OPTIM_KINDS,
@@ -12,6 +13,7 @@ from .state import (
     decode_state,
     decode_weights,
     init_state_,
+    param_codecs,
     state_layout,
 )
 
@@ -19,6 +21,8 @@ __all__ = [
     "KINDS",
     "OPTIM_KINDS",
     "SMALL_NUMEL",
+    "Codec",
+    "ParamCodecs",
     "StateCodecs",
     "StateConfig",
     "adamw_step_",
@@ -28,5 +32,9 @@ __all__ = [
     "decode_state",
     "decode_weights",
     "init_state_",
+    "master_codec",
+    "moment_codec",
+    "param_codecs",
     "state_layout",
+    "weights_codec",
 ]

@@ -31,7 +31,7 @@ from ..data.dataset import Batch
 from ..faults import crash_point
 from ..memory import Pool
 from ..model.skeleton import EMBED, Skeleton, count_targets
-from ..optim.state import OPTIM_KINDS, adamw_update_, decode_weights, set_weight_shape_
+from ..optim.state import OPTIM_KINDS, adamw_update_, decode_weights
 from ..store.directio import DirectFile, aligned_bytes
 from ..store.store import Store
 from .graph import LANES, Consumer, assign_opt_slots, build_redo_graph, build_step_graph, model_consumers, step_spec
@@ -158,7 +158,7 @@ class Runtime:
         for b in self.cons[u].weight_blocks:
             kl = self.store.layouts[b].kinds["weights"]
             for name, parts in kl.views(stage[off : off + kl.file_bytes]).items():
-                out[name] = decode_weights(self.store.state.cfg, parts)
+                out[name] = decode_weights(self.store.state.cfg, parts, self.store.layouts[b].shapes[name])
             off += kl.file_bytes
         return out
 
@@ -331,11 +331,11 @@ class Runtime:
                     )
             for name, _numel in self.store.layouts[b].params:
                 parts = {k: v["kinds"][k][name] for k in v["kinds"]}
-                set_weight_shape_(parts["weights"], self.store.layouts[b].shapes[name])  # the output region is fresh
                 adamw_update_(
                     cfg,
                     v["grads"][name],
                     parts,
+                    shape=self.store.layouts[b].shapes[name],
                     step=st.step,
                     lr=st.lr,
                     beta1=o.beta1,
