@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks._common import report_path, write_report  # noqa: E402
 
 from fuyou.config import StateConfig  # noqa: E402
-from fuyou.optim import KINDS, fused, init_state_, state_layout  # noqa: E402
+from fuyou.optim import KINDS, fused, init_state_, param_codecs, state_layout  # noqa: E402
 
 CODECS = [  # (label, StateConfig)
     ("fuyou fp32 (correctly rounded sqrt)", StateConfig(weights="fp32", master="fp32", states="fp32")),
@@ -73,6 +73,7 @@ def optimizer_bytes_per_param(cfg: StateConfig, numel: int) -> float:
 class FuyouMethod:
     def __init__(self, label, cfg, n):
         self.label, self.cfg, self.n = label, cfg, n
+        self.codecs = param_codecs(cfg, n)
         self.parts = {k: {p.name: torch.empty(p.numel, dtype=p.dtype) for p in state_layout(cfg, k, n)} for k in KINDS}
         init_state_(cfg, torch.randn(n) * 0.02, self.parts)
         self.grad = torch.randn(n) * 1e-3
@@ -81,7 +82,7 @@ class FuyouMethod:
 
     def step(self, threads):
         self.step_no += 1
-        fused.adamw_fused_(self.cfg.weights, self.grad, self.parts, step=self.step_no, threads=threads, **HYPER)
+        fused.adamw_fused_(self.codecs, self.grad, self.parts, step=self.step_no, threads=threads, **HYPER)
 
 
 class FuyouFp32Mode(FuyouMethod):
@@ -93,7 +94,7 @@ class FuyouFp32Mode(FuyouMethod):
 
     def step(self, threads):
         self.step_no += 1
-        fused.adamw_torch_sqrt_(self.cfg.weights, self.grad, self.parts, step=self.step_no, threads=threads, **HYPER)
+        fused.adamw_torch_sqrt_(self.codecs, self.grad, self.parts, step=self.step_no, threads=threads, **HYPER)
 
 
 class TorchFused:

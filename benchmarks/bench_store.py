@@ -27,10 +27,12 @@ def make_store(root: str, numel: int):
     import torch
 
     from fuyou.config import StateConfig
+    from fuyou.optim.state import StateCodecs
     from fuyou.store.store import create_store, new_manifest
 
     blocks = [{"name": "blk", "params": [{"name": "w", "shape": [numel], "numel": numel}]}]
-    store = create_store(root, new_manifest({"source": "bench", "fingerprint": "x"}, StateConfig(), blocks), None)
+    state = StateCodecs(StateConfig())
+    store = create_store(root, new_manifest({"source": "bench", "fingerprint": "x"}, state, blocks), state, None)
     lay = store.layouts["blk"].kinds["master"]
     from fuyou.store.directio import aligned_empty
 

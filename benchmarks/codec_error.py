@@ -28,20 +28,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks._common import write_report  # noqa: E402
 
-from fuyou.optim.codecs import (  # noqa: E402
-    E4M3_MAX,
-    FP8_GROUP,
-    SMALL_NUMEL,
-    decode_moment,
-    encode_moment_,
-    moment_layout,
-)
+from fuyou.optim.codec_ref import E4M3_MAX, FP8_GROUP  # noqa: E402
+from fuyou.optim.codecs import SMALL_NUMEL, moment_codec  # noqa: E402
 
 
-def roundtrip(codec: str, x: torch.Tensor, signed: bool) -> torch.Tensor:
-    parts = {p.name: torch.zeros(p.numel, dtype=p.dtype) for p in moment_layout(codec, x.numel())}
-    encode_moment_(x, parts, signed=signed)
-    return decode_moment(parts, x.numel(), signed=signed)
+def roundtrip(name: str, x: torch.Tensor, signed: bool) -> torch.Tensor:
+    codec = moment_codec(name, x.numel())
+    parts = {p.name: torch.zeros(p.numel, dtype=p.dtype) for p in codec.layout(x.numel())}
+    codec.encode_(x, parts, signed=signed)
+    return codec.decode(parts, x.numel(), signed=signed)
 
 
 def e4m3_plain(x: torch.Tensor) -> torch.Tensor:

@@ -7,17 +7,18 @@ export leaves no directory that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from typing import Callable, Optional
 
-from .optim.state import decode_master
+from .optim.state import StateCodecs, decode_master
 from .store.directio import aligned_empty
 from .store.store import StoreError, open_store
 
 
 def export_store(store_path: str, out: str, on_block: Optional[Callable[[str], None]] = None) -> str:
-    store = open_store(store_path)
+    store = open_store(store_path, StateCodecs.from_json)
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise StoreError(f"export target {out} exists and is not an empty directory; choose a new directory")
@@ -44,8 +45,9 @@ def _write(store, tmp: str, on_block) -> None:
         lay = store.layouts[block].kinds["master"]
         buf = aligned_empty(lay.file_bytes)
         store.read(block, "master", buf)
-        shapes = {p["name"]: p["shape"] for b in store.manifest["blocks"] if b["name"] == block for p in b["params"]}
-        tensors = {name: decode_master(store.state_cfg, parts).reshape(shapes[name]).clone() for name, parts in lay.views(buf).items()}
+        shapes = store.layouts[block].shapes
+        tensors = {name: decode_master(store.state.cfg, parts, math.prod(shapes[name])).reshape(shapes[name]).clone()
+                   for name, parts in lay.views(buf).items()}
         fname = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
         save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
         for name, t in tensors.items():

@@ -24,6 +24,7 @@ from .memory import format_bytes
 from .model.importer import import_model, model_info
 from .model.skeleton import Skeleton
 from .model.source import ModelSource
+from .optim.state import StateCodecs
 from .step.memory_plan import plan_for_model
 from .step.runtime import Runtime, StepResult
 from .store.store import Store, StoreError, check_store_target, is_store, new_manifest, open_store, read_manifest
@@ -124,7 +125,8 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     existing = prepare_store(cfg, source)
     # The run's memory plan, made on the store's layout before anything is written (a budget that
     # cannot hold one block is refused here), and handed to the runtime.
-    dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), cfg.state, skeleton.manifest_blocks()))
+    state = StateCodecs(cfg.state)  # an existing store's state equals it (prepare_store checked)
+    dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks()), state)
     plan = plan_for_model(dry, skeleton, device=device, batch=cfg.batch, memory=cfg.memory)
 
     t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
             shutil.rmtree(cfg.store)
         store = _import(source, cfg, console)
     else:
-        store = open_store(cfg.store)
+        store = open_store(cfg.store, StateCodecs.from_json)
     import_s = time.perf_counter() - t0
     store.verify = cfg.verify_reads
     rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm, disk_mode=cfg.disk_mode)

@@ -108,18 +108,18 @@ def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: 
 
 def store_master_weights(store_path: str) -> dict:
     """{param name: fp32 tensor} of the store's live master weights."""
-    from fuyou.optim.state import decode_master
+    from fuyou.optim.state import StateCodecs, decode_master
     from fuyou.store.directio import aligned_empty
     from fuyou.store.store import open_store
 
-    store = open_store(store_path)
+    store = open_store(store_path, StateCodecs.from_json)
     out = {}
     for b in store.block_names:
         lay = store.layouts[b].kinds["master"]
         buf = aligned_empty(lay.file_bytes)
         store.read(b, "master", buf)
         for name, parts in lay.views(buf).items():
-            out[name] = decode_master(store.state_cfg, parts).clone()
+            out[name] = decode_master(store.state.cfg, parts, dict(store.layouts[b].params)[name]).clone()
     return out
 
 

@@ -139,7 +139,7 @@ def render_plan(plan, console) -> None:
 
     cfg, res = plan.cfg, plan.result
     b = cfg.batch
-    head = (f"fuyou plan: {cfg.model} ({plan.shape.numel / 1e9:.3f} B params, {plan.shape.store.state_cfg.weights} weights), "
+    head = (f"fuyou plan: {cfg.model} ({plan.shape.numel / 1e9:.3f} B params, {plan.shape.store.state.cfg.weights} weights), "
             f"batch {b.batch_size} x {b.seq_len} tokens on {cfg.device}")
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
     t = Table(title=head)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..config import StateConfig
-from ..optim.state import KINDS, init_state_
+from ..optim.state import KINDS, StateCodecs, init_state_
 from ..store.directio import aligned_empty
 from ..store.store import IMPORTING, Store, create_store, finalize_import, fingerprint_config, new_manifest
 from .skeleton import Skeleton
@@ -69,9 +69,10 @@ def import_model(
     """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs."""
     skeleton = Skeleton(source.config)
     source.bind(skeleton.model)
-    manifest = new_manifest(model_info(source, skeleton), state_cfg, skeleton.manifest_blocks())
+    state = StateCodecs(state_cfg)
+    manifest = new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks())
     existed = os.path.exists(store_path)
-    store = create_store(store_path, manifest, backend)
+    store = create_store(store_path, manifest, state, backend)
     try:
         _copy_model_files(source, store)
         for block in skeleton.blocks:
@@ -104,7 +105,7 @@ def _write_block(store: Store, block: str, values: Dict[str, torch.Tensor]) -> N
     views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in KINDS}
     for name, _numel in layout.params:
         parts = {kind: views[kind][name] for kind in KINDS}
-        init_state_(store.state_cfg, values[name], parts)
+        init_state_(store.state.cfg, values[name], parts)
     for kind in KINDS:
         store.write(block, kind, bufs[kind], version=0)
 

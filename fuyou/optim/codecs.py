@@ -1,305 +1,259 @@
-"""Optimizer-state codecs in plain PyTorch: the references the fused C++ kernel must reproduce.
+"""The stored formats of training state: one `Codec` object per format, in registries by name.
 
-Moments (exp_avg `m`, exp_avg_sq `v`):
-  fp32  one fp32 value per element.
-  bf16  one bf16 value per element (round to nearest even).
-  fp8   E4M3 codes in groups of 128 with dynamic range expansion (COAT): per group
-        mx = max|x|, mn = min nonzero |x|, c = sqrt(mx*mn), k = floor(log2(448^2/2)/log2(mx/mn)*16)/16
-        clamped to [1, 255/16], x' = sign(x)(|x|/c)^k, s = (mx/c)^k/448, code = e4m3(x'/s).
-        The centre cancels (see below): code = e4m3(448 (|x|/mx)^k), x = mx (code/448)^(1/k).
-        Parts: codes u8[n] (sign bit + E4M3 magnitude), absmax f32[G] (mx), k16 u8[G] (16*k).
-        Decode: x = sign * R[k16][|code|] * mx with R[k16][q] = (e4m3(q)/448)^(1/k), the same fp32
-        table the fused kernel uses, so decoding is bit-identical in both.
-  de8   8-bit dynamic code (signed map for m, unsigned for v), blocks of 256 with an fp32 absmax;
-        a value becomes the index of the nearest map entry of x/absmax. Parts: codes u8[n], absmax f32[B].
-Master weights:
-  fp32      one fp32 value.
-  bf16+rem  the fp32 bits split into a bf16 high half (rounded: it is a usable bf16 weight) and a
-            signed 16-bit remainder; hi << 16 + remainder gives back the exact fp32 bits.
+A parameter's state holds three sorts of values (`Codec.serves`): the compute `weights` streamed to
+the device, the exact `master` the optimizer updates, and the two AdamW moments (`moment`). A Codec
+is one format of one sort: its parts (`layout`), its plain-torch `encode_` / `decode` (the
+references the fused C++ kernel reproduces; the math is in codec_ref.py), the id the kernel knows
+it by, its group size and its bytes per element.
 
-Tensors under SMALL_NUMEL elements keep fp32 moments and master whatever the codec.
+Which codec stores a tensor is decided here and only here, by name, size and shape:
+
+    moment_codec(name, numel)           # fp32 | bf16 | fp8 | de8
+    master_codec(name, numel)           # fp32 | bf16+rem
+    weights_codec(name, numel, shape)   # fp32 | bf16 | fp8
+
+Tensors under SMALL_NUMEL elements (norms, biases) keep fp32 master and moments whatever the name:
+they are a sliver of the state, so compressing them saves nothing worth their precision. fp8
+weights are 128x128-tile E4M3 for 2-D parameters of at least SMALL_NUMEL elements; the others keep
+bf16.
 """
 from __future__ import annotations
 
-import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Dict
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-SMALL_NUMEL = 4096
-FP8_GROUP = 128
-DE8_BLOCK = 256
-E4M3_MAX = 448.0
-# log2 of the dynamic range E4M3 covers with the centre at 1: log2(448^2 / 2) (COAT).
-FP8_LOG_RANGE = math.log2(E4M3_MAX * E4M3_MAX / 2.0)
-K16_MIN, K16_MAX = 16, 255  # k in [1, 255/16]: k >= 1 keeps the range; the cap fits a byte
+from ..store.layout import PartSpec
+from .codec_ref import (
+    DE8_BLOCK,
+    FP8_GROUP,
+    bf16_rem_join_ref,
+    bf16_rem_split_ref,
+    de8_decode_ref,
+    de8_encode_ref,
+    fp8_decode_ref,
+    fp8_encode_ref,
+)
 
-STATE_CODECS = ("fp32", "bf16", "fp8", "de8")
-MASTER_CODECS = ("fp32", "bf16+rem")
+SMALL_NUMEL = 4096
+# The tile of fp8 weights: fuyou.kernels' blockwise-FP8 GEMM format (kernels.reference.FP8_GROUP).
+FP8_TILE = 128
 
 Parts = Dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class PartSpec:
-    """One flat stored array of a kind of state."""
-
-    name: str
-    numel: int
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+Shape = Optional[Sequence[int]]
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def effective_state_codec(codec: str, numel: int) -> str:
-    return "fp32" if numel < SMALL_NUMEL else codec
+@dataclass(frozen=True, kw_only=True)
+class Codec(ABC):
+    """One stored format of one sort of state ("weights", "master" or "moment")."""
+
+    name: str
+    serves: str
+    kernel_id: Optional[int]  # the id csrc/adam/adam.h gives it; None: the fused kernel cannot write it
+    group: int = 0  # elements per scale (a full tile for tiled weights); 0: no scales
+
+    @abstractmethod
+    def layout(self, numel: int, shape: Shape = None) -> List[PartSpec]:
+        """The flat parts a tensor of `numel` elements (of `shape`, where the format needs it) is stored as.
+
+        The order is the fused kernel's argument order."""
+
+    @abstractmethod
+    def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
+        """Store flat fp32 `x` into `parts` (laid out by `layout`). `signed`: x may be negative (de8
+        then takes its signed map; exp_avg_sq is never negative); `shape`: the parameter's."""
+
+    @abstractmethod
+    def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
+        """The stored values as a new flat fp32 tensor."""
+
+    def values(self, parts: Parts, numel: int) -> torch.Tensor:
+        """The stored values as one flat tensor to read: decoded fp32 (a plain format gives its
+        part itself, without a copy)."""
+        return self.decode(parts, numel)
+
+    def bytes_per_element(self, numel: int, shape: Shape = None) -> float:
+        """Stored bytes per element of a tensor of `numel` elements, scales included."""
+        return sum(p.nbytes for p in self.layout(numel, shape)) / numel
 
 
-def effective_master_codec(codec: str, numel: int) -> str:
-    return "fp32" if numel < SMALL_NUMEL else codec
+@dataclass(frozen=True, kw_only=True)
+class PlainCodec(Codec):
+    """One value per element in `dtype` (rounded to nearest even on the way down)."""
+
+    dtype: torch.dtype
+
+    def layout(self, numel: int, shape: Shape = None) -> List[PartSpec]:
+        return [PartSpec("value", numel, self.dtype)]
+
+    @torch.no_grad()
+    def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
+        parts["value"].copy_(x)
+
+    @torch.no_grad()
+    def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
+        return parts["value"].float().clone()
+
+    def values(self, parts: Parts, numel: int) -> torch.Tensor:
+        return parts["value"]
 
 
-def moment_layout(codec: str, numel: int) -> list[PartSpec]:
-    codec = effective_state_codec(codec, numel)
-    if codec == "fp32":
-        return [PartSpec("value", numel, torch.float32)]
-    if codec == "bf16":
-        return [PartSpec("value", numel, torch.bfloat16)]
-    if codec == "fp8":
-        groups = _ceil_div(numel, FP8_GROUP)
-        return [
-            PartSpec("codes", numel, torch.uint8),
-            PartSpec("absmax", groups, torch.float32),
-            PartSpec("k16", groups, torch.uint8),
-        ]
-    if codec == "de8":
-        return [PartSpec("codes", numel, torch.uint8), PartSpec("absmax", _ceil_div(numel, DE8_BLOCK), torch.float32)]
-    raise ValueError(f"optimizer-state codec {codec!r} unknown; choose one of {', '.join(STATE_CODECS)}")
+@dataclass(frozen=True, kw_only=True)
+class Fp8DreCodec(Codec):
+    """E4M3 codes with dynamic range expansion (COAT), an absmax and a 16*k per group."""
+
+    def layout(self, numel: int, shape: Shape = None) -> List[PartSpec]:
+        groups = _ceil_div(numel, self.group)
+        return [PartSpec("codes", numel, torch.uint8), PartSpec("absmax", groups, torch.float32), PartSpec("k16", groups, torch.uint8)]
+
+    @torch.no_grad()
+    def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
+        codes, absmax, k16 = fp8_encode_ref(x)
+        parts["codes"].copy_(codes)
+        parts["absmax"].copy_(absmax)
+        parts["k16"].copy_(k16)
+
+    @torch.no_grad()
+    def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
+        return fp8_decode_ref(parts["codes"], parts["absmax"], parts["k16"], numel)
 
 
-def master_layout(codec: str, numel: int) -> list[PartSpec]:
-    codec = effective_master_codec(codec, numel)
-    if codec == "fp32":
-        return [PartSpec("value", numel, torch.float32)]
-    if codec == "bf16+rem":
+@dataclass(frozen=True, kw_only=True)
+class De8Codec(Codec):
+    """The 8-bit dynamic code (signed or unsigned map) with an fp32 absmax per block."""
+
+    def layout(self, numel: int, shape: Shape = None) -> List[PartSpec]:
+        return [PartSpec("codes", numel, torch.uint8), PartSpec("absmax", _ceil_div(numel, self.group), torch.float32)]
+
+    @torch.no_grad()
+    def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
+        codes, absmax = de8_encode_ref(x, signed=signed)
+        parts["codes"].copy_(codes)
+        parts["absmax"].copy_(absmax)
+
+    @torch.no_grad()
+    def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
+        return de8_decode_ref(parts["codes"], parts["absmax"], numel, signed=signed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bf16RemCodec(Codec):
+    """The exact fp32 bits as a bf16 high half (a usable bf16 weight) and an int16 remainder."""
+
+    def layout(self, numel: int, shape: Shape = None) -> List[PartSpec]:
         return [PartSpec("hi", numel, torch.bfloat16), PartSpec("lo", numel, torch.int16)]
-    raise ValueError(f"master codec {codec!r} unknown; choose one of {', '.join(MASTER_CODECS)}")
+
+    @torch.no_grad()
+    def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
+        hi, lo = bf16_rem_split_ref(x)
+        parts["hi"].copy_(hi)
+        parts["lo"].copy_(lo)
+
+    @torch.no_grad()
+    def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
+        return bf16_rem_join_ref(parts["hi"], parts["lo"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Tables shared with the fused kernel (built here once, handed to it by pointer).
+@dataclass(frozen=True, kw_only=True)
+class Fp8TileCodec(Codec):
+    """E4M3 codes of a 2-D weight [N, K] with an fp32 scale per 128x128 tile (edge tiles partial);
+    a "dims" part records [N, K] so that the file alone can be decoded."""
+
+    def layout(self, numel: int, shape: Shape = None) -> List[PartSpec]:
+        n, k = _matrix(shape)
+        tiles = _ceil_div(n, FP8_TILE) * _ceil_div(k, FP8_TILE)
+        return [PartSpec("codes", numel, torch.uint8), PartSpec("scales", tiles, torch.float32), PartSpec("dims", 2, torch.int64)]
+
+    @torch.no_grad()
+    def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
+        from ..kernels.reference import quantize_weight_fp8
+
+        n, k = _matrix(shape)
+        parts["dims"].copy_(torch.tensor([n, k], dtype=torch.int64))
+        codes, scales = quantize_weight_fp8(x.reshape(n, k))
+        parts["codes"].copy_(codes.view(torch.uint8).reshape(-1))
+        parts["scales"].copy_(scales.reshape(-1))
+
+    @torch.no_grad()
+    def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
+        from ..kernels.reference import dequantize_weight_fp8
+
+        n, k = (int(d) for d in parts["dims"])
+        scales = parts["scales"].view(_ceil_div(n, FP8_TILE), _ceil_div(k, FP8_TILE))
+        return dequantize_weight_fp8(parts["codes"], scales, (n, k)).reshape(-1)
 
 
-@lru_cache(maxsize=None)
-def e4m3_values() -> torch.Tensor:
-    """The fp32 value of every E4M3 code 0..255 (0x7F / 0xFF are NaN)."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+def _matrix(shape: Shape) -> tuple[int, int]:
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"fp8 weights are tiles of a 2-D parameter, got shape {None if shape is None else tuple(shape)}")
+    return int(shape[0]), int(shape[1])
 
 
-@lru_cache(maxsize=None)
-def fp8_root_table() -> torch.Tensor:
-    """R[k16][q] = (e4m3(q)/448)^(16/k16) for q < 128, as fp32 [256, 128] (rows below 16 unused)."""
-    q = e4m3_values()[:128].double() / E4M3_MAX
-    k16 = torch.arange(256, dtype=torch.float64).clamp(min=K16_MIN)
-    return q.unsqueeze(0).pow(16.0 / k16.unsqueeze(1)).float().contiguous()
+def _registry(*codecs: Codec) -> Dict[str, Codec]:
+    return {c.name: c for c in codecs}
 
 
-@lru_cache(maxsize=None)
-def dynamic_map(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8-bit dynamic map (values ascending, 256) and the 255 midpoints between neighbours.
-
-    Seven decades 1e-6..1: decade i holds 2^i (signed, each sign) or 2^(i+1) (unsigned) values at
-    the centres of equal steps of [0.1, 1] * 10^(i-6); plus 0 and 1.
-    """
-    vals = [0.0, 1.0]
-    for i in range(7):
-        count = 2**i if signed else 2 ** (i + 1)
-        decade = 10.0 ** (i - 6)
-        for j in range(count):
-            v = decade * (0.1 + (j + 0.5) * 0.9 / count)
-            vals.append(v)
-            if signed:
-                vals.append(-v)
-    values = torch.tensor(sorted(vals), dtype=torch.float64).float()
-    assert values.numel() == 256
-    mids = ((values[:-1].double() + values[1:].double()) / 2).float()
-    return values.contiguous(), mids.contiguous()
-
-
-@lru_cache(maxsize=None)
-def de8_bucket_table(signed: bool) -> torch.Tensor:
-    """For each value of the top 16 bits of an fp32 u: the number of map midpoints below every u
-    with those bits (u8, 65536 entries + 4 bytes of padding for 32-bit gathers).
-
-    Within [-1, 1] such a bucket (a bf16 step) holds at most one midpoint, so the nearest-entry
-    index of u is table[bits >> 16] + (mid[table] < u): the fused kernel's one-probe search, equal
-    to the full binary search (checked here when the table is built).
-    """
-    _, mids = dynamic_map(signed)
-    keys = torch.arange(65536, dtype=torch.int64)
-
-    def as_float(bits):
-        return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
-
-    lower, upper = as_float(keys << 16), as_float((keys << 16) | 0xFFFF)
-    bmin, bmax = torch.minimum(lower, upper), torch.maximum(lower, upper)
-    lo = torch.searchsorted(mids, bmin.contiguous(), side="left")
-    inside = torch.searchsorted(mids, bmax.contiguous(), side="right") - lo
-    used = torch.isfinite(bmin) & torch.isfinite(bmax) & (bmin >= -1) & (bmax <= 1)
-    if int(inside[used].max()) > 1:
-        raise RuntimeError("de8 map too dense for one-probe buckets; the fused de8 search needs a finer key")
-    table = torch.zeros(65536 + 4, dtype=torch.uint8)
-    table[:65536] = lo.clamp(max=255).to(torch.uint8)
-    return table
+# The kernel ids are csrc/adam/adam.h's enums; the moment groups are the kernel's built-in ones.
+WEIGHTS_REGISTRY = _registry(
+    PlainCodec(name="fp32", serves="weights", kernel_id=0, dtype=torch.float32),
+    PlainCodec(name="bf16", serves="weights", kernel_id=1, dtype=torch.bfloat16),
+    Fp8TileCodec(name="fp8", serves="weights", kernel_id=None, group=FP8_TILE * FP8_TILE),
+)
+MASTER_REGISTRY = _registry(
+    PlainCodec(name="fp32", serves="master", kernel_id=0, dtype=torch.float32),
+    Bf16RemCodec(name="bf16+rem", serves="master", kernel_id=1),
+)
+MOMENT_REGISTRY = _registry(
+    PlainCodec(name="fp32", serves="moment", kernel_id=0, dtype=torch.float32),
+    PlainCodec(name="bf16", serves="moment", kernel_id=1, dtype=torch.bfloat16),
+    Fp8DreCodec(name="fp8", serves="moment", kernel_id=2, group=FP8_GROUP),
+    De8Codec(name="de8", serves="moment", kernel_id=3, group=DE8_BLOCK),
+)
+# The names a StateConfig accepts for its master and moments.
+MASTER_CODECS = tuple(MASTER_REGISTRY)
+STATE_CODECS = tuple(MOMENT_REGISTRY)
 
 
-@lru_cache(maxsize=None)
-def de8_padded_mids(signed: bool) -> torch.Tensor:
-    """The 255 midpoints followed by two +inf (so a probe at index 255 or 256 never counts)."""
-    _, mids = dynamic_map(signed)
-    return torch.cat([mids, torch.full((2,), math.inf)]).contiguous()
+def _lookup(registry: Dict[str, Codec], what: str, name: str) -> Codec:
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"{what} codec {name!r} unknown; choose one of {', '.join(registry)}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# fp8 with dynamic range expansion
+def _small_keeps_fp32(registry: Dict[str, Codec], what: str, name: str, numel: int) -> Codec:
+    codec = _lookup(registry, what, name)
+    return registry["fp32"] if numel < SMALL_NUMEL else codec
 
 
-def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x as [groups, group], the last group padded with zeros (ignored by max and min-nonzero)."""
-    pad = (-x.numel()) % group
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad)])
-    return x.view(-1, group)
-#
-# With s = (mx/c)^k / 448 the centre cancels: x'/s = 448 (|x|/mx)^k and c (q s)^(1/k) =
-# mx (q/448)^(1/k). So a group stores mx ("absmax") and k16; c and s follow from them
-# (c = sqrt(mx*mn) is only needed to pick k, through mx/mn).
+def moment_codec(name: str, numel: int) -> Codec:
+    """The codec that stores an AdamW moment of `numel` elements under the name `name`."""
+    return _small_keeps_fp32(MOMENT_REGISTRY, "optimizer-state", name, numel)
 
 
-def fp8_group_params_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (absmax f32, k16 u8) of the fp32 values `x` (flat)."""
-    a = _grouped(x.float().abs(), FP8_GROUP)
-    mx = a.amax(dim=1)
-    mn = torch.where(a > 0, a, torch.full_like(a, math.inf)).amin(dim=1)
-    nonzero = mx > 0
-    ratio = torch.where(nonzero, mx.double() / torch.where(nonzero, mn, 1.0).double(), 1.0)
-    kq = torch.floor(FP8_LOG_RANGE / torch.log2(ratio) * 16.0)  # ratio 1 -> inf -> clamped
-    k16 = torch.where(nonzero, kq.clamp(K16_MIN, K16_MAX), float(K16_MIN)).to(torch.uint8)
-    return torch.where(nonzero, mx, 0.0), k16
+def master_codec(name: str, numel: int) -> Codec:
+    """The codec that stores a master weight of `numel` elements under the name `name`."""
+    return _small_keeps_fp32(MASTER_REGISTRY, "master", name, numel)
 
 
-def fp8_encode_ref(x: torch.Tensor, parts: Parts) -> None:
-    """Encode flat fp32 `x` into fp8 parts (codes, absmax, k16)."""
-    n = x.numel()
-    mx, k16 = fp8_group_params_ref(x)
-    g = _grouped(x.float(), FP8_GROUP).double()
-    k = (k16.double() / 16.0).unsqueeze(1)
-    inv = torch.where(mx > 0, 1.0 / mx.double(), 0.0).unsqueeze(1)
-    y = (E4M3_MAX * torch.pow(g.abs() * inv, k)).clamp(max=E4M3_MAX)
-    codes = y.float().to(torch.float8_e4m3fn).view(torch.uint8)
-    codes = torch.where(g < 0, codes | 0x80, codes).reshape(-1)[:n]
-    parts["codes"].copy_(codes)
-    parts["absmax"].copy_(mx)
-    parts["k16"].copy_(k16)
+def weights_codec(name: str, numel: int, shape: Shape = None) -> Codec:
+    """The codec that stores the compute weights of a parameter of `numel` elements and `shape`
+    under the name `name` (fp8 tiles only 2-D parameters of >= SMALL_NUMEL elements; others bf16)."""
+    codec = _lookup(WEIGHTS_REGISTRY, "weights", name)
+    tiled = shape is not None and len(shape) == 2 and numel >= SMALL_NUMEL
+    return WEIGHTS_REGISTRY["bf16"] if isinstance(codec, Fp8TileCodec) and not tiled else codec
 
 
-def fp8_decode_ref(parts: Parts, numel: int) -> torch.Tensor:
-    codes = parts["codes"].to(torch.int64)
-    group = torch.arange(numel) // FP8_GROUP
-    k16 = parts["k16"].to(torch.int64)[group]
-    mag = fp8_root_table()[k16, codes & 0x7F] * parts["absmax"][group]
-    return torch.where(codes >= 0x80, -mag, mag)
+@dataclass(frozen=True)
+class ParamCodecs:
+    """The codecs of one parameter's state, resolved once."""
 
-
-# ---------------------------------------------------------------------------------------------
-# de8: dynamic 8-bit code with block absmax
-
-
-def de8_encode_ref(x: torch.Tensor, parts: Parts, *, signed: bool) -> None:
-    n = x.numel()
-    g = _grouped(x.float(), DE8_BLOCK)
-    absmax = g.abs().amax(dim=1)
-    u = torch.where((absmax > 0).unsqueeze(1), g / absmax.unsqueeze(1), 0.0)
-    _, mids = dynamic_map(signed)
-    codes = torch.bucketize(u, mids).to(torch.uint8)  # count of midpoints below u: the nearest entry
-    parts["codes"].copy_(codes.reshape(-1)[:n])
-    parts["absmax"].copy_(absmax)
-
-
-def de8_decode_ref(parts: Parts, numel: int, *, signed: bool) -> torch.Tensor:
-    values, _ = dynamic_map(signed)
-    block = torch.arange(numel) // DE8_BLOCK
-    return values[parts["codes"].to(torch.int64)] * parts["absmax"][block]
-
-
-# ---------------------------------------------------------------------------------------------
-# Dispatch by codec
-
-
-def _codec_of_parts(parts: Parts) -> str:
-    if "value" in parts:
-        return "fp32" if parts["value"].dtype == torch.float32 else "bf16"
-    if "k16" in parts:
-        return "fp8"
-    if "absmax" in parts and "codes" in parts:
-        return "de8"
-    raise ValueError(f"parts {sorted(parts)} match no optimizer-state codec; build them with state_layout()")
-
-
-@torch.no_grad()
-def encode_moment_(x: torch.Tensor, parts: Parts, *, signed: bool) -> None:
-    """Store flat fp32 `x` into the moment's parts (codec read from the parts)."""
-    codec = _codec_of_parts(parts)
-    if codec in ("fp32", "bf16"):
-        parts["value"].copy_(x)
-    elif codec == "fp8":
-        fp8_encode_ref(x, parts)
-    else:
-        de8_encode_ref(x, parts, signed=signed)
-
-
-@torch.no_grad()
-def decode_moment(parts: Parts, numel: int, *, signed: bool) -> torch.Tensor:
-    """The moment as a new flat fp32 tensor."""
-    codec = _codec_of_parts(parts)
-    if codec in ("fp32", "bf16"):
-        return parts["value"].float().clone()
-    if codec == "fp8":
-        return fp8_decode_ref(parts, numel)
-    return de8_decode_ref(parts, numel, signed=signed)
-
-
-def _u32(x: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-
-
-@torch.no_grad()
-def encode_master_(x: torch.Tensor, parts: Parts) -> None:
-    if "value" in parts:
-        parts["value"].copy_(x)
-        return
-    u = _u32(x.float().contiguous())
-    lo = u & 0xFFFF
-    lo = torch.where(lo >= 0x8000, lo - 0x10000, lo)  # signed remainder: hi is rounded to nearest
-    hi = ((u - lo) >> 16) & 0xFFFF
-    hi = torch.where(hi >= 0x8000, hi - 0x10000, hi)
-    parts["hi"].copy_(hi.to(torch.int16).view(torch.bfloat16))
-    parts["lo"].copy_(lo.to(torch.int16))
-
-
-@torch.no_grad()
-def decode_master_ref(parts: Parts) -> torch.Tensor:
-    if "value" in parts:
-        return parts["value"].float().clone()
-    hi = parts["hi"].view(torch.int16).to(torch.int64) & 0xFFFF
-    u = ((hi << 16) + parts["lo"].to(torch.int64)) & 0xFFFFFFFF
-    u = torch.where(u >= 2**31, u - 2**32, u)
-    return u.to(torch.int32).view(torch.float32)
+    weights: Codec
+    master: Codec
+    moments: Codec  # exp_avg and exp_avg_sq

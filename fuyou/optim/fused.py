@@ -1,6 +1,8 @@
 """Binding of the fused C++ AdamW (fuyou._adam): checks the parts, hands their addresses over.
 
-The kernel reproduces codecs.py + adamw.py: bit-exact for fp32 / bf16 moments and fp32 /
+The caller names the codecs (a ParamCodecs from the registry); each gives the kernel its id and
+its parts in the kernel's order. The kernel reproduces the codecs' references (codec_ref.py) and
+adamw.py: bit-exact for fp32 / bf16 moments and fp32 /
 bf16+rem master; for fp8 and de8 it decodes exactly as the references do and encodes fp8 with a
 fast log2/exp2 (a code may differ by one step from the reference at a rounding boundary).
 """
@@ -11,7 +13,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .codecs import de8_bucket_table, de8_padded_mids, dynamic_map, fp8_root_table
+from .codec_ref import de8_bucket_table, de8_padded_mids, dynamic_map, fp8_root_table
+from .codecs import Codec, ParamCodecs
 
 try:  # the extension is optional: without it fuyou runs the torch reference path
     from fuyou import _adam as _ext
@@ -23,8 +26,6 @@ except ImportError as exc:  # pragma: no cover - exercised when the build failed
 
 Parts = Dict[str, torch.Tensor]
 
-_STATE_IDS = {"fp32": 0, "bf16": 1, "fp8": 2, "de8": 3}
-_WEIGHT_IDS = {torch.float32: 0, torch.bfloat16: 1}
 _TABLES: Optional[tuple] = None
 
 
@@ -61,24 +62,16 @@ def _addr(t: torch.Tensor, dtype: torch.dtype, numel: int, what: str) -> int:
     return t.data_ptr()
 
 
-def _moment(parts: Parts, numel: int, what: str) -> tuple:
-    groups = lambda size: -(-numel // size)  # noqa: E731
-    if "value" in parts:
-        codec = "fp32" if parts["value"].dtype == torch.float32 else "bf16"
-        dtype = torch.float32 if codec == "fp32" else torch.bfloat16
-        return (_STATE_IDS[codec], _addr(parts["value"], dtype, numel, f"{what}.value"), 0, 0)
-    codes = _addr(parts["codes"], torch.uint8, numel, f"{what}.codes")
-    if "k16" in parts:
-        g = groups(128)
-        return (_STATE_IDS["fp8"], codes, _addr(parts["absmax"], torch.float32, g, f"{what}.absmax"),
-                _addr(parts["k16"], torch.uint8, g, f"{what}.k16"))
-    return (_STATE_IDS["de8"], codes, _addr(parts["absmax"], torch.float32, groups(256), f"{what}.absmax"), 0)
-
-
-def _master(parts: Parts, numel: int) -> tuple:
-    if "value" in parts:
-        return (0, _addr(parts["value"], torch.float32, numel, "master.value"), 0)
-    return (1, _addr(parts["hi"], torch.bfloat16, numel, "master.hi"), _addr(parts["lo"], torch.int16, numel, "master.lo"))
+def _codec_arg(codec: Codec, parts: Parts, numel: int, what: str, slots: int) -> tuple:
+    """(kernel id, the addresses of the codec's parts in layout order, 0 for the `slots` it leaves unused)."""
+    if codec.kernel_id is None:
+        raise ValueError(f"{what}: the fused kernel cannot write codec {codec.name!r}")
+    addrs = []
+    for spec in codec.layout(numel):
+        if spec.name not in parts:
+            raise ValueError(f"{what}: no part {spec.name!r} for codec {codec.name!r} (got {sorted(parts)}); build the parts with state_layout()")
+        addrs.append(_addr(parts[spec.name], spec.dtype, spec.numel, f"{what}.{spec.name}"))
+    return (codec.kernel_id, *addrs, *(0,) * (slots - len(addrs)))
 
 
 def hyper_values(*, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -96,23 +89,18 @@ PHASE_FULL, PHASE_MOMENTS, PHASE_APPLY = 0, 1, 2
 TORCH_SQRT_CHUNK = 1 << 18
 
 
-def _kernel_args(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], hyper: tuple) -> tuple:
+def _kernel_args(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], hyper: tuple) -> tuple:
     """The kernel's positional arguments (after checking every part); `grad` is flat fp32."""
     if _ext is None:
         raise RuntimeError(f"fuyou._adam is not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`")
     numel = grad.numel()
-    w = parts["weights"]["value"]
-    expected = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(weights_codec)
-    if expected is None or w.dtype != expected:
-        raise ValueError(f"weights part is {w.dtype} but the weights codec is {weights_codec!r}; "
-                         "the fused path emits fp32 or bf16 weights laid out by state_layout()")
     return (
         numel,
         _addr(grad, torch.float32, numel, "grad"),
-        _master(parts["master"], numel),
-        _moment(parts["exp_avg"], numel, "exp_avg"),
-        _moment(parts["exp_avg_sq"], numel, "exp_avg_sq"),
-        (_WEIGHT_IDS[w.dtype], _addr(w, w.dtype, numel, "weights.value")),
+        _codec_arg(codecs.master, parts["master"], numel, "master", 2),
+        _codec_arg(codecs.moments, parts["exp_avg"], numel, "exp_avg", 3),
+        _codec_arg(codecs.moments, parts["exp_avg_sq"], numel, "exp_avg_sq", 3),
+        _codec_arg(codecs.weights, parts["weights"], numel, "weights", 1),
         hyper,
         _tables(),
     )
@@ -124,19 +112,19 @@ def _flat_fp32(grad: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def adamw_fused_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
+def adamw_fused_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
                  beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
                  threads: Optional[int] = None, simd: bool = True) -> None:
-    """One fused AdamW step over the parts (codecs read from the parts themselves)."""
+    """One fused AdamW step over the parts, stored in `codecs`."""
     grad = _flat_fp32(grad)
     hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          grad_scale=grad_scale)
-    args = _kernel_args(weights_codec, grad, parts, hyper)
+    args = _kernel_args(codecs, grad, parts, hyper)
     _ext.adamw(*args, threads=int(threads or torch.get_num_threads()), simd=simd)
 
 
 @torch.no_grad()
-def adamw_torch_sqrt_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
+def adamw_torch_sqrt_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
                       threads: Optional[int] = None, chunk: Optional[int] = None) -> None:
     """fp32 AdamW bit-identical to torch.optim.AdamW (single tensor) on this CPU, at the fused kernel's
@@ -146,20 +134,19 @@ def adamw_torch_sqrt_(weights_codec: str, grad: torch.Tensor, parts: Dict[str, P
     grad = _flat_fp32(grad)
     hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          grad_scale=grad_scale)
-    numel, g_addr, master, m, v, (w_codec, w_addr), _, tables = _kernel_args(weights_codec, grad, parts, hyper)
-    fp32 = _STATE_IDS["fp32"]
-    if master[0] != 0 or m[0] != fp32 or v[0] != fp32:
+    numel, g_addr, master, m, v, (w_codec, w_addr), _, tables = _kernel_args(codecs, grad, parts, hyper)
+    if codecs.master.name != "fp32" or codecs.moments.name != "fp32":
         raise ValueError("adamw_torch_sqrt_ needs fp32 master and moments (fuyou's fp32 mode)")
     threads = int(threads or torch.get_num_threads())
     chunk = chunk or TORCH_SQRT_CHUNK
-    v_flat = parts["exp_avg_sq"]["value"].reshape(-1)
+    v_flat = codecs.moments.values(parts["exp_avg_sq"], numel).reshape(-1)
     root = torch.empty(min(numel, chunk), dtype=torch.float32)
-    w_size = parts["weights"]["value"].element_size()
+    w_size = codecs.weights.layout(numel)[0].dtype.itemsize  # the kernel writes plain weights: one array
     for off in range(0, numel, chunk):
         n = min(chunk, numel - off)
         # This round's arrays: every address moved on by `off` elements.
         g_at, p_at, m_at, v_at = (addr + 4 * off for addr in (g_addr, master[1], m[1], v[1]))
-        round_args = (n, g_at, (0, p_at, 0), (fp32, m_at, 0, 0), (fp32, v_at, 0, 0), (w_codec, w_addr + w_size * off),
+        round_args = (n, g_at, (master[0], p_at, 0), (m[0], m_at, 0, 0), (v[0], v_at, 0, 0), (w_codec, w_addr + w_size * off),
                       hyper, tables)
         _ext.adamw(*round_args, threads=threads, phase=PHASE_MOMENTS)
         torch.sqrt(v_flat[off : off + n], out=root[:n])

@@ -1,74 +1,100 @@
 """Per-parameter training state as the store keeps it, and the optimizer update over it.
 
 Each parameter has four kinds of state: `weights` (the compute copy streamed to the device),
-`master` (the exact value the optimizer updates), `exp_avg` and `exp_avg_sq` (AdamW moments). Each
-kind is stored in a codec as one or more flat *parts* (e.g. fp8 codes + fp32 scales). The store
-lays the parts out in the block's files; the runtime hands this module flat tensor views of them.
+`master` (the exact value the optimizer updates), `exp_avg` and `exp_avg_sq` (AdamW moments). A
+StateConfig names a codec per kind; codecs.py resolves each name, with the parameter's size and
+shape, to the Codec that stores it as one or more flat *parts* (e.g. fp8 codes + fp32 scales).
+`StateCodecs` gives the store those layouts; the runtime hands this module flat tensor views of them.
 
-    layout = state_layout(cfg, "exp_avg", numel)     # [PartSpec(name, numel, dtype), ...]
-    init_state_(cfg, value_fp32, parts)               # import: fill every kind from fp32 weights
-    adamw_update_(cfg, grad, parts, step=..., lr=...) # one AdamW step, writes new compute weights
+    layout = state_layout(cfg, "exp_avg", numel)                # [PartSpec(name, numel, dtype), ...]
+    init_state_(cfg, value, parts)                               # import: fill every kind from the value
+    adamw_update_(cfg, grad, parts, shape=shape, step=..., lr=...)  # one AdamW step, writes new compute weights
 
-The codecs are in codecs.py (plain-torch references); the fused C++ kernel (fuyou._adam, fused.py)
-runs the whole update in one pass when it is built, and reproduces the references.
+The fused C++ kernel (fuyou._adam, fused.py) runs the whole update in one pass when it is built,
+and reproduces the codecs' plain-torch references.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional, Sequence
 
 import torch
 
 from ..config import StateConfig
+from ..store.layout import PartSpec
 from . import fused
 from .adamw import adamw_step_
 from .codecs import (
     SMALL_NUMEL,
-    PartSpec,
-    decode_master_ref,
-    decode_moment,
-    encode_master_,
-    encode_moment_,
-    master_layout,
-    moment_layout,
+    STATE_CODECS,
+    WEIGHTS_REGISTRY,
+    Codec,
+    ParamCodecs,
+    Parts,
+    Shape,
+    master_codec,
+    moment_codec,
+    weights_codec,
 )
 
 KINDS = ("weights", "master", "exp_avg", "exp_avg_sq")
 OPTIM_KINDS = ("master", "exp_avg", "exp_avg_sq")
-# Weight codec -> the dtype a GPU computes in. "fp8": E4M3 codes with an fp32 scale per 128x128
-# tile (the blockwise-FP8 GEMM format of fuyou.kernels) for 2-D weights of >= SMALL_NUMEL
-# elements; other parameters (norms, biases) keep bf16.
+# Weights codec name -> the dtype a GPU computes in (fp8 weights: bf16; codecs.py has how each is stored).
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
-FP8_TILE = 128
 # FUYOU_ADAM_BACKEND=torch forces the plain-torch reference path; `fused` requires the C++ kernel.
 BACKENDS = ("auto", "fused", "torch")
 
-Parts = Dict[str, torch.Tensor]
-
 __all__ = [
-    "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "PartSpec", "adamw_update_",
-    "bytes_per_param_step", "decode_master", "decode_state", "decode_weights", "init_state_", "set_weight_shape_", "state_layout",
+    "BACKENDS", "KINDS", "OPTIM_KINDS", "SMALL_NUMEL", "StateCodecs", "adamw_update_", "bytes_per_param_step",
+    "decode_master", "decode_state", "decode_weights", "init_state_", "param_codecs", "state_layout",
 ]
 
 
-def _fp8_weight(cfg: StateConfig, numel: int, shape) -> bool:
-    return cfg.weights == "fp8" and shape is not None and len(shape) == 2 and numel >= SMALL_NUMEL
+@dataclass(frozen=True)
+class StateCodecs:
+    """A StateConfig as the store's StateLayout: the kinds of state, the parts each kind of a
+    parameter is stored as, and the manifest's "state" entry."""
+
+    cfg: StateConfig
+    kinds: ClassVar[tuple[str, ...]] = KINDS
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "StateCodecs":
+        return cls(StateConfig(**entry))
+
+    def to_json(self) -> dict:
+        return self.cfg.to_json()
+
+    def parts(self, kind: str, numel: int, shape: Shape = None) -> list[PartSpec]:
+        return state_layout(self.cfg, kind, numel, shape)
 
 
-def state_layout(cfg: StateConfig, kind: str, numel: int, shape=None) -> list[PartSpec]:
+def param_codecs(cfg: StateConfig, numel: int, shape: Shape = None) -> ParamCodecs:
+    """The codecs of a parameter of `numel` elements and `shape` (which matters only to fp8 weights)."""
+    return ParamCodecs(
+        weights=weights_codec(cfg.weights, numel, shape),
+        master=master_codec(cfg.master, numel),
+        moments=moment_codec(cfg.states, numel),
+    )
+
+
+def _kind_codec(codecs: ParamCodecs, kind: str) -> Codec:
+    if kind == "weights":
+        return codecs.weights
+    if kind == "master":
+        return codecs.master
+    if kind in ("exp_avg", "exp_avg_sq"):
+        return codecs.moments
+    raise ValueError(f"unknown state kind {kind!r}; expected one of {KINDS}")
+
+
+def state_layout(cfg: StateConfig, kind: str, numel: int, shape: Shape = None) -> list[PartSpec]:
     """The parts that store `kind` of a parameter of `numel` elements (`shape` matters only to
     fp8 weights, whose scales are per 128x128 tile; their "dims" part records [N, K])."""
-    if kind == "weights":
-        if _fp8_weight(cfg, numel, shape):
-            n, k = (int(d) for d in shape)
-            tiles = -(-n // FP8_TILE) * -(-k // FP8_TILE)
-            return [PartSpec("codes", numel, torch.uint8), PartSpec("scales", tiles, torch.float32), PartSpec("dims", 2, torch.int64)]
-        return [PartSpec("value", numel, WEIGHT_DTYPES[cfg.weights])]
-    if kind == "master":
-        return master_layout(cfg.master, numel)
-    if kind in ("exp_avg", "exp_avg_sq"):
-        return moment_layout(cfg.states, numel)
-    raise ValueError(f"unknown state kind {kind!r}; expected one of {KINDS}")
+    return _kind_codec(param_codecs(cfg, numel, shape), kind).layout(numel, shape)
 
 
 def bytes_per_param_step(cfg: StateConfig, numel: int = 1 << 24, shape=(4096, 4096)) -> dict:
@@ -77,96 +103,71 @@ def bytes_per_param_step(cfg: StateConfig, numel: int = 1 << 24, shape=(4096, 40
     The step reads the compute weights twice (forward and backward), reads and writes master and
     both moments (the optimizer), and writes the new compute weights. Group scales are included.
     """
-    def per_param(kind: str) -> float:
-        return sum(p.nbytes for p in state_layout(cfg, kind, numel, shape)) / numel
-
-    w, master = per_param("weights"), per_param("master")
-    m, v = per_param("exp_avg"), per_param("exp_avg_sq")
+    codecs = param_codecs(cfg, numel, shape)
+    w = codecs.weights.bytes_per_element(numel, shape)
+    master, moment = codecs.master.bytes_per_element(numel), codecs.moments.bytes_per_element(numel)
     out = {
         "weights_read": 2 * w,
         "master_read": master,
-        "exp_avg_read": m,
-        "exp_avg_sq_read": v,
+        "exp_avg_read": moment,
+        "exp_avg_sq_read": moment,
         "master_write": master,
-        "exp_avg_write": m,
-        "exp_avg_sq_write": v,
+        "exp_avg_write": moment,
+        "exp_avg_sq_write": moment,
         "weights_write": w,
     }
     out["total"] = sum(out.values())
     return out
 
 
-def decode_weights(cfg: StateConfig, parts: Parts) -> torch.Tensor:
-    """The compute weights as a flat tensor: a view of the stored value, or (fp8) dequantized fp32."""
-    if "codes" in parts:
-        from ..kernels.reference import dequantize_weight_fp8
-
-        n, k = (int(d) for d in parts["dims"])
-        scales = parts["scales"].view(-(-n // FP8_TILE), -(-k // FP8_TILE))
-        return dequantize_weight_fp8(parts["codes"], scales, (n, k)).reshape(-1)
-    return parts["value"]
+def decode_weights(cfg: StateConfig, parts: Parts, shape: Sequence[int]) -> torch.Tensor:
+    """The compute weights of a parameter of `shape` as a flat tensor: a view of the stored value,
+    or (fp8) dequantized fp32."""
+    numel = math.prod(shape)
+    return weights_codec(cfg.weights, numel, shape).values(parts, numel)
 
 
-def decode_master(cfg: StateConfig, parts: Parts) -> torch.Tensor:
-    """The exact fp32 master value as a flat tensor."""
-    return decode_master_ref(parts)
+def decode_master(cfg: StateConfig, parts: Parts, numel: int) -> torch.Tensor:
+    """The exact fp32 master value as a new flat tensor."""
+    return master_codec(cfg.master, numel).decode(parts, numel)
 
 
 def decode_state(cfg: StateConfig, kind: str, parts: Parts, numel: int) -> torch.Tensor:
     """A moment (`exp_avg` / `exp_avg_sq`) as a new flat fp32 tensor."""
     if kind not in ("exp_avg", "exp_avg_sq"):
         raise ValueError(f"decode_state decodes exp_avg or exp_avg_sq, not {kind!r}; use decode_master/decode_weights")
-    return decode_moment(parts, numel, signed=kind == "exp_avg")
+    return moment_codec(cfg.states, numel).decode(parts, numel, signed=kind == "exp_avg")
 
 
-@torch.no_grad()
-def _emit_weights(cfg: StateConfig, master: torch.Tensor, out: Parts) -> None:
-    if "codes" in out:
-        from ..kernels.reference import quantize_weight_fp8
-
-        n, k = (int(d) for d in out["dims"])
-        codes, scales = quantize_weight_fp8(master.reshape(n, k))  # from the exact fp32 master
-        out["codes"].copy_(codes.view(torch.uint8).reshape(-1))
-        out["scales"].copy_(scales.reshape(-1))
-        return
-    out["value"].copy_(master)
-
-
-def set_weight_shape_(weights_parts: Parts, shape) -> None:
-    """Record [N, K] in an fp8 weights region before the optimizer emits into it (a no-op otherwise)."""
-    if "dims" in weights_parts:
-        weights_parts["dims"].copy_(torch.tensor([int(d) for d in shape], dtype=torch.int64))
+def _check_parts(codecs: ParamCodecs, parts: Dict[str, Parts], numel: int, shape: Shape) -> None:
+    """Refuse parts laid out for other codecs (e.g. fp8 weights updated without their shape)."""
+    for kind in KINDS:
+        want = [p.name for p in _kind_codec(codecs, kind).layout(numel, shape)]
+        if sorted(parts[kind]) != sorted(want):
+            raise ValueError(f"{kind} parts {sorted(parts[kind])} are not those of codec {_kind_codec(codecs, kind).name!r} "
+                             f"for {numel} elements of shape {shape} ({want}); lay them out with state_layout() for that shape")
 
 
 @torch.no_grad()
 def init_state_(cfg: StateConfig, value: torch.Tensor, parts: Dict[str, Parts]) -> None:
-    """Fill every kind of a parameter's state from its imported value (moments start at zero)."""
+    """Fill every kind of a parameter's state from its imported value, whose shape is the
+    parameter's (moments start at zero)."""
+    shape = tuple(value.shape)
     flat = value.reshape(-1).float()
-    if "dims" in parts["weights"]:
-        if value.dim() != 2:
-            raise ValueError(f"fp8 weights need the 2-D parameter, got shape {tuple(value.shape)}")
-        set_weight_shape_(parts["weights"], value.shape)
-    encode_master_(flat, parts["master"])
+    codecs = param_codecs(cfg, flat.numel(), shape)
+    _check_parts(codecs, parts, flat.numel(), shape)
+    codecs.master.encode_(flat, parts["master"])
     zeros = torch.zeros_like(flat)
-    encode_moment_(zeros, parts["exp_avg"], signed=True)
-    encode_moment_(zeros, parts["exp_avg_sq"], signed=False)
-    _emit_weights(cfg, flat, parts["weights"])
+    codecs.moments.encode_(zeros, parts["exp_avg"], signed=True)
+    codecs.moments.encode_(zeros, parts["exp_avg_sq"], signed=False)
+    codecs.weights.encode_(flat, parts["weights"], shape=shape)
 
 
 def _fp32_mode(cfg: StateConfig) -> bool:
     return cfg.master == "fp32" and cfg.states == "fp32"
 
 
-def _fp8_weights_scratch(parts: Dict[str, Parts], numel: int) -> Dict[str, Parts]:
-    """The kernel emits fp32/bf16 weights only: for fp8 weights it writes a bf16 scratch copy, and
-    the new master is quantized into 128x128-tile fp8 afterwards (parameters that fp8 weights keep
-    in bf16 have a bf16 value part and need none)."""
-    if "codes" not in parts["weights"]:
-        return {}
-    return {"weights": {"value": torch.empty(numel, dtype=torch.bfloat16)}}
-
-
-def _pick_backend(backend: Optional[str], cfg: StateConfig) -> str:
+def _pick_backend(backend: Optional[str]) -> str:
     backend = backend or os.environ.get("FUYOU_ADAM_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"AdamW backend {backend!r} unknown; choose one of {', '.join(BACKENDS)} (FUYOU_ADAM_BACKEND)")
@@ -178,6 +179,21 @@ def _pick_backend(backend: Optional[str], cfg: StateConfig) -> str:
     return backend
 
 
+def _fused_update_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], shape: Shape, *, exact: bool, **kw) -> None:
+    """The update on the fused kernel: whole (correctly rounded sqrt) or around torch's sqrt (fp32 mode)."""
+    run = fused.adamw_fused_ if exact else fused.adamw_torch_sqrt_
+    if codecs.weights.kernel_id is not None:
+        run(codecs, grad, parts, **kw)
+        return
+    # The kernel emits fp32/bf16 weights only: for others (fp8) it writes a bf16 scratch copy, and
+    # the new weights are encoded from the exact new master afterwards.
+    scratch = WEIGHTS_REGISTRY["bf16"]
+    numel = grad.numel()
+    scratch_parts = {p.name: torch.empty(p.numel, dtype=p.dtype) for p in scratch.layout(numel)}
+    run(dataclasses.replace(codecs, weights=scratch), grad, {**parts, "weights": scratch_parts}, **kw)
+    codecs.weights.encode_(codecs.master.decode(parts["master"], numel), parts["weights"], shape=shape)
+
+
 @torch.no_grad()
 def adamw_update_(
     cfg: StateConfig,
@@ -186,6 +202,7 @@ def adamw_update_(
     *,
     step: int,
     lr: float,
+    shape: Shape = None,
     beta1: float = 0.9,
     beta2: float = 0.999,
     eps: float = 1e-8,
@@ -197,6 +214,7 @@ def adamw_update_(
 ) -> None:
     """One AdamW step of one parameter: updates master and moments, writes the new compute weights.
 
+    `shape`: the parameter's (fp8 weights are tiles of 2-D parameters; None: flat).
     `exact_sqrt`: None = torch's own sqrt in fp32 mode (as torch.optim.AdamW; the fused backend
     runs its kernel around torch.sqrt then), the correctly rounded one otherwise (the fused kernel's).
     A compressed codec with exact_sqrt=False takes the torch path.
@@ -207,25 +225,23 @@ def adamw_update_(
     """
     if step < 1:
         raise ValueError(f"AdamW step counts from 1, got {step}")
+    numel = grad.numel()
+    codecs = param_codecs(cfg, numel, shape)
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     # Compressed codecs: correctly rounded sqrt (both backends, so they agree bit for bit on any
     # CPU). fp32 mode: torch's sqrt, so that fuyou trains exactly like torch.optim.AdamW.
     exact = not _fp32_mode(cfg) if exact_sqrt is None else exact_sqrt
-    if _pick_backend(backend, cfg) == "fused" and (exact or _fp32_mode(cfg)):
-        scratch = _fp8_weights_scratch(parts, grad.numel())
-        run = fused.adamw_fused_ if exact else fused.adamw_torch_sqrt_  # fp32 mode: around torch's sqrt
-        run("bf16" if cfg.weights == "fp8" else cfg.weights, grad, {**parts, **scratch}, grad_scale=grad_scale, threads=threads, **hyper)
-        if scratch:
-            _emit_weights(cfg, decode_master_ref(parts["master"]), parts["weights"])
+    if _pick_backend(backend) == "fused" and (exact or _fp32_mode(cfg)):
+        _fused_update_(codecs, grad, parts, shape, exact=exact, grad_scale=grad_scale, threads=threads, **hyper)
         return
+    _check_parts(codecs, parts, numel, shape)  # the fused binding checks each part it hands over instead
     if grad_scale != 1.0:
         grad = grad * grad_scale
-    numel = grad.numel()
-    master = decode_master_ref(parts["master"])
-    m = decode_moment(parts["exp_avg"], numel, signed=True)
-    v = decode_moment(parts["exp_avg_sq"], numel, signed=False)
+    master = codecs.master.decode(parts["master"], numel)
+    m = codecs.moments.decode(parts["exp_avg"], numel, signed=True)
+    v = codecs.moments.decode(parts["exp_avg_sq"], numel, signed=False)
     adamw_step_(master, grad.reshape(-1).float(), m, v, exact_sqrt=exact, **hyper)
-    encode_master_(master, parts["master"])
-    encode_moment_(m, parts["exp_avg"], signed=True)
-    encode_moment_(v, parts["exp_avg_sq"], signed=False)
-    _emit_weights(cfg, master, parts["weights"])
+    codecs.master.encode_(master, parts["master"])
+    codecs.moments.encode_(m, parts["exp_avg"], signed=True)
+    codecs.moments.encode_(v, parts["exp_avg_sq"], signed=False)
+    codecs.weights.encode_(master, parts["weights"], shape=shape)

@@ -24,12 +24,12 @@ import torch
 
 from scheduler.costmodel import Rates
 
-from ..model.skeleton import Skeleton
 from ..config import StateConfig
-from ..optim.state import KINDS, adamw_update_
+from ..model.skeleton import Skeleton
+from ..optim.state import KINDS, StateCodecs, adamw_update_
 from ..store import backends
 from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
-from ..store.store import BlockLayout
+from ..store.layout import BlockLayout
 
 DEFAULT_FILE_BYTES = 512 << 20
 # Files per task in the step graph: a weights read is one file (two with a tied embedding), a
@@ -336,7 +336,7 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
     cfg = StateConfig(weights="bf16" if compressed else "fp32", master=master, states=moments)
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(numel, generator=g)
-    lay = BlockLayout("probe", [("w", numel, (numel,))], cfg)
+    lay = BlockLayout("probe", [("w", numel, (numel,))], StateCodecs(cfg))
     bufs = {k: aligned_empty(lay.kinds[k].file_bytes).zero_() for k in KINDS}
     parts = {k: lay.kinds[k].views(bufs[k])["w"] for k in KINDS}
     for k in ("master", "exp_avg_sq"):  # a plausible state: positive second moments

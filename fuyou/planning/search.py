@@ -20,7 +20,7 @@ from scheduler.costmodel import Rates
 from scheduler.planner import Candidate, PlanResult, choose
 
 from ..config import BatchConfig, MemoryConfig, PlanConfig, StateConfig
-from ..optim.state import KINDS, WEIGHT_DTYPES
+from ..optim.state import KINDS, WEIGHT_DTYPES, StateCodecs
 from .rates import load_rates
 from ..step.graph import LANES, assign_opt_slots, build_step_graph, model_consumers, step_spec
 from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, plan_for_model
@@ -69,7 +69,7 @@ def model_shape(hf_config, state: StateConfig) -> ModelShape:
 
     sk = Skeleton(hf_config)
     info = {"source": "plan", "architecture": type(sk.model).__name__, "fingerprint": "", "numel": sk.numel()}
-    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), new_manifest(info, state, sk.manifest_blocks()))
+    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), new_manifest(info, StateCodecs(state), sk.manifest_blocks()), StateCodecs(state))
     return ModelShape(hf_config, sk, store, model_consumers(store, sk), sk.tied, sk.numel())
 
 

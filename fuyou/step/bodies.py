@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from ..faults import crash_point
-from ..optim.state import OPTIM_KINDS, adamw_update_, set_weight_shape_
+from ..optim.state import OPTIM_KINDS, adamw_update_
 from .compute import run_consumer
 from .context import RunContext, StepState
 from .memory_plan import SLOT_KINDS
@@ -56,9 +56,8 @@ class StepBodies:
         views, grads, lay, o = ctx.slots.optimizer_views(b), ctx.slots.grad_views(b), ctx.store.layouts[b], ctx.optim
         for name, _numel in lay.params:
             parts = {k: views[k][name] for k in views}
-            set_weight_shape_(parts["weights"], lay.shapes[name])  # the output region is fresh
-            adamw_update_(ctx.store.state_cfg, grads[name], parts, step=st.step, lr=st.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                          weight_decay=o.weight_decay, grad_scale=st.grad_scale)
+            adamw_update_(ctx.store.state.cfg, grads[name], parts, step=st.step, lr=st.lr, shape=lay.shapes[name], beta1=o.beta1, beta2=o.beta2,
+                          eps=o.eps, weight_decay=o.weight_decay, grad_scale=st.grad_scale)
 
     def _first_pass_checks(self, b: str) -> bool:
         """Record b's gradient norms (and keep its gradient for a clipped redo); False: skip its update."""

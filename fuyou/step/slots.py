@@ -77,7 +77,7 @@ class Slots:
         for b in self.cons[consumer].weight_blocks:
             kl = self.store.layouts[b].kinds["weights"]
             for name, parts in kl.views(stage[off : off + kl.file_bytes]).items():
-                out[name] = decode_weights(self.store.state_cfg, parts)
+                out[name] = decode_weights(self.store.state.cfg, parts, self.store.layouts[b].shapes[name])
             off += kl.file_bytes
         return out
 

@@ -24,73 +24,24 @@ import shutil
 import tempfile
 import threading
 import zlib
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..config import StateConfig
 from ..faults import crash_point
-from ..optim.state import KINDS, PartSpec, state_layout
-from .directio import DirectFile, aligned_bytes
+from .directio import DirectFile
+from .layout import BlockLayout, StateLayout
 
 FORMAT = "fuyou-store"
 FORMAT_VERSION = 1
-PART_ALIGN = 256  # bytes; keeps every part's view aligned for vector loads and GPU coalescing
 MANIFEST = "manifest.json"
 IMPORTING = ".fuyou-importing"  # present while an import runs; with no manifest, the directory is a dead import
-_FILE_RE = re.compile(r"^[A-Za-z0-9_]+\.(weights|master|exp_avg|exp_avg_sq|grad)\.[0-9]+\.bin$")
+GRAD = "grad"  # the store's own kind: a block's fp32 gradient, kept across a clipped step's redo
+_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # a kind names files: no '/', no '..', no '.' (the separator in them)
 
 
 class StoreError(RuntimeError):
     """A store that cannot be used as asked (the message says why and what to do)."""
-
-
-@dataclass(frozen=True)
-class PartRef:
-    param: str
-    part: str
-    offset: int
-    numel: int
-    dtype: torch.dtype
-
-
-class KindLayout:
-    """Where each parameter's parts of one kind sit inside one block file."""
-
-    def __init__(self, params: List[tuple], kind: str, cfg: StateConfig):
-        self.kind = kind
-        self.parts: List[PartRef] = []
-        off = 0
-        for name, numel, shape in params:
-            for spec in state_layout(cfg, kind, numel, shape):
-                off = (off + PART_ALIGN - 1) // PART_ALIGN * PART_ALIGN
-                self.parts.append(PartRef(name, spec.name, off, spec.numel, spec.dtype))
-                off += spec.nbytes
-        self.nbytes = off
-        self.file_bytes = aligned_bytes(off)
-
-    def views(self, buf: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
-        """{param: {part: flat tensor view into buf}} (buf: uint8, at least nbytes)."""
-        out: Dict[str, Dict[str, torch.Tensor]] = {}
-        for p in self.parts:
-            nbytes = PartSpec(p.part, p.numel, p.dtype).nbytes
-            out.setdefault(p.param, {})[p.part] = buf[p.offset : p.offset + nbytes].view(p.dtype)
-        return out
-
-
-class BlockLayout:
-    """Every kind's layout for one block."""
-
-    def __init__(self, name: str, params: List[tuple], cfg: StateConfig):
-        self.name = name
-        self.params = [(n, numel) for n, numel, _shape in params]  # [(param name, numel)]
-        self.shapes = {n: shape for n, _numel, shape in params}
-        self.kinds = {kind: KindLayout(params, kind, cfg) for kind in KINDS}
-
-    @property
-    def numel(self) -> int:
-        return sum(n for _, n in self.params)
 
 
 def fingerprint_config(config_dict: dict) -> str:
@@ -119,16 +70,24 @@ def _fsync_dir(path: str) -> None:
 
 
 class Store:
-    """An open store. Use `create_store` / `open_store`."""
+    """An open store. Use `create_store` / `open_store`.
 
-    def __init__(self, root: str, manifest: dict, backend=None):
+    `state` is the caller's layout of the state (the manifest's "state" entry is its JSON): its kinds
+    name the block files, its parts fill them.
+    """
+
+    def __init__(self, root: str, manifest: dict, state: StateLayout, backend=None):
         self.root = os.path.abspath(root)
         self.manifest = manifest
         self.backend = backend
-        self.state_cfg = StateConfig(**manifest["state"])
+        self.state = state
+        self.kinds = tuple(state.kinds)
+        if not all(_NAME_RE.match(k) for k in self.kinds) or GRAD in self.kinds:
+            raise ValueError(f"state kinds {self.kinds}: each must be letters, digits and '_', and {GRAD!r} is the store's own")
+        self._file_re = re.compile(rf"^[A-Za-z0-9_]+\.({'|'.join(self.kinds + (GRAD,))})\.[0-9]+\.bin$")
         self.layouts: Dict[str, BlockLayout] = {}
         for b in manifest["blocks"]:
-            self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"], tuple(p["shape"])) for p in b["params"]], self.state_cfg)
+            self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"], tuple(p["shape"])) for p in b["params"]], state)
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
@@ -175,7 +134,7 @@ class Store:
     # -- I/O -----------------------------------------------------------------------------------
     def kind_nbytes(self, block: str, kind: str) -> int:
         """Bytes of a (block, kind) file's content; kind "grad" is the block's fp32 gradient."""
-        if kind == "grad":
+        if kind == GRAD:
             return self.layouts[block].numel * 4
         return self.layouts[block].kinds[kind].nbytes
 
@@ -214,7 +173,7 @@ class Store:
     def write(self, block: str, kind: str, data: torch.Tensor, version: int) -> str:
         """Write (block, kind) as a new version file and fsync it; the manifest is not touched."""
         nbytes = self.kind_nbytes(block, kind)
-        if kind != "grad" and version <= self.version(block, kind) and not self.importing:
+        if kind != GRAD and version <= self.version(block, kind) and not self.importing:
             raise StoreError(f"refusing to overwrite live version {self.version(block, kind)} of {block}.{kind}")
         path = self.file_path(block, kind, version)
         crash_point("write")
@@ -244,7 +203,7 @@ class Store:
         """Delete files written as `version` that no committed manifest points at."""
         live = self._live_files()
         for b in self.block_names:
-            for kind in kinds or (KINDS + ("grad",)):
+            for kind in kinds or (self.kinds + (GRAD,)):
                 path = self.file_path(b, kind, version)
                 if os.path.basename(path) not in live and os.path.exists(path):
                     os.unlink(path)
@@ -295,7 +254,7 @@ class Store:
         removed = 0
         bdir = os.path.join(self.root, "blocks")
         for name in os.listdir(bdir):
-            if name not in live and _FILE_RE.match(name):
+            if name not in live and self._file_re.match(name):
                 os.unlink(os.path.join(bdir, name))
                 removed += 1
         tmp = os.path.join(self.root, MANIFEST + ".tmp")
@@ -372,21 +331,21 @@ class Store:
     # -- accounting ----------------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of live state on disk (one version of everything)."""
-        return sum(lay.kinds[k].file_bytes for lay in self.layouts.values() for k in KINDS)
+        return sum(lay.kinds[k].file_bytes for lay in self.layouts.values() for k in self.kinds)
 
     def numel(self) -> int:
         return sum(lay.numel for lay in self.layouts.values())
 
 
-def new_manifest(model_info: dict, state_cfg: StateConfig, blocks: List[dict]) -> dict:
-    """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind starts at version 0."""
+def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict]) -> dict:
+    """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind of `state` starts at version 0."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model_info,
-        "state": state_cfg.to_json(),
+        "state": state.to_json(),
         "step": 0,
-        "blocks": [dict(b, versions={k: 0 for k in KINDS}) for b in blocks],
+        "blocks": [dict(b, versions={k: 0 for k in state.kinds}) for b in blocks],
         "train": {},
     }
 
@@ -416,9 +375,12 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def open_store(path: str, backend=None) -> Store:
-    """Open an existing store and remove leftovers of any step that never committed."""
-    store = Store(path, read_manifest(path), backend)
+def open_store(path: str, state_from_json: Callable[[dict], StateLayout], backend=None) -> Store:
+    """Open an existing store and remove leftovers of any step that never committed.
+
+    `state_from_json` builds the caller's state layout from the manifest's "state" entry."""
+    manifest = read_manifest(path)
+    store = Store(path, manifest, state_from_json(manifest["state"]), backend)
     store.collect_garbage()
     return store
 
@@ -440,8 +402,9 @@ def check_store_target(path: str) -> None:
         raise StoreError(f"{path} is a non-empty directory that is not a fuyou store; choose an empty or new directory")
 
 
-def create_store(path: str, manifest: dict, backend=None) -> Store:
-    """Create the directory structure; the manifest is written last, by `finalize_import`."""
+def create_store(path: str, manifest: dict, state: StateLayout, backend=None) -> Store:
+    """Create the directory structure for `manifest` (from `new_manifest(..., state, ...)`); the
+    manifest is written last, by `finalize_import`."""
     check_store_target(path)
     if is_dead_import(path):
         for sub in ("blocks", "model"):
@@ -451,7 +414,7 @@ def create_store(path: str, manifest: dict, backend=None) -> Store:
         pass
     os.makedirs(os.path.join(path, "blocks"), exist_ok=True)
     os.makedirs(os.path.join(path, "model"), exist_ok=True)
-    store = Store(path, manifest, backend)
+    store = Store(path, manifest, state, backend)
     store.importing = True
     return store
 
@@ -459,7 +422,7 @@ def create_store(path: str, manifest: dict, backend=None) -> Store:
 def finalize_import(store: Store) -> None:
     """Write the first manifest: until then the directory is not a store and is safe to delete."""
     for b in store.manifest["blocks"]:
-        b["crc32"] = {k: store._pending_crc.pop((b["name"], k, 0)) for k in KINDS if (b["name"], k, 0) in store._pending_crc}
+        b["crc32"] = {k: store._pending_crc.pop((b["name"], k, 0)) for k in store.kinds if (b["name"], k, 0) in store._pending_crc}
     store._write_manifest(store.manifest)
     os.unlink(os.path.join(store.root, IMPORTING))
     store.importing = False

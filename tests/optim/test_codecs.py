@@ -6,22 +6,17 @@ import torch
 
 from fuyou.config import StateConfig
 from fuyou.optim import bytes_per_param_step, state_layout
-from fuyou.optim.codecs import (
+from fuyou.optim.codec_ref import (
     DE8_BLOCK,
     E4M3_MAX,
     FP8_GROUP,
-    SMALL_NUMEL,
-    decode_master_ref,
     de8_bucket_table,
     de8_padded_mids,
-    decode_moment,
     dynamic_map,
     e4m3_values,
-    encode_master_,
-    encode_moment_,
     fp8_group_params_ref,
-    moment_layout,
 )
+from fuyou.optim.codecs import SMALL_NUMEL, master_codec, moment_codec
 
 # Tolerance table (relative error of one encode/decode round trip, normal E4M3 range):
 #   fp8: E4M3 keeps 3 mantissa bits, so y = 448 (|x|/mx)^k is off by at most 2^-4 relative; in x
@@ -32,13 +27,13 @@ BF16_RTOL = 2.0**-8
 
 
 def _parts(codec, n):
-    return {p.name: torch.zeros(p.numel, dtype=p.dtype) for p in moment_layout(codec, n)}
+    return {p.name: torch.zeros(p.numel, dtype=p.dtype) for p in moment_codec(codec, n).layout(n)}
 
 
 def _roundtrip(codec, x, signed=True):
     parts = _parts(codec, x.numel())
-    encode_moment_(x, parts, signed=signed)
-    return decode_moment(parts, x.numel(), signed=signed), parts
+    moment_codec(codec, x.numel()).encode_(x, parts, signed=signed)
+    return moment_codec(codec, x.numel()).decode(parts, x.numel(), signed=signed), parts
 
 
 @pytest.mark.parametrize("n", [SMALL_NUMEL, SMALL_NUMEL + 1, 5000, 3 * FP8_GROUP * 16 + 77])
@@ -122,8 +117,8 @@ def test_bf16_rem_master_is_exact(seeded):
     x = torch.cat([torch.randn(SMALL_NUMEL), specials, torch.randn(7) * 1e-30])
     parts = {p.name: torch.zeros(p.numel, dtype=p.dtype) for p in state_layout(StateConfig(master="bf16+rem"), "master", x.numel())}
     assert set(parts) == {"hi", "lo"}
-    encode_master_(x, parts)
-    back = decode_master_ref(parts)
+    master_codec("bf16+rem", x.numel()).encode_(x, parts)
+    back = master_codec("bf16+rem", x.numel()).decode(parts, x.numel())
     assert torch.equal(back.view(torch.int32), x.view(torch.int32))
     # The high half is a usable bf16 weight: within half a bf16 step of the value.
     finite = torch.isfinite(x) & (x.abs() < 3e38)

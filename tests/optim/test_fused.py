@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fuyou.config import StateConfig
-from fuyou.optim import adamw_update_, fused
+from fuyou.optim import adamw_update_, fused, param_codecs
 from fuyou.optim.codecs import SMALL_NUMEL
 
 from .conftest import clone_parts, make_parts
@@ -44,7 +44,7 @@ def test_fused_equals_reference_bitwise(seeded, cfg, simd):
     for step in range(1, 5):
         g = _grad(n, step)
         adamw_update_(cfg, g, ref, step=step, backend="torch", exact_sqrt=True, **HYPER)
-        fused.adamw_fused_(cfg.weights, g, out, step=step, simd=simd, threads=2, **HYPER)
+        fused.adamw_fused_(param_codecs(cfg, n), g, out, step=step, simd=simd, threads=2, **HYPER)
         _assert_parts_equal(ref, out)
 
 
@@ -103,7 +103,7 @@ def test_fused_kernel_against_torch_adamw(seeded):
         parts["master"]["value"].copy_(before)
         p.grad = g.clone()
         opt.step()
-        fused.adamw_fused_("fp32", g, parts, step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+        fused.adamw_fused_(param_codecs(StateConfig(), n), g, parts, step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
         state = opt.state[p]
         assert torch.equal(state["exp_avg"], parts["exp_avg"]["value"])
         assert torch.equal(state["exp_avg_sq"], parts["exp_avg_sq"]["value"])
@@ -155,13 +155,14 @@ def test_torch_sqrt_path_needs_fp32_state():
     """The two-phase update exists for fp32 master and moments only; the kernel itself refuses the
     phases for other codecs and an apply phase without a root."""
     n = SMALL_NUMEL
-    parts = make_parts(StateConfig(weights="bf16", master="bf16+rem", states="fp8"), torch.zeros(n))
+    compressed = StateConfig(weights="bf16", master="bf16+rem", states="fp8")
+    parts = make_parts(compressed, torch.zeros(n))
     with pytest.raises(ValueError, match="fp32 master and moments"):
-        fused.adamw_torch_sqrt_("bf16", torch.zeros(n), parts, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+        fused.adamw_torch_sqrt_(param_codecs(compressed, n), torch.zeros(n), parts, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                                 weight_decay=0.0)
     fp32 = make_parts(StateConfig(), torch.zeros(n))
     hyper = fused.hyper_values(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, grad_scale=1.0)
-    args = fused._kernel_args("fp32", torch.zeros(n), fp32, hyper)
+    args = fused._kernel_args(param_codecs(StateConfig(), n), torch.zeros(n), fp32, hyper)
     with pytest.raises(ValueError, match="needs root"):
         fused._ext.adamw(*args, threads=1, phase=fused.PHASE_APPLY, root=0)
     with pytest.raises(ValueError, match="phase must be"):

@@ -30,7 +30,7 @@ def reference(ckpt, cfg, batches, micro):
     for batch in batches:
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(decode_weights(cfg, state[name]["weights"]).float().view(p.shape))
+                p.copy_(decode_weights(cfg, state[name]["weights"], tuple(p.shape)).float().view(p.shape))
         model.zero_grad()
         total, loss = count_targets(batch.labels), 0.0
         for mb in batch.split(micro):
@@ -39,8 +39,8 @@ def reference(ckpt, cfg, batches, micro):
             loss += float(ls.detach())
         losses.append(loss / total)
         for name, p in params.items():
-            adamw_update_(cfg, p.grad.reshape(-1), state[name], step=len(losses), lr=LR)
-    return losses, {n: decode_master(cfg, s["master"]) for n, s in state.items()}
+            adamw_update_(cfg, p.grad.reshape(-1), state[name], shape=tuple(p.shape), step=len(losses), lr=LR)
+    return losses, {n: decode_master(cfg, s["master"], params[n].numel()) for n, s in state.items()}
 
 
 @pytest.mark.parametrize("weights,states", [("bf16", "fp8"), ("bf16", "de8"), ("fp8", "fp8")])

@@ -1,15 +1,17 @@
 """Block store: layout, versioned writes, atomic commit, garbage collection, path safety."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fuyou.config import StateConfig
-from fuyou.optim.state import KINDS
+from fuyou.optim.state import KINDS, StateCodecs
 from fuyou.store.directio import aligned_empty
+from fuyou.store.layout import PART_ALIGN, PartSpec
 from fuyou.store.store import (
-    PART_ALIGN,
     StoreError,
     create_store,
     finalize_import,
@@ -21,7 +23,8 @@ from fuyou.store.store import (
 
 def make_store(path, shapes=((3, 5), (4097,), (1,))):
     blocks = [{"name": "blk", "params": [{"name": f"p{i}", "shape": list(s), "numel": int(torch.Size(s).numel())} for i, s in enumerate(shapes)]}]
-    store = create_store(str(path), new_manifest({"source": "test", "fingerprint": "x"}, StateConfig(), blocks), None)
+    state = StateCodecs(StateConfig())
+    store = create_store(str(path), new_manifest({"source": "test", "fingerprint": "x"}, state, blocks), state, None)
     for kind in KINDS:
         lay = store.layouts["blk"].kinds[kind]
         buf = aligned_empty(lay.file_bytes).zero_()
@@ -64,7 +67,7 @@ def test_uncommitted_files_are_collected_on_open(tmp_path):
     lay = store.layouts["blk"].kinds["exp_avg"]
     store.write("blk", "exp_avg", aligned_empty(lay.file_bytes).zero_(), version=1)  # a step that never committed
     (tmp_path / "s" / "manifest.json.tmp").write_text("{partial")
-    reopened = open_store(str(tmp_path / "s"))
+    reopened = open_store(str(tmp_path / "s"), StateCodecs.from_json)
     assert not os.path.exists(reopened.file_path("blk", "exp_avg", 1))
     assert os.path.exists(reopened.file_path("blk", "exp_avg", 0))
     assert not (tmp_path / "s" / "manifest.json.tmp").exists()
@@ -87,15 +90,15 @@ def test_manifest_paths_stay_inside_the_store(tmp_path):
     m["blocks"][0]["name"] = "../../x"
     json.dump(m, open(tmp_path / "s" / "manifest.json", "w"))
     with pytest.raises(StoreError):
-        open_store(str(tmp_path / "s")).file_path("../../x", "master", 0)
+        open_store(str(tmp_path / "s"), StateCodecs.from_json).file_path("../../x", "master", 0)
 
 
 def test_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="not a fuyou store"):
-        open_store(str(tmp_path))
+        open_store(str(tmp_path), StateCodecs.from_json)
     (tmp_path / "manifest.json").write_text('{"format": "other"}')
     with pytest.raises(StoreError, match="not a fuyou store"):
-        open_store(str(tmp_path))
+        open_store(str(tmp_path), StateCodecs.from_json)
 
 
 def test_files_respect_umask(tmp_path):
@@ -129,3 +132,46 @@ def test_piecewise_read_verifies_every_piece(tmp_path, monkeypatch, corrupt_at):
     store.read("blk", "master", out)
     for name, parts in lay.views(out).items():
         torch.testing.assert_close(parts["value"], torch.arange(parts["value"].numel(), dtype=torch.float32), rtol=0, atol=0)
+
+
+class _ToyLayout:
+    """A state layout that is not the optimizer's: the store takes its kinds and parts as given."""
+
+    kinds = ("alpha", "beta")
+
+    def parts(self, kind, numel, shape=None):
+        return [PartSpec("x", numel, torch.float32)] + ([PartSpec("tail", 3, torch.int16)] if kind == "beta" else [])
+
+    def to_json(self):
+        return {"toy": 1}
+
+
+def test_store_takes_kinds_and_parts_from_its_layout(tmp_path):
+    root = str(tmp_path / "toy")
+    blocks = [{"name": "blk", "params": [{"name": "w", "shape": [5], "numel": 5}]}]
+    manifest = new_manifest({"source": "test", "fingerprint": "x"}, _ToyLayout(), blocks)
+    assert manifest["state"] == {"toy": 1} and manifest["blocks"][0]["versions"] == {"alpha": 0, "beta": 0}
+    store = create_store(root, manifest, _ToyLayout(), None)
+    assert [(p.part, p.offset) for p in store.layouts["blk"].kinds["beta"].parts] == [("x", 0), ("tail", PART_ALIGN)]
+    for kind in _ToyLayout.kinds:
+        store.write("blk", kind, aligned_empty(store.layouts["blk"].kinds[kind].file_bytes).zero_(), version=0)
+    finalize_import(store)
+    store.write("blk", "beta", aligned_empty(store.layouts["blk"].kinds["beta"].file_bytes).zero_(), version=1)  # never committed
+    seen = []
+    reopened = open_store(root, lambda entry: seen.append(entry) or _ToyLayout())
+    assert seen == [{"toy": 1}] and reopened.kinds == ("alpha", "beta")
+    assert not os.path.exists(reopened.file_path("blk", "beta", 1)) and os.path.exists(reopened.file_path("blk", "beta", 0))
+
+
+@pytest.mark.parametrize("kind", ["../x", "a/b", "a.b", "grad", ""])
+def test_store_refuses_kind_names_that_are_not_plain(tmp_path, kind):
+    layout = _ToyLayout()
+    layout.kinds = ("alpha", kind)
+    with pytest.raises(ValueError, match="state kinds"):
+        create_store(str(tmp_path / "bad"), new_manifest({"source": "test", "fingerprint": "x"}, layout, []), layout, None)
+
+
+def test_store_does_not_import_the_optimizer():
+    code = "import sys, fuyou.store.store, fuyou.store.layout; print(sorted(m for m in sys.modules if m.startswith('fuyou.optim')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
