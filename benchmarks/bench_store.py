@@ -28,7 +28,8 @@ def make_store(root: str, numel: int):
 
     from fuyou.config import StateConfig
     from fuyou.optim.state import StateCodecs
-    from fuyou.store.store import create_store, new_manifest
+    from fuyou.store.store import create_store
+    from fuyou.store.manifest import new_manifest
 
     blocks = [{"name": "blk", "params": [{"name": "w", "shape": [numel], "numel": numel}]}]
     state = StateCodecs(StateConfig())

@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 from .optim.state import StateCodecs, decode_master
 from .store.directio import aligned_empty
-from .store.store import StoreError, open_store
+from .store.store import open_store
+from .store.manifest import StoreError
 
 
 def export_store(store_path: str, out: str, on_block: Optional[Callable[[str], None]] = None) -> str:

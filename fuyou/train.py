@@ -27,7 +27,8 @@ from .model.source import ModelSource
 from .optim.state import StateCodecs
 from .step.memory_plan import plan_for_model
 from .step.runtime import Runtime, StepResult
-from .store.store import Store, StoreError, check_store_target, is_store, new_manifest, open_store, read_manifest
+from .store.store import Store, check_store_target, open_store
+from .store.manifest import StoreError, is_store, new_manifest, read_manifest
 
 
 @dataclass

@@ -36,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from ..store.store import StoreError  # imports torch: not before --help and --version are answered
+    from ..store.manifest import StoreError  # imports torch: not before --help and --version are answered
 
     cls, handler = COMMANDS[args.command]
     try:

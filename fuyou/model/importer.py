@@ -17,7 +17,8 @@ import torch
 from ..config import StateConfig
 from ..optim.state import KINDS, StateCodecs, init_state_
 from ..store.directio import aligned_empty
-from ..store.store import IMPORTING, Store, create_store, finalize_import, fingerprint_config, new_manifest
+from ..store.store import Store, create_store, finalize_import
+from ..store.manifest import IMPORTING, fingerprint_config, new_manifest
 from .skeleton import Skeleton
 from .source import ModelSource
 

@@ -65,7 +65,8 @@ def load_model_config(model: str):
 
 def model_shape(hf_config, state: StateConfig) -> ModelShape:
     from ..model.skeleton import Skeleton
-    from ..store.store import Store, new_manifest
+    from ..store.store import Store
+    from ..store.manifest import new_manifest
 
     sk = Skeleton(hf_config)
     info = {"source": "plan", "architecture": type(sk.model).__name__, "fingerprint": "", "numel": sk.numel()}

@@ -16,7 +16,6 @@ state (old and new versions of every block until the commit).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,23 +30,10 @@ import torch
 from ..faults import crash_point
 from .directio import DirectFile
 from .layout import BlockLayout, StateLayout
+from .manifest import IMPORTING, MANIFEST, StoreError, fsync_dir, is_dead_import, is_store, read_manifest, write_manifest
 
-FORMAT = "fuyou-store"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-IMPORTING = ".fuyou-importing"  # present while an import runs; with no manifest, the directory is a dead import
 GRAD = "grad"  # the store's own kind: a block's fp32 gradient, kept across a clipped step's redo
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # a kind names files: no '/', no '..', no '.' (the separator in them)
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked (the message says why and what to do)."""
-
-
-def fingerprint_config(config_dict: dict) -> str:
-    """A stable hash of a model config (architecture and shapes), to refuse foreign stores."""
-    keep = {k: v for k, v in sorted(config_dict.items()) if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _crc(buf: torch.Tensor, nbytes: int, start: int = 0) -> int:
@@ -59,14 +45,6 @@ def _crc(buf: torch.Tensor, nbytes: int, start: int = 0) -> int:
 # Reads are issued as pieces of this size, all at once; the checksum of each piece is computed
 # while the later ones are still in flight, so verification costs no time beyond the I/O's.
 READ_PIECE_BYTES = 16 << 20
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Store:
@@ -228,7 +206,7 @@ class Store:
         new["step"] = int(step)
         if train_meta is not None:
             new["train"] = train_meta
-        self._write_manifest(new)
+        write_manifest(self.root, new)
         self.manifest = new
         self._clear_journal()
         for path in superseded:
@@ -236,17 +214,6 @@ class Store:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-
-    def _write_manifest(self, manifest: dict) -> None:
-        tmp = os.path.join(self.root, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        crash_point("commit")
-        os.replace(tmp, os.path.join(self.root, MANIFEST))
-        _fsync_dir(self.root)
-        crash_point("committed")
 
     def collect_garbage(self) -> int:
         """Delete block files the manifest does not point at (left by a step that never committed)."""
@@ -309,7 +276,7 @@ class Store:
             os.fsync(f.fileno())
         crash_point("journal")
         os.replace(tmp, os.path.join(self._journal_dir(), f"{block}.json"))
-        _fsync_dir(self._journal_dir())
+        fsync_dir(self._journal_dir())
         old = {k: int(self._block_entry(block)["versions"][k]) for k in kinds if k != "weights"}
         with self._lock:
             self.journal[block] = entry
@@ -335,44 +302,6 @@ class Store:
 
     def numel(self) -> int:
         return sum(lay.numel for lay in self.layouts.values())
-
-
-def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict]) -> dict:
-    """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind of `state` starts at version 0."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": model_info,
-        "state": state.to_json(),
-        "step": 0,
-        "blocks": [dict(b, versions={k: 0 for k in state.kinds}) for b in blocks],
-        "train": {},
-    }
-
-
-def is_store(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
-
-
-def is_dead_import(path: str) -> bool:
-    """An import that was interrupted before its manifest: safe to delete and redo."""
-    return os.path.isfile(os.path.join(path, IMPORTING)) and not is_store(path)
-
-
-def read_manifest(path: str) -> dict:
-    mpath = os.path.join(path, MANIFEST)
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise StoreError(f"{path} is not a fuyou store (no {MANIFEST}); pass the directory `fuyou finetune --store` created") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{mpath} cannot be read ({exc}); the store is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{path} is not a fuyou store ({MANIFEST} has format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {manifest.get('format_version')} is not supported by this fuyou (expects {FORMAT_VERSION})")
-    return manifest
 
 
 def open_store(path: str, state_from_json: Callable[[dict], StateLayout], backend=None) -> Store:
@@ -423,7 +352,7 @@ def finalize_import(store: Store) -> None:
     """Write the first manifest: until then the directory is not a store and is safe to delete."""
     for b in store.manifest["blocks"]:
         b["crc32"] = {k: store._pending_crc.pop((b["name"], k, 0)) for k in store.kinds if (b["name"], k, 0) in store._pending_crc}
-    store._write_manifest(store.manifest)
+    write_manifest(store.root, store.manifest)
     os.unlink(os.path.join(store.root, IMPORTING))
     store.importing = False
 

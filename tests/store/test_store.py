@@ -11,14 +11,8 @@ from fuyou.config import StateConfig
 from fuyou.optim.state import KINDS, StateCodecs
 from fuyou.store.directio import aligned_empty
 from fuyou.store.layout import PART_ALIGN, PartSpec
-from fuyou.store.store import (
-    StoreError,
-    create_store,
-    finalize_import,
-    new_manifest,
-    open_store,
-    read_manifest,
-)
+from fuyou.store.store import create_store, finalize_import, open_store
+from fuyou.store.manifest import StoreError, new_manifest, read_manifest
 
 
 def make_store(path, shapes=((3, 5), (4097,), (1,))):
