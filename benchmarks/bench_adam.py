@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks._common import report_path, write_report  # noqa: E402
+from benchmarks._common import cpu_model, report_path, write_report  # noqa: E402
 
 from fuyou.config import StateConfig  # noqa: E402
 from fuyou.optim import KINDS, fused, init_state_, param_codecs, state_layout  # noqa: E402
@@ -41,15 +41,7 @@ HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     ram = psutil.virtual_memory().total / 2**30
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"{model}, {os.cpu_count()} cores, {ram:.1f} GiB RAM, {platform.system()}, torch {torch.__version__}, {now}"
