@@ -108,6 +108,7 @@ def run(a, p: dict) -> dict:
     ckpt = _checkpoint(a) if a.plain or a.model not in _presets() else a.model
     cfg = train.FinetuneConfig(
         model=ckpt,
+        data="builtin",  # the bundled corpus, as for a preset
         disk_mode=a.disk_mode,
         store=a.store,
         steps=a.steps,

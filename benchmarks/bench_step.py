@@ -138,6 +138,7 @@ def worker_fuyou(a) -> dict:
     train.Runtime = MeasuredRuntime
     cfg = train.FinetuneConfig(
         model=a.ckpt,
+        data="builtin",  # the bundled corpus, as for a preset
         store=os.path.join(a.scratch, "fuyou-store"),
         steps=a.steps,
         seed=a.seed,

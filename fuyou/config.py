@@ -52,6 +52,7 @@ DISK_MODES = ("safe", "lean")
 LINEAR_RECIPES = ("fp8-blockwise", "mxfp4", "nvfp4")
 DEVICES = ("cuda", "cpu")
 DEFAULT_MODEL = "llama-tiny"  # a preset of fuyou.model.source
+BUILTIN_DATA = "builtin"  # --data's name for the bundled corpus
 LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
 LR_FINETUNE = 1e-5  # a checkpoint is fine-tuned
 MAX_PREFETCH_DEPTH = 4  # deeper staging only absorbs jitter the cost model does not see
@@ -218,14 +219,17 @@ class FinetuneConfig:
 
     model: str = setting(DEFAULT_MODEL, "Hugging Face model directory (config.json + *.safetensors) or a preset "
                          "(llama-tiny, llama-220m, llama-1b, ...)", group=MODEL_DATA)
-    data: Optional[str] = setting(None, ".jsonl ('text', or 'prompt'/'completion') or .txt", group=MODEL_DATA, shown="the bundled corpus")
+    data: Optional[str] = setting(None, f".jsonl ('text', or 'prompt'/'completion') or .txt; '{BUILTIN_DATA}' names the bundled corpus", group=MODEL_DATA,
+                                  shown=f"{BUILTIN_DATA} for a preset; required with a local --model")
+    data_changed_ok: bool = setting(False, "on --resume, accept a data file whose content changed since the run started (the data order "
+                                    "then differs from an uninterrupted run)", group=MODEL_DATA)
     seed: int = setting(0, "seed of the data order (and of a preset's initial weights)", group=MODEL_DATA)
-    steps: int = setting(60, "optimizer steps to run", group=OPTIMIZATION)
+    steps: int = setting(60, "train until this optimizer step (a total: --resume --steps 200 continues a run to step 200)", group=OPTIMIZATION)
     max_grad_norm: Optional[float] = setting(None, "clip the global gradient norm (exact: a clipped step redoes the optimizer pass)",
                                              group=OPTIMIZATION, shown="no clipping")
     device: Optional[str] = _device_setting()
     store: str = setting("fuyou-store", "store directory (created; on an NVMe SSD for real runs)", group=STORAGE)
-    resume: bool = setting(False, "continue the run in --store from its last committed step", group=STORAGE)
+    resume: bool = setting(False, "continue the run in --store from its last committed step, with the settings it records", group=STORAGE)
     overwrite: bool = setting(False, "replace an existing fuyou store at --store", group=STORAGE)
     disk_mode: str = setting(
         "safe", "safe: a step's old states stay until it commits (exact clipping and non-finite skipping; peak disk up to 2x the state); "

@@ -1,8 +1,9 @@
 """`fuyou export`: write a Hugging Face checkpoint (config, tokenizer, safetensors shards) from a
 store's master weights, one block at a time, so exporting needs one block of memory.
 
-The checkpoint is assembled in `<out>.partial` and renamed into place at the end: an interrupted
-export leaves no directory that looks complete.
+The checkpoint is assembled in a new `<out>.partial-*` directory beside it and renamed into place
+at the end: an interrupted export leaves no directory that looks complete, and nothing else of that
+name is touched. The store is locked (one writer or exporter at a time).
 """
 from __future__ import annotations
 
@@ -10,22 +11,34 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from typing import Callable, Optional
 
 from .optim.state import StateCodecs, decode_master
 from .store.directio import aligned_empty
 from .store.store import open_store
-from .store.manifest import StoreError
+from .store.lock import StoreLock
+from .store.manifest import StoreError, is_store
 
 
 def export_store(store_path: str, out: str, on_block: Optional[Callable[[str], None]] = None) -> str:
-    store = open_store(store_path, StateCodecs.from_json)
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise StoreError(f"export target {out} exists and is not an empty directory; choose a new directory")
-    tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if not is_store(store_path):
+        raise StoreError(f"{os.path.abspath(store_path)} is not a fuyou store; pass the directory `fuyou finetune --store` created")
+    with StoreLock(store_path):
+        store = open_store(store_path, StateCodecs.from_json)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a directory's usual mode
+        _assemble(store, tmp, out, on_block)
+    return out
+
+
+def _assemble(store, tmp: str, out: str, on_block) -> None:
     try:
         _write(store, tmp, on_block)
         if os.path.isdir(out):
@@ -34,7 +47,6 @@ def export_store(store_path: str, out: str, on_block: Optional[Callable[[str], N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _write(store, tmp: str, on_block) -> None:

@@ -1,34 +1,43 @@
-"""`finetune`: validate everything, import the model into the store if needed, then run the steps.
+"""`finetune`: one writer per store, every check before the first byte, the import, then the steps.
 
-Order matters for "nothing half-written": the model, the data, the store target and the memory plan
-are all checked before the first byte is written to the store.
+Order matters for "nothing half-written": the store target is checked, then locked (a second
+process is refused at once); the run's settings are resolved (a resumed run takes its store's,
+refusing a changed one), the model, the data, the memory plan and the free disk are checked; only
+then is anything written. `steps` is a total: the run trains until its store reaches that step.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import List, Optional
+from typing import List, Optional, Set
 
 import psutil
 import torch
 
-from .config import FinetuneConfig
-from .data.dataset import TokenDataset
+from .config import BUILTIN_DATA, FinetuneConfig
+from .data.dataset import TokenDataset, check_data_file
 from .data.tokenizer import DEFAULT_CORPUS, load_tokenizer
 from .memory import format_bytes
-from .model.importer import import_model, model_info
+from .model.importer import TOKENIZER_FILES, import_model, model_info
 from .model.skeleton import Skeleton
 from .model.source import ModelSource
 from .optim.state import StateCodecs
-from .step.memory_plan import plan_for_model
+from .progress import Progress
+from .resume import ResumeError, file_fingerprint, files_fingerprint, given_settings, record, resumed
+from .step.memory_plan import MemoryPlan, plan_for_model
 from .step.runtime import Runtime, StepResult
-from .store.store import Store, check_store_target, open_store
+from .store.lock import StoreLock
 from .store.manifest import StoreError, is_store, new_manifest, read_manifest
+from .store.paths import check_confined, check_store_target, clear_store
+from .store.store import Store, open_store
+
+# A run whose gradients stay non-finite this many steps in a row is stopped: its weights (or data)
+# are corrupt or the learning rate is far too high; skipping on would never end.
+MAX_SKIPPED_IN_A_ROW = 5
 
 
 @dataclass
@@ -39,6 +48,8 @@ class FinetuneResult:
     peak_rss_bytes: int
     pool_peaks: dict
     import_seconds: float
+    target_step: int = 0
+    stopped: Optional[str] = None  # the signal that stopped the run before its target step
 
     @property
     def first_loss(self) -> float:
@@ -51,6 +62,19 @@ class FinetuneResult:
 
 class StoreIOError(OSError):
     """A disk error during a step; the message names the store and how to resume."""
+
+
+@dataclass
+class Job:
+    """A run with every setting resolved and checked, before anything is written."""
+
+    cfg: FinetuneConfig
+    config: object  # the model's Hugging Face config
+    tokenizer_dir: str
+    source: Optional[ModelSource]  # where to import the weights from (None: resuming the store)
+    existing: Optional[dict]  # the store's manifest when resuming
+    record: dict  # the run's settings as the manifest keeps them
+    data_path: str
 
 
 class _StopFlag:
@@ -88,176 +112,207 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return dev
 
 
-def prepare_store(cfg: FinetuneConfig, source: ModelSource) -> tuple:
-    """Check the store target against the model; return (existing store manifest or None)."""
+def _data_path(cfg: FinetuneConfig) -> str:
+    if cfg.data == BUILTIN_DATA:
+        return DEFAULT_CORPUS
+    return os.path.abspath(cfg.data)
+
+
+def _new_job(cfg: FinetuneConfig, source: ModelSource) -> Job:
+    if cfg.data is None:
+        if source.preset is None:
+            raise ValueError(f"--data is required with a local --model; pass the training data (.jsonl or .txt), or --data {BUILTIN_DATA} "
+                             "for the bundled demo corpus")
+        cfg = replace(cfg, data=BUILTIN_DATA)
+    cfg = replace(cfg, optim=cfg.optim.with_default_lr(from_scratch=source.preset is not None))  # lr None: by the weights' origin
+    data = _data_path(cfg)
+    check_data_file(data)
+    rec = record(cfg, data_fingerprint=file_fingerprint(data), tokenizer_fingerprint=files_fingerprint(source.tokenizer_dir, TOKENIZER_FILES))
+    return Job(cfg, source.config, source.tokenizer_dir, source, None, rec, data)
+
+
+def _resumed_job(cfg: FinetuneConfig, given: Optional[Set[str]], manifest: dict, store: str) -> Job:
+    """The job of `fuyou finetune --resume`: the store's recorded settings, the command line's
+    changeable ones; the model's config and tokenizer are the store's own copies."""
+    from transformers import AutoConfig
+
+    stored = manifest.get("train", {}).get("run", {})
+    given = given_settings(cfg, given)
+    same = set()
+    if "model" in given and cfg.model != stored.get("settings", {}).get("model"):
+        other = model_info(ModelSource(cfg.model), Skeleton(ModelSource(cfg.model).config))["fingerprint"]
+        if other != manifest["model"]["fingerprint"]:
+            raise ResumeError(f"--model {cfg.model} is not the model of the run in {store} ({manifest['model']['source']}); drop --model to "
+                              "resume it, or start a new run (--overwrite, or another --store)")
+        same.add("model")
+    if "data" in given and cfg.data != stored.get("settings", {}).get("data") and os.path.isfile(_data_path(cfg)):
+        if file_fingerprint(_data_path(cfg)) == stored.get("data_fingerprint"):
+            same.add("data")  # the run's data, moved
+    cfg = resumed(cfg, stored, given, store, same)
+    data = _data_path(cfg)
+    if not os.path.isfile(data):
+        raise ValueError(f"the run's data {cfg.data} is gone; pass --data with the same file where it now lives")
+    fingerprint = file_fingerprint(data)
+    if fingerprint != stored.get("data_fingerprint") and not cfg.data_changed_ok:
+        raise ResumeError(f"the data {data} changed since the run in {store} started (its content fingerprint differs); pass "
+                          "--data-changed-ok to continue on it anyway (the data order then differs from an uninterrupted run)")
+    model_dir = os.path.join(store, "model")
+    rec = record(cfg, data_fingerprint=fingerprint, tokenizer_fingerprint=stored.get("tokenizer_fingerprint", ""))
+    return Job(cfg, AutoConfig.from_pretrained(model_dir), model_dir, None, manifest, rec, data)
+
+
+def prepare(cfg: FinetuneConfig, given: Optional[Set[str]] = None) -> Job:
+    """Resolve and check every setting of a run, reading but never writing its store. `given`: the
+    settings the command line names (see resume.resumed)."""
     path = os.path.abspath(cfg.store)
     check_store_target(path)
-    if not is_store(path):
-        if cfg.resume:
-            raise StoreError(f"--resume: {path} is not a fuyou store yet; drop --resume to start a new run there")
-        return None
+    existing = _read_existing(path) if is_store(path) else None
+    if cfg.resume and existing is None:
+        raise StoreError(f"--resume: {path} is not a fuyou store yet; drop --resume to start a new run there")
+    if cfg.resume:
+        return _resumed_job(cfg, given, existing, path)
+    source = ModelSource(cfg.model)
+    if existing is not None and not cfg.overwrite:
+        if model_info(source, Skeleton(source.config))["fingerprint"] != existing["model"]["fingerprint"]:
+            raise StoreError(f"store {path} belongs to another model ({existing['model']['source']}); choose another --store, or --overwrite to replace it")
+        raise StoreError(f"store {path} already holds step {existing['step']} of this model; pass --resume to continue it or --overwrite to start over")
+    return _new_job(cfg, source)
+
+
+def _read_existing(path: str) -> dict:
+    """An existing store's manifest, once the store is known to be confined, well-formed and whole
+    (read only: nothing of it is touched)."""
+    check_confined(path)
     manifest = read_manifest(path)
-    want = model_info(source, Skeleton(source.config))["fingerprint"]
-    if manifest["model"]["fingerprint"] != want and not cfg.overwrite:
-        raise StoreError(
-            f"store {path} belongs to another model ({manifest['model']['source']}); choose another --store, or --overwrite to replace it"
-        )
-    if cfg.overwrite:
-        return None
-    if not cfg.resume:
-        raise StoreError(f"store {path} already holds step {manifest['step']} of this model; pass --resume to continue it or --overwrite to start over")
-    if manifest["state"] != cfg.state.to_json():
-        raise StoreError(f"store {path} keeps state as {manifest['state']}, not {cfg.state.to_json()}; resume with the store's settings")
+    try:
+        state = StateCodecs.from_json(manifest["state"])
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{path}: the manifest's state entry names no codecs this fuyou has ({exc}); the store is damaged") from None
+    Store(path, manifest, state).check_files()
     return manifest
 
 
-def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=None, trace=None) -> FinetuneResult:
     from .store.backends import set_default_backend
 
     set_default_backend(cfg.io_backend)
-    device = resolve_device(cfg.device)
-    source = ModelSource(cfg.model)
-    cfg = replace(cfg, optim=cfg.optim.with_default_lr(from_scratch=source.preset is not None))  # lr None: by the weights' origin
-    skeleton = Skeleton(source.config, linear=cfg.linear)
-    tokenizer = load_tokenizer(source.tokenizer_dir)
-    if len(tokenizer) > source.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {source.config.vocab_size}; use the model's own tokenizer")
-    dataset = TokenDataset(cfg.data or DEFAULT_CORPUS, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
-    existing = prepare_store(cfg, source)
-    # The run's memory plan, made on the store's layout before anything is written (a budget that
-    # cannot hold one block is refused here), and handed to the runtime.
-    state = StateCodecs(cfg.state)  # an existing store's state equals it (prepare_store checked)
-    dry = Store(cfg.store, existing or new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks()), state)
-    plan = plan_for_model(dry, skeleton, device=device, batch=cfg.batch, memory=cfg.memory)
+    check_store_target(os.path.abspath(cfg.store))  # before the lock file is made in it
+    with StoreLock(cfg.store):
+        job = prepare(cfg, given)
+        cfg = job.cfg
+        device = resolve_device(cfg.device)
+        skeleton = Skeleton(job.config, linear=cfg.linear)
+        tokenizer = load_tokenizer(job.tokenizer_dir)
+        if len(tokenizer) > job.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {job.config.vocab_size}; use the model's own tokenizer")
+        dataset = TokenDataset(job.data_path, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
+        # The run's memory plan, made on the store's layout before anything is written (a budget that
+        # cannot hold one block is refused here), and handed to the runtime.
+        state = StateCodecs(cfg.state)
+        manifest = job.existing or new_manifest(model_info(job.source, skeleton), state, skeleton.manifest_blocks())
+        dry = Store(cfg.store, manifest, state)
+        plan = plan_for_model(dry, skeleton, device=device, batch=cfg.batch, memory=cfg.memory)
+        _check_free_disk(dry, plan, cfg, resuming=job.existing is not None)
+        if job.existing is not None and job.existing["step"] >= cfg.steps:
+            return _finished(cfg, job.existing, dry, console)
+        t0 = time.perf_counter()
+        store = _open_or_import(job, console)
+        return _train(job, store, skeleton, dataset, plan, device, time.perf_counter() - t0, console, trace)
 
-    t0 = time.perf_counter()
-    if existing is None:
-        if cfg.overwrite and is_store(cfg.store):
-            shutil.rmtree(cfg.store)
-        store = _import(source, cfg, console)
-    else:
-        store = open_store(cfg.store, StateCodecs.from_json)
-    import_s = time.perf_counter() - t0
-    store.verify = cfg.verify_reads
-    rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm, disk_mode=cfg.disk_mode)
+
+def _finished(cfg: FinetuneConfig, manifest: dict, store: Store, console) -> FinetuneResult:
+    from rich.console import Console
+
+    (console or Console(stderr=True)).print(
+        f"the run in {store.root} is at step {manifest['step']}, its target (--steps {cfg.steps}): nothing to do; "
+        "pass a larger --steps to train further", highlight=False)
+    return FinetuneResult([], store.root, store.numel(), 0, {}, 0.0, cfg.steps)
+
+
+def _open_or_import(job: Job, console) -> Store:
+    cfg = job.cfg
+    if job.existing is not None:
+        return open_store(cfg.store, StateCodecs.from_json)
+    if cfg.overwrite and is_store(cfg.store):
+        clear_store(cfg.store)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+    n_blocks = job.config.num_hidden_layers + 2
+    with Bar(TextColumn("importing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(job.source.describe(), total=n_blocks)
+        return import_model(job.source, cfg.store, cfg.state, seed=cfg.seed, train={"run": job.record, "data_position": 0},
+                            on_block=lambda _b, _n: bar.advance(task))
+
+
+def _check_free_disk(store: Store, plan: MemoryPlan, cfg: FinetuneConfig, *, resuming: bool) -> None:
+    """Refuse a run whose peak disk footprint does not fit the free space of the store's disk."""
+    state = store.state_bytes()
+    weights = sum(lay.kinds["weights"].file_bytes for lay in store.layouts.values())
+    largest_block = max(lay.kinds[k].file_bytes for lay in store.layouts.values() for k in lay.kinds)
+    grads = 4 * store.numel() if cfg.max_grad_norm is not None else 0  # kept until the commit for a clipped redo
+    scratch = plan.n_on_ssd * plan.micro_batches * plan.act_bytes
+    # safe: every block's new versions beside the old until the commit; lean: the new weights, and
+    # one block's new states before its old ones go.
+    extra = state if cfg.disk_mode == "safe" else weights + largest_block
+    peak = state + extra + grads + scratch
+    have = shutil.disk_usage(_existing_parent(store.root)).free + (state if resuming or cfg.overwrite else 0)
+    if peak > have:
+        raise StoreError(f"not enough free disk for the run at {store.root}: {format_bytes(have)} free, {format_bytes(peak)} needed at the peak "
+                         f"of a step ({cfg.disk_mode} disk mode); free space there, choose another --store"
+                         + (", or use --disk-mode lean" if cfg.disk_mode == "safe" else ""))
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _train(job: Job, store: Store, skeleton: Skeleton, dataset: TokenDataset, plan: MemoryPlan, device, import_s: float, console,
+           trace) -> FinetuneResult:
+    cfg = job.cfg
+    store.unverified = frozenset() if cfg.verify_reads else frozenset({"weights"})  # the optimizer's states are always checked
+    rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm,
+                 disk_mode=cfg.disk_mode)
     results: List[StepResult] = []
     proc = psutil.Process()
     peak_rss = proc.memory_info().rss
-    position = int(store.manifest.get("train", {}).get("data_position", 0))
-    stop = _StopFlag()
+    position = int(store.manifest["train"].get("data_position", 0))
+    stop, skipped = _StopFlag(), 0
     try:
-        with stop, _Progress(console, cfg.steps, store.numel()) as bar:
-            for _ in range(cfg.steps):
-                if stop.requested:
-                    bar.note(f"stopping on {stop.requested} after step {store.step}; the store is resumable with --resume")
-                    break
+        with stop, Progress(console, store.step, cfg.steps, store.numel()) as bar:
+            while store.step < cfg.steps and not stop.requested:
                 batch = dataset.batch(position, cfg.batch.batch_size)
                 position += cfg.batch.batch_size
-                meta = {
-                    "data_position": position,  # rows consumed: the data order is a function of (seed, position)
-                    "seed": cfg.seed,
-                    "data": os.path.abspath(cfg.data or DEFAULT_CORPUS),
-                    "lr_schedule": {"lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps},  # position = the step
-                    "rng": "none consumed by a step (dropout is off; the data order is seeded)",
-                }
-                try:
-                    res = rt.step(batch, train_meta=meta)
-                except OSError as exc:
-                    raise StoreIOError(
-                        f"{exc}; the store {store.root} still holds step {store.step}: fix the cause (free space, check the disk), then rerun with --resume"
-                    ) from exc
-                if res.status == "skipped":
+                # Rows consumed: the data order is a function of (seed, position).
+                res = _step(rt, store, batch, {"run": job.record, "data_position": position})
+                skipped = skipped + 1 if res.status == "skipped" else 0
+                if skipped:
                     bar.note(f"warning: non-finite gradient at step {res.step + 1}; skipped the batch, state unchanged")
+                if skipped >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"{skipped} steps in a row had a non-finite gradient; the store {store.root} still holds step {store.step}: lower --lr, "
+                        "check the data, or check the store's weights (run without --no-verify)")
                 results.append(res)
                 peak_rss = max(peak_rss, proc.memory_info().rss)
                 bar.update(res, peak_rss)
+            if stop.requested and store.step < cfg.steps:
+                bar.note(f"stopped by {stop.requested} at step {store.step} of {cfg.steps}; the store is resumable: "
+                         f"fuyou finetune --store {store.root} --resume")
     finally:
         rt.close()
         if trace is not None and cfg.trace_dir:
             os.makedirs(cfg.trace_dir, exist_ok=True)
             trace.save_chrome(os.path.join(cfg.trace_dir, "trace.json"))
-    return FinetuneResult(results, os.path.abspath(cfg.store), store.numel(), peak_rss, {p.name: p.report() for p in (rt.cpu_pool, rt.dev_pool, rt.cache_pool)}, import_s)
+    pools = {p.name: p.report() for p in (rt.cpu_pool, rt.dev_pool, rt.cache_pool)}
+    stopped = stop.requested if store.step < cfg.steps else None
+    return FinetuneResult(results, store.root, store.numel(), peak_rss, pools, import_s, cfg.steps, stopped)
 
 
-def _import(source: ModelSource, cfg: FinetuneConfig, console) -> Store:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    n_blocks = source.config.num_hidden_layers + 2
-    with Progress(TextColumn("importing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as prog:
-        task = prog.add_task(source.describe(), total=n_blocks)
-        store = import_model(source, cfg.store, cfg.state, seed=cfg.seed, on_block=lambda _b, _n: prog.advance(task))
-    return store
-
-
-class _Progress:
-    """A rich progress bar (step, loss, tokens/s, GB read/written, RSS); plain lines when not a TTY."""
-
-    def __init__(self, console, total: int, numel: int):
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
-        self.total, self.numel = total, numel
-        self.read = self.written = 0
-        self.done = 0
-        self.t0 = time.perf_counter()
-        self.tokens = 0
-        self._prog = None
-
-    def __enter__(self):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        if self.console.is_terminal:
-            self._prog = Progress(
-                TextColumn("step {task.completed}/{task.total}"),
-                BarColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self._prog.__enter__()
-            self._task = self._prog.add_task("train", total=self.total, info="")
-        return self
-
-    def update(self, res: StepResult, rss: int) -> None:
-        self.done += 1
-        self.read += res.bytes_read
-        self.written += res.bytes_written
-        self.tokens += res.tokens
-        tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-        info = (
-            f"loss {res.loss:.4f}  {tps:,.0f} tok/s  read {self.read / 1e9:.2f} GB  written {self.written / 1e9:.2f} GB  "
-            f"{(res.bytes_read + res.bytes_written) / max(self.numel, 1):.1f} B/param/step  RSS {format_bytes(rss)}"
-        )
-        if self._prog is not None:
-            self._prog.update(self._task, completed=self.done, info=info)
-        elif self.done == 1 or self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            self.console.print(f"step {res.step} ({self.done}/{self.total})  {info}", highlight=False)
-
-    def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
-
-    def __exit__(self, *exc):
-        if self._prog is not None:
-            self._prog.__exit__(*exc)
-        return False
-
-
-def print_summary(res: FinetuneResult, console=None) -> None:
-    from rich.console import Console
-
-    console = console or Console(stderr=True)
-    if not res.steps:
-        console.print(f"no step ran; store {res.store}", highlight=False)
-        return
-    last = res.steps[-1]
-    per_step = sorted(s.seconds for s in res.steps)[len(res.steps) // 2]
-    console.print(
-        f"done: {len(res.steps)} steps, loss {res.first_loss:.4f} -> {res.last_loss:.4f}; median step {per_step:.3f} s; "
-        f"store traffic {(last.bytes_read + last.bytes_written) / max(res.numel, 1):.1f} B/param/step "
-        f"(read {last.bytes_read / 1e6:.1f} MB, written {last.bytes_written / 1e6:.1f} MB); peak RSS {format_bytes(res.peak_rss_bytes)}; "
-        + "; ".join(f"{k} pool peak {format_bytes(v['peak_bytes'])} of {format_bytes(v['capacity_bytes'])}" for k, v in res.pool_peaks.items())
-        + f"; store {res.store} at step {last.step}",
-        highlight=False,
-    )
-    sys.stderr.flush()
+def _step(rt: Runtime, store: Store, batch, meta: dict) -> StepResult:
+    try:
+        return rt.step(batch, train_meta=meta)
+    except OSError as exc:
+        raise StoreIOError(
+            f"{exc}; the store {store.root} still holds step {store.step}: fix the cause (free space, check the disk), then rerun with --resume"
+        ) from exc

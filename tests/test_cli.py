@@ -148,8 +148,8 @@ def test_store_of_another_model_and_existing_store(tmp_path, capsys, ckpt, data)
     capsys.readouterr()
     assert "another model" in run_bad(capsys, ["finetune", "--model", other, "--data", data, "--store", store] + SMALL, store)
     assert "--resume" in run_bad(capsys, ["finetune", "--model", ckpt, "--data", data, "--store", store] + SMALL, store)
-    # --resume continues from the committed step.
-    assert main(["finetune", "--model", ckpt, "--data", data, "--store", store, "--resume"] + SMALL) == 0
+    # --resume continues from the committed step, to the total --steps.
+    assert main(["finetune", "--model", ckpt, "--data", data, "--store", store, "--resume"] + SMALL[2:] + ["--steps", "2"]) == 0
     assert json.load(open(os.path.join(store, "manifest.json")))["step"] == 2
 
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 from .. import __version__
 from ..config import ExportCommand, FinetuneCommand, PlanCommand, ProbeCommand, ProfileCommand
 from . import plan, run
-from .args import Parser, add_command, build
+from .args import Parser, add_command, build, given_settings
 
 EXIT_USAGE = 2
 COMMANDS = {  # subcommand -> (its settings, its handler)
@@ -39,8 +39,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..store.manifest import StoreError  # imports torch: not before --help and --version are answered
 
     cls, handler = COMMANDS[args.command]
+    given = given_settings(cls, sys.argv[1:] if argv is None else argv)
     try:
-        return handler(build(cls, args))
+        return handler(build(cls, args), given)
     except KeyboardInterrupt:
         print("fuyou: interrupted; the store keeps its last committed step", file=sys.stderr)
         return 130

@@ -16,7 +16,13 @@ from ..config import CLI, GROUP_NOTES, GROUPS, SECTION, Flag, flag_of, format_si
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, `fuyou: error: ...`, exit 2, as the command's other errors."""
+    """argparse whose usage errors are one line, `fuyou: error: ...`, exit 2, as the command's other
+    errors. Flags must be spelled out (no abbreviations), so which settings a command line gives
+    can be read off it (`given_settings`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"fuyou: error: {message}\n")
@@ -126,3 +132,10 @@ def build(cls, namespace: argparse.Namespace, prefix: str = ""):
         elif CLI in f.metadata:
             values[f.name] = getattr(namespace, prefix + f.name)
     return cls(**values)
+
+
+def given_settings(cls, argv) -> set:
+    """The dotted paths (as `settings` names them) of the settings `argv` gives explicitly, whatever
+    their value: `fuyou finetune --resume` refuses a given setting that differs from the run's."""
+    words = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {s.dest for s in settings(cls) if s.flag in words}

@@ -50,7 +50,7 @@ def resolve_rates(given: RatesConfig, device: str):
     return rates, source
 
 
-def plan_command(cmd: PlanCommand) -> int:
+def plan_command(cmd: PlanCommand, _given: set) -> int:
     from rich.console import Console
 
     from ..planning.search import make_plan
@@ -67,7 +67,7 @@ def plan_command(cmd: PlanCommand) -> int:
     return 0 if planned.fits else 1
 
 
-def probe_command(cmd: ProbeCommand) -> int:
+def probe_command(cmd: ProbeCommand, _given: set) -> int:
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -100,7 +100,7 @@ def probe_command(cmd: ProbeCommand) -> int:
     return 0
 
 
-def profile_command(cmd: ProfileCommand) -> int:
+def profile_command(cmd: ProfileCommand, _given: set) -> int:
     from rich.console import Console
     from rich.table import Table
 

@@ -8,12 +8,18 @@ import sys
 from ..config import ExportCommand, FinetuneCommand, FinetuneConfig, PlanConfig
 
 
-def finetune_command(cmd: FinetuneCommand) -> int:
+def finetune_command(cmd: FinetuneCommand, given: set) -> int:
+    """`given`: the settings the command line names (a resumed run refuses those that differ from its own)."""
     from rich.console import Console
 
-    from ..train import finetune, print_summary
+    from ..progress import print_summary
+    from ..train import finetune, prepare
 
-    cfg = cmd.job if cmd.plan is None else _planned(cmd.job)
+    job = {path[len("job."):] for path in given if path.startswith("job.")}
+    cfg = cmd.job
+    if cmd.plan == "auto":  # the planner's budgets count as given: a resumed run takes them
+        cfg = _planned(prepare(cmd.job, job).cfg)
+        job |= {f"memory.{f.name}" for f in dataclasses.fields(cfg.memory)}
     trace = None
     if cfg.trace_dir:
         from scheduler import Trace
@@ -21,9 +27,9 @@ def finetune_command(cmd: FinetuneCommand) -> int:
         trace = Trace()
     probe = Console(stderr=True)
     console = probe if probe.is_terminal else Console(stderr=True, width=250)  # logs: one line per report
-    res = finetune(cfg, console=console, trace=trace)
+    res = finetune(cfg, given=job, console=console, trace=trace)
     print_summary(res, console)
-    return 0
+    return {None: 0, "SIGINT": 130, "SIGTERM": 143}[res.stopped]  # stopped early: the shell's codes for those signals
 
 
 def _planned(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -35,12 +41,13 @@ def _planned(cfg: FinetuneConfig) -> FinetuneConfig:
     plan_cfg = PlanConfig(
         model=cfg.model, batch=cfg.batch, state=cfg.state, device=resolve_device(cfg.device).type, gpu_mem_bytes=m.gpu_mem_bytes,
         cpu_mem_bytes=m.cpu_mem_bytes, cache_mem_bytes=m.cache_mem_bytes,
+        search_micro_batches=not cfg.resume,  # a resumed run keeps its micro-batches (they shape the accumulation)
     )
     mem, batch = auto_memory_config(plan_cfg)
     return dataclasses.replace(cfg, memory=mem, batch=batch)  # mem carries --cache-mem through PlanConfig
 
 
-def export_command(cmd: ExportCommand) -> int:
+def export_command(cmd: ExportCommand, _given: set) -> int:
     from ..export import export_store
 
     out = export_store(cmd.store, cmd.to)

@@ -42,11 +42,16 @@ class Batch:
         return out
 
 
-def _read_records(path: str) -> List[dict]:
+def check_data_file(path: str) -> None:
+    """Refuse a data path that is not a file (the dataset reads it later)."""
     if not os.path.exists(path):
         raise DataError(f"data file {path} does not exist; pass a .jsonl or .txt file with --data")
     if os.path.isdir(path):
         raise DataError(f"data path {path} is a directory; pass a .jsonl or .txt file")
+
+
+def _read_records(path: str) -> List[dict]:
+    check_data_file(path)
     ext = os.path.splitext(path)[1].lower()
     try:
         with open(path, encoding="utf-8") as f:

@@ -66,12 +66,14 @@ def import_model(
     seed: int = 0,
     backend=None,
     on_block: Optional[Callable[[str, int], None]] = None,
+    train: Optional[dict] = None,
 ) -> Store:
-    """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs."""
+    """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs; `train`:
+    the manifest's training entry from the start (the run's settings)."""
     skeleton = Skeleton(source.config)
     source.bind(skeleton.model)
     state = StateCodecs(state_cfg)
-    manifest = new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks())
+    manifest = new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks(), train)
     existed = os.path.exists(store_path)
     store = create_store(store_path, manifest, state, backend)
     try:

@@ -29,7 +29,6 @@ from . import fused
 from .adamw import adamw_step_
 from .codecs import (
     SMALL_NUMEL,
-    STATE_CODECS,
     WEIGHTS_REGISTRY,
     Codec,
     ParamCodecs,

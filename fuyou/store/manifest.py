@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from typing import List
+import re
+from typing import List, Optional
 
 from ..faults import crash_point
 from .layout import StateLayout
@@ -30,8 +32,10 @@ def fingerprint_config(config_dict: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict]) -> dict:
-    """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind of `state` starts at version 0."""
+def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict], train: Optional[dict] = None) -> dict:
+    """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind of `state` starts at
+    version 0. `train`: what the training loop keeps with each step (the run's settings, its data
+    position), from the start."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -39,7 +43,7 @@ def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict]) -> di
         "state": state.to_json(),
         "step": 0,
         "blocks": [dict(b, versions={k: 0 for k in state.kinds}) for b in blocks],
-        "train": {},
+        "train": dict(train or {}),
     }
 
 
@@ -61,10 +65,11 @@ def read_manifest(path: str) -> dict:
         raise StoreError(f"{path} is not a fuyou store (no {MANIFEST}); pass the directory `fuyou finetune --store` created") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise StoreError(f"{mpath} cannot be read ({exc}); the store is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{path} is not a fuyou store ({MANIFEST} has format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a fuyou store ({MANIFEST} has no fuyou-store format); pass the directory `fuyou finetune --store` created")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"{path}: store format version {manifest.get('format_version')} is not supported by this fuyou (expects {FORMAT_VERSION})")
+    validate_manifest(manifest, mpath)
     return manifest
 
 
@@ -87,3 +92,70 @@ def write_manifest(root: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(root, MANIFEST))
     fsync_dir(root)
     crash_point("committed")
+
+
+# What a manifest may hold. Names end up in file names: a fixed pattern, so no manifest can point a
+# read, write or delete outside the store's directories.
+NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+MAX_PARAM_NUMEL = 1 << 40  # 4 TiB of fp32 for one tensor: beyond any model; larger is a corrupt manifest
+_TOP_KEYS = {"format", "format_version", "model", "state", "step", "blocks", "train"}
+_BLOCK_KEYS, _BLOCK_REQUIRED = {"name", "params", "versions", "crc32"}, {"name", "params", "versions"}
+_PARAM_KEYS = {"name", "shape", "numel"}
+
+
+def _is_int(v, low: int = 0, high: Optional[int] = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+def validate_manifest(m: dict, where: str) -> None:
+    """Refuse a manifest whose structure, names or numbers are not what a store writes (one line)."""
+    problem = _manifest_problem(m)
+    if problem:
+        raise StoreError(f"{where} is malformed ({problem}); the store is damaged: restore it from a backup or re-import the model")
+
+
+def _manifest_problem(m: dict) -> Optional[str]:
+    if set(m) != _TOP_KEYS:
+        return f"keys {sorted(set(m) ^ _TOP_KEYS)} unexpected or missing"
+    if not _is_int(m["step"]):
+        return f"step {m['step']!r} is not a step number"
+    model = m["model"]
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("source", "fingerprint")) or not all(
+            isinstance(v, (str, int)) for v in model.values()):
+        return "the model entry is not {source, fingerprint, ...} of names and numbers"
+    if not isinstance(m["state"], dict) or not isinstance(m["train"], dict):
+        return "state and train must be objects"
+    if not isinstance(m["blocks"], list) or not m["blocks"]:
+        return "blocks must be a list of blocks"
+    names = set()
+    for b in m["blocks"]:
+        problem = _block_problem(b, m["step"])
+        if problem:
+            return problem
+        if b["name"] in names:
+            return f"block {b['name']} appears twice"
+        names.add(b["name"])
+    return None
+
+
+def _block_problem(b, step: int) -> Optional[str]:
+    if not isinstance(b, dict) or not _BLOCK_REQUIRED <= set(b) <= _BLOCK_KEYS:
+        return "a block entry is not {name, params, versions[, crc32]}"
+    if not isinstance(b["name"], str) or not NAME_RE.match(b["name"]):
+        return f"block name {b['name']!r} is not letters, digits and '_'"
+    if not isinstance(b["params"], list):
+        return f"block {b['name']}: params is not a list"
+    for p in b["params"]:
+        if not isinstance(p, dict) or set(p) != _PARAM_KEYS or not isinstance(p["name"], str) or not 0 < len(p["name"]) <= 512:
+            return f"block {b['name']}: a parameter entry is not {{name, shape, numel}}"
+        shape = p["shape"]
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d, 1) for d in shape):
+            return f"parameter {p['name']}: shape {shape!r} is not a list of sizes"
+        if not _is_int(p["numel"], 1, MAX_PARAM_NUMEL) or p["numel"] != math.prod(shape):
+            return f"parameter {p['name']}: numel {p['numel']!r} does not match its shape {shape}"
+    if not isinstance(b["versions"], dict) or not all(NAME_RE.match(str(k)) and _is_int(v, 0, step + 1) for k, v in b["versions"].items()):
+        return f"block {b['name']}: versions {b['versions']!r} are not step numbers of the store's kinds"
+    crcs = b.get("crc32", {})
+    if not isinstance(crcs, dict) or not all(k in b["versions"] and (v is None or _is_int(v, 0, 0xFFFFFFFF)) for k, v in crcs.items()):
+        return f"block {b['name']}: crc32 {crcs!r} is not a checksum per kind"
+    return None

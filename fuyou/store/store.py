@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import zlib
 from typing import Callable, Dict, List, Optional
@@ -30,7 +29,8 @@ import torch
 from ..faults import crash_point
 from .directio import DirectFile
 from .layout import BlockLayout, StateLayout
-from .manifest import IMPORTING, MANIFEST, StoreError, fsync_dir, is_dead_import, is_store, read_manifest, write_manifest
+from .paths import check_confined, check_store_target
+from .manifest import IMPORTING, MANIFEST, StoreError, fsync_dir, is_dead_import, read_manifest, write_manifest
 
 GRAD = "grad"  # the store's own kind: a block's fp32 gradient, kept across a clipped step's redo
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # a kind names files: no '/', no '..', no '.' (the separator in them)
@@ -65,12 +65,17 @@ class Store:
         self._file_re = re.compile(rf"^[A-Za-z0-9_]+\.({'|'.join(self.kinds + (GRAD,))})\.[0-9]+\.bin$")
         self.layouts: Dict[str, BlockLayout] = {}
         for b in manifest["blocks"]:
+            if set(b["versions"]) != set(self.kinds):
+                raise StoreError(f"{self.root}/{MANIFEST}: block {b['name']} has versions of {sorted(b['versions'])}, not of the store's kinds "
+                                 f"{sorted(self.kinds)}; the store is damaged")
             self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"], tuple(p["shape"])) for p in b["params"]], state)
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
         self.importing = False  # create_store sets it: version-0 files may then be written
-        self.verify = True  # check each read against the manifest's CRC-32 (zlib, ~3 GB/s per core here)
+        # Kinds whose reads skip the CRC-32 check against the manifest (zlib, ~3 GB/s per core here);
+        # every other read is checked.
+        self.unverified: frozenset = frozenset()
         self._pending_crc: Dict[tuple, int] = {}  # (block, kind, version) -> crc of a written file
         # Lean disk mode: blocks whose new master/moments became live ahead of the manifest.
         self.journal: Dict[str, dict] = self._load_journal()
@@ -124,8 +129,11 @@ class Store:
         path = self.file_path(block, kind, v)
         crash_point("read")
         want = self._crc_of(block, kind, v)
-        check = self.verify and want is not None
+        check = want is not None and kind not in self.unverified
         crc = 0
+        if not os.path.isfile(path):
+            raise StoreError(f"the store {self.root} is damaged (missing {os.path.relpath(path, self.root)}); restore it from a backup or "
+                             "re-import the model")
         with DirectFile(path, "r", self.backend) as f:
             pieces = [(off, min(READ_PIECE_BYTES, nbytes - off)) for off in range(0, nbytes, READ_PIECE_BYTES)]
             futs = [f.pread(into[off:], size=n, file_offset=off) for off, n in pieces]
@@ -259,9 +267,16 @@ class Store:
                         entry = json.load(f)
                 except (OSError, json.JSONDecodeError):
                     entry = None
-            if entry is not None and entry.get("step") == self.step + 1:
+            if self._journal_entry_ok(entry):
                 out[block] = entry
         return out
+
+    def _journal_entry_ok(self, entry) -> bool:
+        """A journal entry of the step after the manifest's, naming the store's kinds (anything else
+        is stale, torn or foreign, and is dropped)."""
+        if not isinstance(entry, dict) or entry.get("step") != self.step + 1 or not isinstance(entry.get("versions"), dict):
+            return False
+        return all(k in self.kinds and v == self.step + 1 for k, v in entry["versions"].items()) and isinstance(entry.get("crc32", {}), dict)
 
     def commit_block(self, block: str, step: int, kinds) -> None:
         """Lean mode: make block's new master/moments live now (journal entry, atomically), then
@@ -295,6 +310,20 @@ class Store:
                 pass
         self.journal.clear()
 
+    def check_files(self) -> None:
+        """Every live file exists with the size its layout gives (the store is damaged otherwise)."""
+        for b in self.block_names:
+            for kind in self.kinds:
+                path = self.file_path(b, kind, self.version(b, kind))
+                try:
+                    size = os.lstat(path).st_size
+                except FileNotFoundError:
+                    raise StoreError(f"the store {self.root} is damaged (missing {os.path.relpath(path, self.root)}); restore it from a backup "
+                                     "or re-import the model") from None
+                if size != self.layouts[b].kinds[kind].file_bytes:
+                    raise StoreError(f"the store {self.root} is damaged ({os.path.relpath(path, self.root)} has {size} bytes, its layout "
+                                     f"{self.layouts[b].kinds[kind].file_bytes}); restore it from a backup or re-import the model")
+
     # -- accounting ----------------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of live state on disk (one version of everything)."""
@@ -307,28 +336,19 @@ class Store:
 def open_store(path: str, state_from_json: Callable[[dict], StateLayout], backend=None) -> Store:
     """Open an existing store and remove leftovers of any step that never committed.
 
-    `state_from_json` builds the caller's state layout from the manifest's "state" entry."""
+    `state_from_json` builds the caller's state layout from the manifest's "state" entry. Refused,
+    with nothing touched: symlinks inside the store, a malformed manifest, missing or truncated
+    live files."""
+    check_confined(path)
     manifest = read_manifest(path)
-    store = Store(path, manifest, state_from_json(manifest["state"]), backend)
+    try:
+        state = state_from_json(manifest["state"])
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{path}/{MANIFEST}: its state entry {manifest['state']!r} names no codecs this fuyou has ({exc}); the store is damaged") from None
+    store = Store(path, manifest, state, backend)
+    store.check_files()
     store.collect_garbage()
     return store
-
-
-def check_store_target(path: str) -> None:
-    """Refuse a store path that is a file, not writable, or a non-empty directory that is not a store."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise StoreError(f"store path {path} is a file; pass a directory (it will be created)")
-    parent = path if os.path.isdir(path) else os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    try:  # os.access says yes to root everywhere; a real probe file tells the truth
-        with tempfile.TemporaryFile(dir=parent or "."):
-            pass
-    except OSError:
-        raise StoreError(f"store path {path} is not writable; choose a directory you can write to") from None
-    if os.path.isdir(path) and os.listdir(path) and not is_store(path) and not is_dead_import(path):
-        raise StoreError(f"{path} is a non-empty directory that is not a fuyou store; choose an empty or new directory")
 
 
 def create_store(path: str, manifest: dict, state: StateLayout, backend=None) -> Store:

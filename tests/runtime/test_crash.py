@@ -31,7 +31,8 @@ def committed_step(store):
 
 def launch(args, store, env_extra, extra_args=()):
     step = committed_step(store)
-    resume = ["--resume", "--steps", str(STEPS - step)] if step is not None else ["--steps", str(STEPS)]
+    resume = ["--resume"] if step is not None else []  # --steps is the run's total, STEPS, either way
+    resume += ["--steps", str(STEPS)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
     cmd = [sys.executable, "-m", "fuyou.cli", "finetune", *args, *extra_args, "--store", store, *resume]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
