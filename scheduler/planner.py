@@ -39,7 +39,7 @@ class Evaluated:
 
 
 @dataclass
-class PlanResult:
+class Choice:
     best: Optional[Evaluated]  # None when nothing fits
     naive: Optional[Evaluated]  # the naive plan (None if it was not given)
     fitting: List[Evaluated]  # every candidate within the budgets, fastest first
@@ -60,7 +60,7 @@ def choose(
     naive: Optional[Candidate] = None,
     lanes: Optional[Mapping[str, int]] = None,
     tie_rel: float = TIE_REL,
-) -> PlanResult:
+) -> Choice:
     pool = list(candidates)
     if naive is not None and all(c is not naive for c in pool):
         pool.append(naive)
@@ -68,7 +68,7 @@ def choose(
     if not fitting_c:
         need, cand = minimum_budgets(pool, budgets)
         naive_ev = Evaluated(naive, predict(naive.build(), rates, lanes)) if naive is not None else None
-        return PlanResult(None, naive_ev, [], need, cand)
+        return Choice(None, naive_ev, [], need, cand)
     evaluated = [Evaluated(c, predict(c.build(), rates, lanes)) for c in fitting_c]
     evaluated.sort(key=lambda e: e.step_s)
     naive_ev = next((e for e in evaluated if e.candidate is naive), None)
@@ -80,7 +80,7 @@ def choose(
         limit = min(limit, naive_ev.step_s)  # never slower than the naive plan
     near = [e for e in evaluated if e.step_s <= limit]
     best = min(near, key=lambda e: (tuple(e.candidate.preference), sum(e.candidate.memory_bytes.values()), e.step_s))
-    return PlanResult(best, naive_ev, evaluated, None)
+    return Choice(best, naive_ev, evaluated, None)
 
 
 def minimum_budgets(candidates: Sequence[Candidate], budgets: Mapping[str, Optional[int]]) -> tuple:

@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 
 from scheduler.costmodel import Rates
-from scheduler.planner import Candidate, PlanResult, choose
+from scheduler.planner import Candidate, Choice, choose
 
 from ..config import BatchConfig, MemoryConfig, PlanConfig, StateConfig
 from ..optim.state import KINDS, WEIGHT_DTYPES, StateCodecs
@@ -144,14 +144,14 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
 
 
 @dataclass
-class Plan:
+class RunPlan:
     """A planned run: the planner's result and what the user asked."""
 
     cfg: PlanConfig
     shape: ModelShape
     rates: Rates
     rates_source: str
-    result: PlanResult
+    result: Choice
 
     @property
     def fits(self) -> bool:
@@ -164,7 +164,7 @@ class Plan:
         return self.result.best.candidate.extra["run"]["batch"]
 
 
-def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape: Optional[ModelShape] = None) -> Plan:
+def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape: Optional[ModelShape] = None) -> RunPlan:
     """Enumerate, predict and choose (see module docstring)."""
     shape = shape or model_shape(load_model_config(cfg.model), cfg.state)
     micros = _divisors(cfg.batch.batch_size) if cfg.search_micro_batches else [cfg.batch.micro_batches]
@@ -184,7 +184,7 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
     rates = rates.for_codec(cfg.state.states, cfg.state.master)  # the optimizer rate of the planned codec
     result = choose(cands, budgets, rates, naive=naive, lanes=LANES)
-    return Plan(cfg, shape, rates, rates_source, result)
+    return RunPlan(cfg, shape, rates, rates_source, result)
 
 
 def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
@@ -206,7 +206,7 @@ def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
     return plan.memory_config(), plan.batch_config()
 
 
-def minimum_message(plan: Plan) -> str:
+def minimum_message(plan: RunPlan) -> str:
     from ..memory import format_bytes
 
     need = plan.result.minimum_budgets or {}
