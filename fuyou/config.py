@@ -46,7 +46,7 @@ GROUP_NOTES = {RATES: "default: the saved `fuyou probe` result, else conservativ
 
 WEIGHT_CODECS = ("fp32", "bf16", "fp8")  # compute weights streamed to the device
 MASTER_CODECS = ("fp32", "bf16+rem")  # master weights the optimizer updates
-MOMENT_CODECS = ("fp32", "bf16", "fp8", "de8")  # AdamW exp_avg / exp_avg_sq
+MOMENT_CODECS = ("fp32", "bf16", "fp8", "de8", "log8")  # AdamW exp_avg / exp_avg_sq
 RECOMPUTE_MODES = ("auto", "always", "never")
 DISK_MODES = ("safe", "lean")
 LINEAR_RECIPES = ("fp8-blockwise", "mxfp4", "nvfp4")
@@ -198,7 +198,8 @@ class StateConfig:
     weights: str = setting("fp32", "compute weights kept in the store: fp32, bf16, or fp8 (E4M3, a scale per 128x128 tile; "
                            "1 B/param read per pass)", choices=WEIGHT_CODECS, group=PRECISION)
     master: str = setting("fp32", "master weights: fp32, or bf16 + 16-bit remainder (exact fp32 in 2+2 bytes)", choices=MASTER_CODECS, group=PRECISION)
-    states: str = setting("fp32", "AdamW moments: fp8 = E4M3 with dynamic range expansion per 128, de8 = dynamic 8-bit per 256",
+    states: str = setting("fp32", "AdamW moments: fp8 = E4M3 with dynamic range expansion per 128, de8 = dynamic 8-bit per 256, "
+                          "log8 = fp8's expansion on the bit pattern (8-bit log code per 128; the fastest)",
                           flag="--optim-states", choices=MOMENT_CODECS, group=PRECISION)
 
     def __post_init__(self):

@@ -8,21 +8,36 @@
 
 namespace fuyou_adam {
 
-enum StateCodec : int { kStateFp32 = 0, kStateBf16 = 1, kStateFp8 = 2, kStateDe8 = 3 };
+enum StateCodec : int { kStateFp32 = 0, kStateBf16 = 1, kStateFp8 = 2, kStateDe8 = 3, kStateLog8 = 4 };
 enum MasterCodec : int { kMasterFp32 = 0, kMasterBf16Rem = 1 };
 enum WeightsCodec : int { kWeightsFp32 = 0, kWeightsBf16 = 1 };
 
 constexpr int kFp8Group = 128;
 constexpr int kDe8Block = 256;
+constexpr int kLog8Group = 128;
 // Elements per work item: a multiple of both groups; 4 fp32 arrays of 1024 stay in L1 (16 KiB).
 constexpr int64_t kChunk = 1024;
 
 struct MomentBuf {
   int codec;
-  void* values;     // fp32 / bf16 values, or u8 codes (fp8, de8)
-  float* scale;     // per-group (fp8) / per-block (de8) absmax
-  uint8_t* k16;     // fp8: per-group 16*k
+  void* values;     // fp32 / bf16 values, or u8 codes (fp8, de8, log8)
+  float* scale;     // per-group (fp8, log8) / per-block (de8) absmax
+  uint8_t* k16;     // fp8, log8: per-group 16*k
 };
+
+// Which square root the update takes. fp32 mode must take torch's own (aten's CPU sqrt of fp32 calls
+// MKL VML's vmsSqrt, not correctly rounded) so that it trains exactly like torch.optim.AdamW:
+//   kSqrtIeee     the correctly rounded sqrt (compressed codecs, and their torch references);
+//   kSqrtVmlCall  vmsSqrt itself through AdamArgs::torch_sqrt (resolved by the Python side from the
+//                 loaded libtorch_cpu: the kernel never links torch), on each chunk of roots;
+//   kSqrtVmlEx    vmsSqrt's generic x86 path (the one MKL runs on this AMD CPU) recomputed in
+//                 registers: rsqrtps and two unfused correction steps (vml_ex_sqrt in scalar.inc).
+//                 Equal to vmsSqrt on all 2^32 inputs here; fused.py takes it only after it matched
+//                 torch.sqrt on a probe of every rsqrt table entry, every length and offset.
+enum SqrtKind : int { kSqrtIeee = 0, kSqrtVmlCall = 1, kSqrtVmlEx = 2 };
+typedef void (*VmlSqrtFn)(const int* n, const float* a, float* r, const int64_t* mode);
+// The mode aten passes (MKL VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE).
+constexpr int64_t kVmlTorchMode = 0x2 | 0x140000 | 0x100;
 
 struct Tables {
   const float* fp8_root;          // [256][128]: (e4m3(q)/448)^(16/k16)
@@ -65,15 +80,22 @@ struct AdamArgs {
   void* weights;
   Hyper h;
   Tables t;
+  int sqrt_kind;          // SqrtKind; kSqrtVml* only for the whole update of fp32 master and moments
+  VmlSqrtFn torch_sqrt;   // kSqrtVmlCall: vmsSqrt
 };
 
-bool cpu_has_avx2_fma();
-// Runs the update over all chunks with `threads` OpenMP threads; `simd` picks the AVX2/FMA build
-// when the CPU has it (false: the portable build, for tests of both).
-void fused_adamw(const AdamArgs& a, int threads, bool simd);
+// Instruction sets the kernel is built for; the best one the CPU runs is picked at run time.
+enum Isa : int { kIsaGeneric = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+int best_isa();
+// Runs the update over all chunks with `threads` OpenMP threads in the build `isa` (capped at
+// best_isa(); lower ones exist for tests of every build).
+void fused_adamw(const AdamArgs& a, int threads, int isa);
+// kSqrtVmlEx on n values in the build `isa` (what fused.py checks against torch.sqrt).
+void vml_ex_sqrt(const float* x, float* y, int64_t n, int isa);
 
 // One chunk of n elements at `begin`.
-namespace generic { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n); }
-namespace avx2 { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n); }
+namespace generic { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n); void vml_ex_sqrt_n(const float* x, float* y, int n); }
+namespace avx2 { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n); void vml_ex_sqrt_n(const float* x, float* y, int n); }
+namespace avx512 { void run_chunk(const AdamArgs& a, int64_t begin, int64_t n); void vml_ex_sqrt_n(const float* x, float* y, int n); }
 
 }  // namespace fuyou_adam

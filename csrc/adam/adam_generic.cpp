@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <xmmintrin.h>  // SSE (baseline x86-64): rsqrtss for kSqrtVmlEx
 
 #include "adam.h"
 

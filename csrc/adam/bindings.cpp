@@ -20,7 +20,7 @@ MomentBuf moment_from(const py::tuple& t) {
   if (t.size() != 4) throw std::invalid_argument("moment must be (codec, values, absmax, k16)");
   MomentBuf b;
   b.codec = t[0].cast<int>();
-  if (b.codec < kStateFp32 || b.codec > kStateDe8) throw std::invalid_argument("unknown moment codec id");
+  if (b.codec < kStateFp32 || b.codec > kStateLog8) throw std::invalid_argument("unknown moment codec id");
   b.values = ptr<void>(t[1]);
   b.scale = ptr<float>(t[2]);
   b.k16 = ptr<uint8_t>(t[3]);
@@ -28,7 +28,8 @@ MomentBuf moment_from(const py::tuple& t) {
 }
 
 void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tuple v, py::tuple weights,
-           py::tuple hyper, py::tuple tables, int threads, bool simd, int phase, uintptr_t root) {
+           py::tuple hyper, py::tuple tables, int threads, int isa, int phase, uintptr_t root, int sqrt_kind,
+           uintptr_t torch_sqrt) {
   AdamArgs a;
   a.numel = numel;
   if (phase < kFull || phase > kApply) throw std::invalid_argument("adamw: phase must be 0 (full), 1 (moments) or 2 (apply)");
@@ -62,10 +63,17 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
   a.t.de8_unsigned_mid = ptr<const float>(tables[4]);
   a.t.de8_signed_bucket = ptr<const uint8_t>(tables[5]);
   a.t.de8_unsigned_bucket = ptr<const uint8_t>(tables[6]);
-  if (phase != kFull && (a.master_codec != kMasterFp32 || a.m.codec != kStateFp32 || a.v.codec != kStateFp32))
-    throw std::invalid_argument("adamw: the moments/apply phases need fp32 master and moments");
+  a.sqrt_kind = sqrt_kind;
+  a.torch_sqrt = reinterpret_cast<VmlSqrtFn>(torch_sqrt);
+  const bool fp32 = a.master_codec == kMasterFp32 && a.m.codec == kStateFp32 && a.v.codec == kStateFp32;
+  if (phase != kFull && !fp32) throw std::invalid_argument("adamw: the moments/apply phases need fp32 master and moments");
+  if (sqrt_kind < kSqrtIeee || sqrt_kind > kSqrtVmlEx) throw std::invalid_argument("adamw: sqrt_kind must be 0, 1 or 2");
+  if (sqrt_kind != kSqrtIeee && (phase != kFull || !fp32))
+    throw std::invalid_argument("adamw: torch's sqrt is for the whole update of fp32 master and moments");
+  if (sqrt_kind == kSqrtVmlCall && torch_sqrt == 0) throw std::invalid_argument("adamw: sqrt_kind 1 needs the torch_sqrt function");
+  if (numel > (int64_t(1) << 40)) throw std::invalid_argument("adamw: numel out of range");
   py::gil_scoped_release release;
-  fused_adamw(a, threads, simd);
+  fused_adamw(a, threads, isa);
 }
 
 }  // namespace
@@ -73,7 +81,16 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
 PYBIND11_MODULE(_adam, mod) {
   mod.doc() = "fuyou fused CPU AdamW over compressed optimizer state";
   mod.def("adamw", &adamw, py::arg("numel"), py::arg("grad"), py::arg("master"), py::arg("m"), py::arg("v"),
-          py::arg("weights"), py::arg("hyper"), py::arg("tables"), py::arg("threads"), py::arg("simd") = true,
-          py::arg("phase") = int(kFull), py::arg("root") = uintptr_t(0));
-  mod.def("has_avx2", &cpu_has_avx2_fma, "whether this CPU runs the AVX2/FMA build");
+          py::arg("weights"), py::arg("hyper"), py::arg("tables"), py::arg("threads"), py::arg("isa") = -1,
+          py::arg("phase") = int(kFull), py::arg("root") = uintptr_t(0), py::arg("sqrt_kind") = int(kSqrtIeee),
+          py::arg("torch_sqrt") = uintptr_t(0));
+  mod.def(
+      "vml_ex_sqrt",
+      [](uintptr_t x, uintptr_t y, int64_t n, int isa) {
+        py::gil_scoped_release release;
+        vml_ex_sqrt(reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y), n, isa);
+      },
+      py::arg("x"), py::arg("y"), py::arg("n"), py::arg("isa") = -1,
+      "vmsSqrt's generic x86 path recomputed (adam.h kSqrtVmlEx) on n fp32 values");
+  mod.def("best_isa", &best_isa, "the best build this CPU runs: 0 portable, 1 AVX2/FMA, 2 AVX-512");
 }

@@ -13,6 +13,9 @@ Moments (exp_avg `m`, exp_avg_sq `v`):
         table the fused kernel uses, so decoding is bit-identical in both.
   de8   8-bit dynamic code (signed map for m, unsigned for v), blocks of 256 with an fp32 absmax;
         a value becomes the index of the nearest map entry of x/absmax. Stored: codes u8[n], absmax f32[B].
+  log8  fp8's range expansion with the power taken on the floats' bit patterns: an 8-bit logarithmic
+        code per group of 128, integer arithmetic only (see below). Stored: codes u8[n], absmax
+        f32[G] (the group's max |x|), k16 u8[G] (2/k16 octave per code step).
 Master weights:
   fp32      one fp32 value.
   bf16+rem  the fp32 bits split into a bf16 high half (rounded: it is a usable bf16 weight) and a
@@ -25,9 +28,10 @@ from functools import lru_cache
 
 import torch
 
-# Elements per scale. The fused kernel has them built in (csrc/adam/adam.h kFp8Group, kDe8Block).
+# Elements per scale. The fused kernel has them built in (csrc/adam/adam.h kFp8Group, kDe8Block, kLog8Group).
 FP8_GROUP = 128
 DE8_BLOCK = 256
+LOG8_GROUP = 128
 E4M3_MAX = 448.0
 # log2 of the dynamic range E4M3 covers with the centre at 1: log2(448^2 / 2) (COAT).
 FP8_LOG_RANGE = math.log2(E4M3_MAX * E4M3_MAX / 2.0)
@@ -178,11 +182,85 @@ def de8_decode_ref(codes: torch.Tensor, absmax: torch.Tensor, numel: int, *, sig
 
 
 # ---------------------------------------------------------------------------------------------
+# log8: fp8's range expansion with the power on the bit pattern
+#
+# The bits of a positive float, read as an integer, are 2^23 (e + 127 + f) for x = 2^e (1 + f): a
+# piecewise-linear log2. So with A = bits(|x|) and M the group's largest A, (M >> 8) - (A >> 8) is
+# log2(max/|x|) in units of 2^-15 octave, and fp8's expansion y = 448 (|x|/max)^k is, on the bit
+# pattern, a shift, a multiply and an add: no log2 or exp2. A code step is 2/k16 octave (k16 = 16k);
+# the code is L - round(k16 ((M >> 8) - (A >> 8)) / 2^16), computed as (k16 (A >> 8) + C) >> 16
+# with C = 65536 L + 32767 - k16 (M >> 8) per group (the same integer). L = 127 with a sign bit for
+# exp_avg, 255 for exp_avg_sq (never negative: a sign bit would be wasted). A code q decodes to the
+# bit pattern M - (L - q) S, S = 2^24 / k16 rounded: the centre of its step. k16 per group is the
+# largest that keeps the smallest nonzero |x| at code >= 1 (the group's range spread over all
+# codes), but at least LOG8_K16_MIN: below that exp_avg flushes its smallest values to 0 (a zero
+# step: harmless), exp_avg_sq keeps them at code 1 (never 0, which would make m / (sqrt(v) + eps)
+# into m / eps). NaN keeps its bits as |x| (the largest pattern): a group holding one decodes it.
+#
+# LOG8_K16_MIN from benchmarks/codec_error.py (error of m/(sqrt(v)+eps) with exp_avg alone coded,
+# median of steps 50 and 100): k16 >= 16: 1.54%, 24: 1.47%, 32: 1.27%, 40: 1.25% (1.37% at step 50),
+# 48: 1.95%; exp_avg_sq alone: 0.16% at 16 and at 24.
+
+LOG8_K16_MIN = {True: 32, False: 16}  # signed (exp_avg), unsigned (exp_avg_sq)
+
+
+def _log8_levels(signed: bool) -> int:
+    return 127 if signed else 255
+
+
+def log8_group_params_ref(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (M = bits of max |x|, k16) of flat fp32 `x`, as int64 [G]."""
+    A = _u32(_grouped(x.float().contiguous(), LOG8_GROUP)) & 0x7FFFFFFF
+    M = A.amax(dim=1)
+    Mn = torch.where(A > 0, A, torch.full_like(A, 1 << 40)).amin(dim=1)
+    td = (M >> 8) - (Mn >> 8)
+    k16 = torch.where(td == 0, 255, (_log8_levels(signed) * 65536 - 32769) // td.clamp(min=1))
+    k16 = k16.clamp(LOG8_K16_MIN[signed], 255)
+    return M, torch.where(M == 0, 16, k16)
+
+
+def log8_encode_ref(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat fp32 `x` as log8 (codes u8[n], absmax f32[G], k16 u8[G])."""
+    n = x.numel()
+    M, k16 = log8_group_params_ref(x, signed=signed)
+    g = _u32(_grouped(x.float().contiguous(), LOG8_GROUP))
+    A = g & 0x7FFFFFFF
+    C = _log8_levels(signed) * 65536 + 32767 - k16 * (M >> 8)
+    q = (k16.unsqueeze(1) * (A >> 8) + C.unsqueeze(1)) >> 16  # floor division, as the kernel's arithmetic shift
+    q = torch.where(A == 0, 0, q.clamp(min=0 if signed else 1))
+    if signed:
+        q = torch.where((g >= 2**31) & (q != 0), q | 0x80, q)  # the sign bit, never on a zero code
+    return q.reshape(-1)[:n].to(torch.uint8), _as_f32(M), k16.to(torch.uint8)
+
+
+def log8_step(k16: torch.Tensor) -> torch.Tensor:
+    """S = 2^24 / k16 rounded: a code step on the bit pattern."""
+    return ((1 << 24) + k16 // 2) // k16
+
+
+def log8_decode_ref(codes: torch.Tensor, absmax: torch.Tensor, k16: torch.Tensor, numel: int, *, signed: bool) -> torch.Tensor:
+    c = codes.to(torch.int64)
+    group = torch.arange(numel) // LOG8_GROUP
+    M = _u32(absmax.contiguous())[group]
+    step = log8_step(k16.to(torch.int64).clamp(min=16))[group]  # the encoder writes >= 16; a damaged byte must not overflow
+    q = c & 0x7F if signed else c
+    A = torch.where(q == 0, 0, (M - (_log8_levels(signed) - q) * step).clamp(min=0))
+    if signed:
+        A = A | ((c & 0x80) << 24)
+    return _as_f32(A)
+
+
+# ---------------------------------------------------------------------------------------------
 # bf16+rem: the exact fp32 bits as a rounded bf16 high half and a signed 16-bit remainder
 
 
 def _u32(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def _as_f32(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit patterns (int64) as the fp32 values they are the bits of."""
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32)
 
 
 def bf16_rem_split_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ it by, its group size and its bytes per element.
 
 Which codec stores a tensor is decided here and only here, by name, size and shape:
 
-    moment_codec(name, numel)           # fp32 | bf16 | fp8 | de8
+    moment_codec(name, numel)           # fp32 | bf16 | fp8 | de8 | log8
     master_codec(name, numel)           # fp32 | bf16+rem
     weights_codec(name, numel, shape)   # fp32 | bf16 | fp8
 
@@ -29,12 +29,15 @@ from ..store.layout import PartSpec
 from .codec_ref import (
     DE8_BLOCK,
     FP8_GROUP,
+    LOG8_GROUP,
     bf16_rem_join_ref,
     bf16_rem_split_ref,
     de8_decode_ref,
     de8_encode_ref,
     fp8_decode_ref,
     fp8_encode_ref,
+    log8_decode_ref,
+    log8_encode_ref,
 )
 
 SMALL_NUMEL = 4096
@@ -122,6 +125,23 @@ class Fp8DreCodec(Codec):
     @torch.no_grad()
     def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
         return fp8_decode_ref(parts["codes"], parts["absmax"], parts["k16"], numel)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Log8Codec(Fp8DreCodec):
+    """fp8's range expansion on the floats' bit patterns: an 8-bit log code, an absmax and a k16 per
+    group (the parts of fp8; signed codes for exp_avg, 255 levels for exp_avg_sq)."""
+
+    @torch.no_grad()
+    def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
+        codes, absmax, k16 = log8_encode_ref(x, signed=signed)
+        parts["codes"].copy_(codes)
+        parts["absmax"].copy_(absmax)
+        parts["k16"].copy_(k16)
+
+    @torch.no_grad()
+    def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
+        return log8_decode_ref(parts["codes"], parts["absmax"], parts["k16"], numel, signed=signed)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +234,7 @@ MOMENT_REGISTRY = _registry(
     PlainCodec(name="bf16", serves="moment", kernel_id=1, dtype=torch.bfloat16),
     Fp8DreCodec(name="fp8", serves="moment", kernel_id=2, group=FP8_GROUP),
     De8Codec(name="de8", serves="moment", kernel_id=3, group=DE8_BLOCK),
+    Log8Codec(name="log8", serves="moment", kernel_id=4, group=LOG8_GROUP),
 )
 # The names a StateConfig accepts for its master and moments.
 MASTER_CODECS = tuple(MASTER_REGISTRY)

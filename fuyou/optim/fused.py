@@ -2,13 +2,14 @@
 
 The caller names the codecs (a ParamCodecs from the registry); each gives the kernel its id and
 its parts in the kernel's order. The kernel reproduces the codecs' references (codec_ref.py) and
-adamw.py: bit-exact for fp32 / bf16 moments and fp32 /
-bf16+rem master; for fp8 and de8 it decodes exactly as the references do and encodes fp8 with a
-fast log2/exp2 (a code may differ by one step from the reference at a rounding boundary).
+adamw.py byte for byte, in each of its builds (portable, AVX2, AVX-512: `isas()` lists those this
+CPU runs). fp32 mode takes torch's own sqrt (`torch_sqrt_address`), so it equals torch.optim.AdamW.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 from typing import Dict, Optional
 
 import torch
@@ -37,8 +38,12 @@ def import_error() -> Optional[str]:
     return _IMPORT_ERROR
 
 
-def has_avx2() -> bool:
-    return bool(_ext is not None and _ext.has_avx2())
+ISA_NAMES = ("portable", "avx2", "avx512")  # csrc/adam/adam.h's Isa
+
+
+def isas() -> list:
+    """The kernel builds this CPU runs (indices into ISA_NAMES), the best last."""
+    return list(range(_ext.best_isa() + 1)) if _ext is not None else []
 
 
 def _tables() -> tuple:
@@ -84,9 +89,85 @@ def hyper_values(*, step: int, lr: float, beta1: float, beta2: float, eps: float
 
 
 PHASE_FULL, PHASE_MOMENTS, PHASE_APPLY = 0, 1, 2
-# Elements per round of the torch-sqrt update: its fp32 state (grad, master, m, v, root: 20 B per
-# element) stays in this machine's L3 between the three passes of a round, so DRAM sees one pass.
+# Elements per round of the two-phase torch-sqrt update: its fp32 state (grad, master, m, v, root:
+# 20 B per element) stays in this machine's L3 between the three passes of a round, so DRAM sees one pass.
 TORCH_SQRT_CHUNK = 1 << 18
+# csrc/adam/adam.h SqrtKind: the correctly rounded sqrt; torch's (MKL's vmsSqrt) called on each chunk;
+# vmsSqrt's generic x86 path recomputed in registers.
+SQRT_IEEE, SQRT_VML_CALL, SQRT_VML_EX = 0, 1, 2
+_VML_MODE = 0x2 | 0x140000 | 0x100  # as csrc/adam/adam.h kVmlTorchMode
+_TORCH_SQRT: Dict[str, tuple] = {}
+
+
+def _vml_sqrt_symbol() -> Optional[int]:
+    """The address of vmsSqrt (MKL, Fortran interface) in the libtorch_cpu this process has loaded, if
+    it exports it: aten's CPU sqrt of fp32 tensors calls it."""
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LOCAL)
+        return ctypes.cast(lib.VMSSQRT_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def _sqrt_probe() -> torch.Tensor:
+    """fp32 values that reach every entry of the rsqrt estimate's table: every normal exponent with
+    every 12-bit mantissa head (random tails), 64 K random bit patterns (negative, NaN, huge included),
+    subnormals and the special values."""
+    gen = torch.Generator().manual_seed(0)
+    e = torch.arange(1, 255, dtype=torch.int64).repeat_interleave(4096)
+    head = torch.arange(4096, dtype=torch.int64).repeat(254)
+    tail = torch.randint(0, 2048, (e.numel(),), generator=gen, dtype=torch.int64)
+    normal = (e << 23) | (head << 11) | tail
+    patterns = torch.randint(0, 2**32, (1 << 16,), generator=gen, dtype=torch.int64)
+    tiny = torch.randint(0, 1 << 23, (4096,), generator=gen, dtype=torch.int64)
+    special = torch.tensor([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x3F800000, 0x7F7FFFFF, 0x7F7FF000, 0x7F7FF001, 1])
+    u = torch.cat([normal, patterns, tiny, special])
+    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32).contiguous()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _matches_torch(run) -> bool:
+    """Whether run(x, y, offset, n) writes torch.sqrt(x) into y for the probe: whole, and cut to every
+    length 1..40 at four offsets (the kernel's chunks end in tails of any length)."""
+    x = _sqrt_probe()
+    want, got = torch.sqrt(x), torch.empty_like(x)
+    run(x, got, 0, x.numel())
+    if not _same_bits(want, got):
+        return False
+    got.zero_()
+    cuts = [(off, n) for off in range(4) for n in range(1, 41)]
+    for off, n in cuts:
+        run(x, got, off, n)
+        if not _same_bits(want[off:off + n], got[off:off + n]):
+            return False
+    return True
+
+
+def _vml_call(addr: int):
+    fn = ctypes.CFUNCTYPE(None, ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64))(addr)
+    mode = ctypes.c_int64(_VML_MODE)
+    return lambda x, y, off, n: fn(ctypes.byref(ctypes.c_int(n)), x.data_ptr() + 4 * off, y.data_ptr() + 4 * off, ctypes.byref(mode))
+
+
+def torch_sqrt_kind() -> tuple:
+    """(SqrtKind, vmsSqrt's address or 0) for fp32 mode: the fastest way to take torch's own sqrt
+    that matched torch.sqrt bit for bit on the probe (checked once per process, for every kernel
+    build): the recomputed vmsSqrt path, else vmsSqrt itself, else (None, 0): fp32 mode then runs
+    the kernel in two phases around torch.sqrt."""
+    if "kind" not in _TORCH_SQRT:
+        addr = _vml_sqrt_symbol() if _ext is not None else None
+        kind = None
+        ex = lambda isa: lambda x, y, off, n: _ext.vml_ex_sqrt(x.data_ptr() + 4 * off, y.data_ptr() + 4 * off, n, isa)  # noqa: E731
+        if _ext is not None and all(_matches_torch(ex(isa)) for isa in isas()):
+            kind = SQRT_VML_EX
+        elif addr is not None and _matches_torch(_vml_call(addr)):
+            kind = SQRT_VML_CALL
+        _TORCH_SQRT["kind"] = (kind, addr if kind == SQRT_VML_CALL else 0)
+    return _TORCH_SQRT["kind"]
 
 
 def _kernel_args(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], hyper: tuple) -> tuple:
@@ -114,23 +195,27 @@ def _flat_fp32(grad: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def adamw_fused_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
                  beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
-                 threads: Optional[int] = None, simd: bool = True) -> None:
-    """One fused AdamW step over the parts, stored in `codecs`."""
+                 threads: Optional[int] = None, isa: Optional[int] = None) -> None:
+    """One fused AdamW step over the parts, stored in `codecs` (`isa`: a build of isas(); None: the best)."""
     grad = _flat_fp32(grad)
     hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          grad_scale=grad_scale)
     args = _kernel_args(codecs, grad, parts, hyper)
-    _ext.adamw(*args, threads=int(threads or torch.get_num_threads()), simd=simd)
+    _ext.adamw(*args, threads=int(threads or torch.get_num_threads()), isa=-1 if isa is None else int(isa))
 
 
 @torch.no_grad()
 def adamw_torch_sqrt_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
-                      threads: Optional[int] = None, chunk: Optional[int] = None) -> None:
+                      threads: Optional[int] = None, chunk: Optional[int] = None, isa: Optional[int] = None,
+                      one_pass: Optional[bool] = None) -> None:
     """fp32 AdamW bit-identical to torch.optim.AdamW (single tensor) on this CPU, at the fused kernel's
-    speed: per round of `chunk` elements, the kernel updates m, v and decays the master in place,
-    torch.sqrt (torch's own, MKL VML on x86, not correctly rounded) takes the root of v, and the
-    kernel applies the step and emits fp32/bf16 weights. fp32 master and moments only."""
+    speed. With torch's sqrt at hand in the kernel (torch_sqrt_kind; `one_pass` None/True) one pass:
+    m, v, the root and the step per 16 elements in registers (or per chunk of 1024, calling
+    vmsSqrt, in L1). Otherwise (`one_pass=False`, or neither matched torch) in rounds of `chunk` elements: the
+    kernel updates m, v and decays the master in place, torch.sqrt (torch's own, MKL VML on x86, not
+    correctly rounded) takes the root of v, and the kernel applies the step and emits fp32/bf16
+    weights. fp32 master and moments only."""
     grad = _flat_fp32(grad)
     hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          grad_scale=grad_scale)
@@ -138,6 +223,13 @@ def adamw_torch_sqrt_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, 
     if codecs.master.name != "fp32" or codecs.moments.name != "fp32":
         raise ValueError("adamw_torch_sqrt_ needs fp32 master and moments (fuyou's fp32 mode)")
     threads = int(threads or torch.get_num_threads())
+    isa = -1 if isa is None else int(isa)
+    kind, fn = torch_sqrt_kind() if one_pass is not False else (None, 0)
+    if kind is not None:
+        _ext.adamw(numel, g_addr, master, m, v, (w_codec, w_addr), hyper, tables, threads=threads, isa=isa, sqrt_kind=kind, torch_sqrt=fn)
+        return
+    if one_pass:
+        raise RuntimeError("the kernel has no sqrt equal to torch.sqrt on this machine (no matching vmsSqrt in libtorch_cpu)")
     chunk = chunk or TORCH_SQRT_CHUNK
     v_flat = codecs.moments.values(parts["exp_avg_sq"], numel).reshape(-1)
     root = torch.empty(min(numel, chunk), dtype=torch.float32)
@@ -148,6 +240,6 @@ def adamw_torch_sqrt_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, 
         g_at, p_at, m_at, v_at = (addr + 4 * off for addr in (g_addr, master[1], m[1], v[1]))
         round_args = (n, g_at, (master[0], p_at, 0), (m[0], m_at, 0, 0), (v[0], v_at, 0, 0), (w_codec, w_addr + w_size * off),
                       hyper, tables)
-        _ext.adamw(*round_args, threads=threads, phase=PHASE_MOMENTS)
+        _ext.adamw(*round_args, threads=threads, isa=isa, phase=PHASE_MOMENTS)
         torch.sqrt(v_flat[off : off + n], out=root[:n])
-        _ext.adamw(*round_args, threads=threads, phase=PHASE_APPLY, root=root.data_ptr())
+        _ext.adamw(*round_args, threads=threads, isa=isa, phase=PHASE_APPLY, root=root.data_ptr())

@@ -12,11 +12,11 @@ from .conftest import clone_parts, make_parts
 
 needs_kernel = pytest.mark.skipif(not fused.available(), reason=f"fuyou._adam not built: {fused.import_error()}")
 
-# Both ISA builds when the CPU has AVX2 (the portable build always).
-SIMD = [False, True] if fused.has_avx2() else [False]
+# Every kernel build this CPU runs (the portable one always).
+ISAS = fused.isas() or [0]
 CONFIGS = [
     StateConfig(weights=w, master=m, states=s)
-    for s, m, w in itertools.product(("fp32", "bf16", "fp8", "de8"), ("fp32", "bf16+rem"), ("fp32", "bf16"))
+    for s, m, w in itertools.product(("fp32", "bf16", "fp8", "de8", "log8"), ("fp32", "bf16+rem"), ("fp32", "bf16"))
 ]
 HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
@@ -35,8 +35,8 @@ def _assert_parts_equal(a, b):
 
 @needs_kernel
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.states}-{c.master}-{c.weights}")
-@pytest.mark.parametrize("simd", SIMD)
-def test_fused_equals_reference_bitwise(seeded, cfg, simd):
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: fused.ISA_NAMES[i])
+def test_fused_equals_reference_bitwise(seeded, cfg, isa):
     """Every stored byte equal after several steps (the reference uses the correctly rounded sqrt)."""
     n = SMALL_NUMEL + 2 * 128 + 37  # odd tail in the last fp8 group and de8 block
     ref = make_parts(cfg, torch.randn(n))
@@ -44,7 +44,7 @@ def test_fused_equals_reference_bitwise(seeded, cfg, simd):
     for step in range(1, 5):
         g = _grad(n, step)
         adamw_update_(cfg, g, ref, step=step, backend="torch", exact_sqrt=True, **HYPER)
-        fused.adamw_fused_(param_codecs(cfg, n), g, out, step=step, simd=simd, threads=2, **HYPER)
+        fused.adamw_fused_(param_codecs(cfg, n), g, out, step=step, isa=isa, threads=2, **HYPER)
         _assert_parts_equal(ref, out)
 
 
@@ -115,16 +115,34 @@ def test_fused_kernel_against_torch_adamw(seeded):
         assert torch.equal(parts["weights"]["value"], parts["master"]["value"])
 
 
+def _sqrt_paths():
+    """fp32 mode's ways to take torch's sqrt that this machine has: (SqrtKind or None, vmsSqrt's address)."""
+    if not fused.available():
+        return []
+    paths = [(None, 0)]  # the two-phase update around torch.sqrt: always there
+    addr = fused._vml_sqrt_symbol()
+    if addr is not None and fused._matches_torch(fused._vml_call(addr)):
+        paths.append((fused.SQRT_VML_CALL, addr))
+    if fused.torch_sqrt_kind()[0] == fused.SQRT_VML_EX:
+        paths.append((fused.SQRT_VML_EX, 0))
+    return paths
+
+
+SQRT_PATHS = _sqrt_paths()
+_PATH_IDS = {None: "two-phase", fused.SQRT_VML_CALL: "vml-call", fused.SQRT_VML_EX: "vml-ex"}
+
+
 @needs_kernel
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
-@pytest.mark.parametrize("chunk", [4096, None], ids=["rounds-of-4096", "default-rounds"])
-def test_fp32_mode_is_torch_adamw_bit_for_bit(seeded, monkeypatch, weights, chunk):
-    """fp32 mode on the fused backend (the kernel around torch's own sqrt, in rounds of `chunk`)
-    equals torch.optim.AdamW bit for bit, step after step without re-synchronising, with a gradient
-    scale (clipping) on some steps; the weights are the master (fp32) or its bf16 rounding."""
-    if chunk:
-        monkeypatch.setattr(fused, "TORCH_SQRT_CHUNK", chunk)
-    n = 3 * 4096 + 1001  # a short last round
+@pytest.mark.parametrize("path", SQRT_PATHS, ids=lambda p: _PATH_IDS[p[0]])
+def test_fp32_mode_is_torch_adamw_bit_for_bit(seeded, monkeypatch, weights, path):
+    """fp32 mode on the fused backend (the kernel with torch's own sqrt: recomputed in registers,
+    called per chunk, or around torch.sqrt in rounds of 4096) equals torch.optim.AdamW bit for bit,
+    step after step without re-synchronising, with a gradient scale (clipping) on some steps; the
+    weights are the master (fp32) or its bf16 rounding."""
+    monkeypatch.setattr(fused, "TORCH_SQRT_CHUNK", 4096)
+    monkeypatch.setitem(fused._TORCH_SQRT, "kind", path)
+    n = 3 * 4096 + 1001  # a short last round, a partial last chunk
     cfg = StateConfig(weights=weights)
     parts, p, opt = _beside_torch_adamw(cfg, n)
     for step in range(1, 7):
@@ -138,6 +156,41 @@ def test_fp32_mode_is_torch_adamw_bit_for_bit(seeded, monkeypatch, weights, chun
         assert torch.equal(parts["exp_avg"]["value"], state["exp_avg"])
         assert torch.equal(parts["exp_avg_sq"]["value"], state["exp_avg_sq"])
         assert torch.equal(parts["weights"]["value"], p.detach().to(parts["weights"]["value"].dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: fused.ISA_NAMES[i])
+@pytest.mark.parametrize("path", [p for p in SQRT_PATHS if p[0] is not None], ids=lambda p: _PATH_IDS[p[0]])
+def test_fp32_mode_one_pass_every_build(seeded, monkeypatch, isa, path):
+    """Each kernel build's one-pass fp32 mode equals torch.optim.AdamW bit for bit (tiny values
+    in v take the sqrt's special lanes)."""
+    monkeypatch.setitem(fused._TORCH_SQRT, "kind", path)
+    n = 2 * 1024 + 333
+    parts, p, opt = _beside_torch_adamw(StateConfig(), n)
+    for step in range(1, 4):
+        g = _grad(n, step)
+        g[:50] = 1e-25  # v ~ 1e-53: subnormal, the rsqrt path's special lanes
+        p.grad = g.clone()
+        opt.step()
+        fused.adamw_torch_sqrt_(param_codecs(StateConfig(), n), g, parts, step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                weight_decay=0.01, isa=isa, one_pass=True)
+        assert torch.equal(parts["master"]["value"], p.detach()), f"step {step}: master differs"
+        assert torch.equal(parts["exp_avg_sq"]["value"], opt.state[p]["exp_avg_sq"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: fused.ISA_NAMES[i])
+def test_recomputed_vml_sqrt_is_torch_sqrt(isa):
+    """Where fp32 mode takes the recomputed vmsSqrt path, it equals torch.sqrt on 8 M random bit
+    patterns (every sign, exponent and NaN payload) besides the probe it was chosen by."""
+    if fused.torch_sqrt_kind()[0] != fused.SQRT_VML_EX:
+        pytest.skip("this machine's torch.sqrt is not the generic vmsSqrt path: fp32 mode calls it instead")
+    gen = torch.Generator().manual_seed(7)
+    u = torch.randint(-(2**31), 2**31, (1 << 23,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = u.view(torch.float32)
+    got = torch.empty_like(x)
+    fused._ext.vml_ex_sqrt(x.data_ptr(), got.data_ptr(), x.numel(), isa)
+    assert torch.equal(got.view(torch.int32), torch.sqrt(x).view(torch.int32))
 
 
 @needs_kernel

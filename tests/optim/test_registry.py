@@ -52,6 +52,7 @@ def test_kernel_ids_and_groups_are_the_kernels():
     consts = {k: int(v) for k, v in re.findall(r"constexpr int (k\w+) = (\d+);", header)}
     assert MOMENT_REGISTRY["fp8"].group == consts["kFp8Group"]
     assert MOMENT_REGISTRY["de8"].group == consts["kDe8Block"]
+    assert MOMENT_REGISTRY["log8"].group == consts["kLog8Group"]
     assert all(MOMENT_REGISTRY[n].group == 0 for n in ("fp32", "bf16")) and MASTER_REGISTRY["bf16+rem"].group == 0
 
 

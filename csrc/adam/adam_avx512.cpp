@@ -1,0 +1,22 @@
+// AVX-512 build of the chunk kernel: the portable body compiled for AVX-512 (its loops vectorize to
+// 16 lanes) plus the hand-vectorized chunk of avx512_chunk.inc; called only after best_isa() found
+// the instructions, so the module still loads and runs on CPUs without them.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+#include "adam.h"
+
+namespace fuyou_adam {
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+#define FUYOU_FMA 1
+#define FUYOU_AVX512 1
+#include "kernel_body.inc"
+#undef FUYOU_AVX512
+#undef FUYOU_FMA
+#pragma GCC pop_options
+}  // namespace avx512
+}  // namespace fuyou_adam
