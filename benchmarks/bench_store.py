@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
         # Every write creates a new file and removes it afterwards, as the store's versioned writes do.
         def write_serial():  # checksum first, then the write
-            store_mod._crc(data, nbytes)
+            store._sum(data, nbytes, 0)
             with DirectFile(path + ".serial", "w", store.backend) as f:
                 f.pwrite(data, size=nbytes).get()
                 f.fsync()

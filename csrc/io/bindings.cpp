@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "crc32c.h"
 #include "engine.h"
 
 namespace py = pybind11;
@@ -40,6 +41,22 @@ struct PyEngine {
 PYBIND11_MODULE(_io, m) {
   m.doc() = "fuyou direct-I/O engine: io_uring or a pread/pwrite thread pool, O_DIRECT into caller buffers";
   m.def("uring_compiled", &fuyou::io::uring_compiled, "True when built with liburing");
+  m.def(
+      "crc32c",
+      [](uintptr_t addr, size_t nbytes, uint32_t start) {
+        py::gil_scoped_release nogil;
+        return fuyou::io::crc32c(start, reinterpret_cast<const void*>(addr), nbytes);
+      },
+      py::arg("addr"), py::arg("nbytes"), py::arg("start") = 0u,
+      "CRC-32C of nbytes at address addr, continuing start (as zlib.crc32 continues its value); releases the GIL");
+  m.def(
+      "crc32c_portable",
+      [](py::bytes data, uint32_t start) {
+        const std::string s = data;
+        return fuyou::io::crc32c_portable(start, s.data(), s.size());
+      },
+      py::arg("data"), py::arg("start") = 0u, "the table-driven CRC-32C, for tests of the hardware one");
+  m.def("crc32c_hardware", &fuyou::io::crc32c_hardware, "True when CRC-32C runs on the CPU's CRC32 instructions");
 
   py::class_<fuyou::io::Request, RequestPtr>(m, "Handle")
       .def("done", &fuyou::io::Request::done, "True once every chunk of the request has finished")

@@ -1,8 +1,13 @@
 """The manifest of a store: the one JSON file that points at live data, and how it is written.
 
-    {"format": "fuyou-store", "format_version": 1, "model": {...}, "state": {...codecs...},
-     "step": N, "blocks": [{"name", "params": [{"name", "shape", "numel"}], "versions": {kind: v},
-     "crc32": {kind: crc}}], "train": {...}}
+    {"format": "fuyou-store", "format_version": 2, "checksum": "crc32c", "model": {...},
+     "state": {...codecs...}, "step": N, "blocks": [{"name", "params": [{"name", "shape", "numel"}],
+     "versions": {kind: v}, "crc32": {kind: checksum}}], "train": {...}}
+
+"checksum" names the algorithm of every per-file value (the "crc32" entries, a 32-bit checksum
+whichever it is): store/checksum.py. Version 1 manifests have no "checksum": their values are
+zlib's CRC-32. Both versions are read; a store keeps the version (and checksum) it was created
+with, so the fuyou that wrote a version-1 store can still open it.
 """
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ import re
 from typing import List, Optional
 
 from ..faults import crash_point
+from .checksum import CHECKSUMS, LEGACY, default_checksum
 from .layout import StateLayout
 
 FORMAT = "fuyou-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what new stores are
+READ_VERSIONS = (1, 2)  # 1: no "checksum" entry, zlib CRC-32
 MANIFEST = "manifest.json"
 IMPORTING = ".fuyou-importing"  # present while an import runs; with no manifest, the directory is a dead import
 
@@ -32,13 +39,15 @@ def fingerprint_config(config_dict: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict], train: Optional[dict] = None) -> dict:
+def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict], train: Optional[dict] = None,
+                 checksum: Optional[str] = None) -> dict:
     """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind of `state` starts at
     version 0. `train`: what the training loop keeps with each step (the run's settings, its data
-    position), from the start."""
+    position), from the start. `checksum`: of the files (default: CRC-32C where this fuyou has it)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "checksum": checksum or default_checksum(),
         "model": model_info,
         "state": state.to_json(),
         "step": 0,
@@ -67,10 +76,16 @@ def read_manifest(path: str) -> dict:
         raise StoreError(f"{mpath} cannot be read ({exc}); the store is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{path} is not a fuyou store ({MANIFEST} has no fuyou-store format); pass the directory `fuyou finetune --store` created")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {manifest.get('format_version')} is not supported by this fuyou (expects {FORMAT_VERSION})")
+    if manifest.get("format_version") not in READ_VERSIONS:
+        raise StoreError(f"{path}: store format version {manifest.get('format_version')} is not supported by this fuyou "
+                         f"(it reads {', '.join(map(str, READ_VERSIONS))})")
     validate_manifest(manifest, mpath)
     return manifest
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """The checksum a (validated) manifest's per-file values are."""
+    return manifest.get("checksum", LEGACY)
 
 
 def fsync_dir(path: str) -> None:
@@ -99,6 +114,7 @@ def write_manifest(root: str, manifest: dict) -> None:
 NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 MAX_PARAM_NUMEL = 1 << 40  # 4 TiB of fp32 for one tensor: beyond any model; larger is a corrupt manifest
 _TOP_KEYS = {"format", "format_version", "model", "state", "step", "blocks", "train"}
+_TOP_KEYS_BY_VERSION = {1: _TOP_KEYS, 2: _TOP_KEYS | {"checksum"}}
 _BLOCK_KEYS, _BLOCK_REQUIRED = {"name", "params", "versions", "crc32"}, {"name", "params", "versions"}
 _PARAM_KEYS = {"name", "shape", "numel"}
 
@@ -115,8 +131,11 @@ def validate_manifest(m: dict, where: str) -> None:
 
 
 def _manifest_problem(m: dict) -> Optional[str]:
-    if set(m) != _TOP_KEYS:
-        return f"keys {sorted(set(m) ^ _TOP_KEYS)} unexpected or missing"
+    keys = _TOP_KEYS_BY_VERSION.get(m.get("format_version"), _TOP_KEYS)
+    if set(m) != keys:
+        return f"keys {sorted(set(m) ^ keys)} unexpected or missing"
+    if "checksum" in m and m["checksum"] not in CHECKSUMS:
+        return f"checksum {m['checksum']!r} is not one of {', '.join(CHECKSUMS)}"
     if not _is_int(m["step"]):
         return f"step {m['step']!r} is not a step number"
     model = m["model"]

@@ -21,25 +21,19 @@ import os
 import re
 import shutil
 import threading
-import zlib
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ..faults import crash_point
+from .checksum import checksum_fn
 from .directio import DirectFile
 from .layout import BlockLayout, StateLayout
 from .paths import check_confined, check_store_target
-from .manifest import IMPORTING, MANIFEST, StoreError, fsync_dir, is_dead_import, read_manifest, write_manifest
+from .manifest import IMPORTING, MANIFEST, StoreError, fsync_dir, is_dead_import, manifest_checksum, read_manifest, write_manifest
 
 GRAD = "grad"  # the store's own kind: a block's fp32 gradient, kept across a clipped step's redo
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # a kind names files: no '/', no '..', no '.' (the separator in them)
-
-
-def _crc(buf: torch.Tensor, nbytes: int, start: int = 0) -> int:
-    """CRC-32 of the first nbytes of a uint8 CPU tensor, continuing `start` (zlib releases the GIL
-    on large buffers)."""
-    return zlib.crc32(memoryview(buf[:nbytes].numpy()), start)
 
 
 # Reads are issued as pieces of this size, all at once; the checksum of each piece is computed
@@ -69,12 +63,16 @@ class Store:
                 raise StoreError(f"{self.root}/{MANIFEST}: block {b['name']} has versions of {sorted(b['versions'])}, not of the store's kinds "
                                  f"{sorted(self.kinds)}; the store is damaged")
             self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"], tuple(p["shape"])) for p in b["params"]], state)
+        self.checksum = manifest_checksum(manifest)
+        try:
+            self._sum = checksum_fn(self.checksum)
+        except ValueError as exc:
+            raise StoreError(f"{self.root}: {exc}") from None
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
         self.importing = False  # create_store sets it: version-0 files may then be written
-        # Kinds whose reads skip the CRC-32 check against the manifest (zlib, ~3 GB/s per core here);
-        # every other read is checked.
+        # Kinds whose reads skip the checksum against the manifest; every other read is checked.
         self.unverified: frozenset = frozenset()
         self._pending_crc: Dict[tuple, int] = {}  # (block, kind, version) -> crc of a written file
         # Lean disk mode: blocks whose new master/moments became live ahead of the manifest.
@@ -142,7 +140,7 @@ class Store:
                 for (off, n), fut in zip(pieces, futs):
                     fut.get()
                     if check:
-                        crc = _crc(into[off:], n, crc)
+                        crc = self._sum(into[off:], n, crc)
             except BaseException:  # a failed piece: the others still finish before the fd closes and `into` is given back
                 for fut in futs:
                     try:
@@ -165,7 +163,7 @@ class Store:
         crash_point("write")
         with DirectFile(path, "w", self.backend) as f:
             fut = f.pwrite(data, size=nbytes)
-            crc = _crc(data, nbytes)  # while the write is in flight (the data does not change)
+            crc = self._sum(data, nbytes, 0)  # while the write is in flight (the data does not change)
             fut.get()
             f.fsync()
         with self._lock:
