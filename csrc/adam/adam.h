@@ -82,6 +82,7 @@ struct AdamArgs {
   Tables t;
   int sqrt_kind;          // SqrtKind; kSqrtVml* only for the whole update of fp32 master and moments
   VmlSqrtFn torch_sqrt;   // kSqrtVmlCall: vmsSqrt
+  bool bf16_insn;         // AVX-512 build: use AVX512-BF16's conversion where the CPU has it (tests turn it off)
 };
 
 // Instruction sets the kernel is built for; the best one the CPU runs is picked at run time.

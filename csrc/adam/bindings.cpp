@@ -29,7 +29,7 @@ MomentBuf moment_from(const py::tuple& t) {
 
 void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tuple v, py::tuple weights,
            py::tuple hyper, py::tuple tables, int threads, int isa, int phase, uintptr_t root, int sqrt_kind,
-           uintptr_t torch_sqrt) {
+           uintptr_t torch_sqrt, bool bf16_insn) {
   AdamArgs a;
   a.numel = numel;
   if (phase < kFull || phase > kApply) throw std::invalid_argument("adamw: phase must be 0 (full), 1 (moments) or 2 (apply)");
@@ -64,6 +64,7 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
   a.t.de8_signed_bucket = ptr<const uint8_t>(tables[5]);
   a.t.de8_unsigned_bucket = ptr<const uint8_t>(tables[6]);
   a.sqrt_kind = sqrt_kind;
+  a.bf16_insn = bf16_insn;
   a.torch_sqrt = reinterpret_cast<VmlSqrtFn>(torch_sqrt);
   const bool fp32 = a.master_codec == kMasterFp32 && a.m.codec == kStateFp32 && a.v.codec == kStateFp32;
   if (phase != kFull && !fp32) throw std::invalid_argument("adamw: the moments/apply phases need fp32 master and moments");
@@ -83,7 +84,9 @@ PYBIND11_MODULE(_adam, mod) {
   mod.def("adamw", &adamw, py::arg("numel"), py::arg("grad"), py::arg("master"), py::arg("m"), py::arg("v"),
           py::arg("weights"), py::arg("hyper"), py::arg("tables"), py::arg("threads"), py::arg("isa") = -1,
           py::arg("phase") = int(kFull), py::arg("root") = uintptr_t(0), py::arg("sqrt_kind") = int(kSqrtIeee),
-          py::arg("torch_sqrt") = uintptr_t(0));
+          py::arg("torch_sqrt") = uintptr_t(0), py::arg("bf16_insn") = true);
+  mod.def("has_avx512bf16", [] { __builtin_cpu_init(); return bool(__builtin_cpu_supports("avx512bf16")); },
+          "whether this CPU has AVX512-BF16 (the AVX-512 build then converts to bf16 with it)");
   mod.def(
       "vml_ex_sqrt",
       [](uintptr_t x, uintptr_t y, int64_t n, int isa) {

@@ -195,13 +195,14 @@ def _flat_fp32(grad: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def adamw_fused_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, Parts], *, step: int, lr: float,
                  beta1: float, beta2: float, eps: float, weight_decay: float, grad_scale: float = 1.0,
-                 threads: Optional[int] = None, isa: Optional[int] = None) -> None:
-    """One fused AdamW step over the parts, stored in `codecs` (`isa`: a build of isas(); None: the best)."""
+                 threads: Optional[int] = None, isa: Optional[int] = None, bf16_insn: bool = True) -> None:
+    """One fused AdamW step over the parts, stored in `codecs` (`isa`: a build of isas(); None: the
+    best; `bf16_insn=False` keeps the AVX-512 build off AVX512-BF16's conversion, for its tests)."""
     grad = _flat_fp32(grad)
     hyper = hyper_values(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                          grad_scale=grad_scale)
     args = _kernel_args(codecs, grad, parts, hyper)
-    _ext.adamw(*args, threads=int(threads or torch.get_num_threads()), isa=-1 if isa is None else int(isa))
+    _ext.adamw(*args, threads=int(threads or torch.get_num_threads()), isa=-1 if isa is None else int(isa), bf16_insn=bf16_insn)
 
 
 @torch.no_grad()

@@ -49,6 +49,40 @@ def test_fused_equals_reference_bitwise(seeded, cfg, isa):
 
 
 @needs_kernel
+@pytest.mark.skipif(not fused.available() or fused.isas()[-1] < 2 or not fused._ext.has_avx512bf16(), reason="no AVX512-BF16 here")
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if "bf16" in (c.weights, c.states)], ids=lambda c: f"{c.states}-{c.master}-{c.weights}")
+def test_avx512_without_the_bf16_instruction(seeded, cfg):
+    """The AVX-512 build's integer bf16 rounding (where the CPU lacks AVX512-BF16) writes the same bytes."""
+    n = SMALL_NUMEL + 2 * 128 + 37
+    ref = make_parts(cfg, torch.randn(n))
+    out = clone_parts(ref)
+    for step in range(1, 3):
+        g = _grad(n, step)
+        adamw_update_(cfg, g, ref, step=step, backend="torch", exact_sqrt=True, **HYPER)
+        fused.adamw_fused_(param_codecs(cfg, n), g, out, step=step, isa=2, bf16_insn=False, **HYPER)
+        _assert_parts_equal(ref, out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: fused.ISA_NAMES[i])
+def test_bf16_of_subnormal_values(isa):
+    """bf16 weights and moments of subnormal values (which AVX512-BF16's conversion would flush to
+    zero) equal the reference's rounding."""
+    cfg = StateConfig(weights="bf16", master="fp32", states="bf16")
+    n = SMALL_NUMEL
+    w0 = torch.randn(n)
+    w0[:64] = torch.rand(64) * 2.0**-127  # subnormal masters
+    ref = make_parts(cfg, w0)
+    out = clone_parts(ref)
+    g = torch.randn(n) * 1e-20
+    g[100:164] = torch.rand(64) * 2.0**-70  # m and v subnormal there
+    adamw_update_(cfg, g, ref, step=1, lr=0.0, backend="torch", exact_sqrt=True)
+    fused.adamw_fused_(param_codecs(cfg, n), g, out, step=1, lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, isa=isa)
+    _assert_parts_equal(ref, out)
+    assert int((out["weights"]["value"][:64].view(torch.int16) != 0).sum()) > 32  # not flushed
+
+
+@needs_kernel
 @pytest.mark.parametrize("n", [1, 127, SMALL_NUMEL - 1, 3 * 1024 + 5])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_fused_sizes_and_threads(seeded, n, threads):
