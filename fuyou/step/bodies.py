@@ -53,10 +53,10 @@ class StepBodies:
         if st.grad_scale == 1.0:  # a redo (clipping) reuses the first pass's norms
             if not self._first_pass_checks(b):
                 return
-        # The weights region is only written part by part: zero it first, so the alignment gaps between
-        # parts hold zeros, not what an earlier block left in the slot (the files' bytes are then a
-        # function of the state alone).
-        ctx.slots.optimizer_region(b, "weights").zero_()
+        # The weights region is only written part by part: zero its alignment gaps first, so they hold
+        # zeros, not what an earlier block left in the slot (the files' bytes are then a function of
+        # the state alone); the update writes every part's bytes.
+        ctx.store.layouts[b].kinds["weights"].zero_gaps(ctx.slots.optimizer_region(b, "weights"))
         views, grads, lay, o = ctx.slots.optimizer_views(b), ctx.slots.grad_views(b), ctx.store.layouts[b], ctx.optim
         for name, _numel in lay.params:
             parts = {k: views[k][name] for k in views}

@@ -8,6 +8,7 @@ is the memory plan's choice (memory_plan.plan_cache).
 """
 from __future__ import annotations
 
+import threading
 from typing import Dict, Sequence
 
 import torch
@@ -24,6 +25,12 @@ class BlockCache:
         # Each block laid out as in an optimizer slot (master, moments, weights).
         self.entries = {b: self.pool.alloc(opt_region_offsets(store, b)["end"]) for b in blocks}
         self._versions: Dict[str, Dict[str, int]] = {b: {} for b in blocks}  # block -> kind -> version held
+        self.bytes_copied = 0  # host memory copies into and out of the cache (the runtime reports them per step)
+        self._count = threading.Lock()  # reads run on the read lane's threads, keeps on the write lane's
+
+    def _copied(self, nbytes: int) -> None:
+        with self._count:
+            self.bytes_copied += nbytes
 
     def _region(self, block: str, kind: str) -> torch.Tensor:
         off = opt_region_offsets(self.store, block)[kind]
@@ -35,10 +42,12 @@ class BlockCache:
         cached, live = block in self.entries, self.store.version(block, kind)
         if cached and self._versions[block].get(kind) == live:
             into.copy_(self._region(block, kind))
+            self._copied(into.numel())
             return
         self.store.read(block, kind, into)
         if cached:
             self._region(block, kind).copy_(into)
+            self._copied(into.numel())
             self._versions[block][kind] = live
 
     def keep(self, block: str, slot_bytes: torch.Tensor, version: int) -> None:
@@ -48,4 +57,5 @@ class BlockCache:
             return
         self._versions[block] = {}  # invalid while the copy is under way
         self.entries[block].copy_(slot_bytes)
+        self._copied(slot_bytes.numel())
         self._versions[block] = {k: version for k in SLOT_KINDS}

@@ -47,6 +47,7 @@ class StepResult:
     bytes_read: int
     bytes_written: int
     seconds: float
+    bytes_copied: int = 0  # host memory copies of state (block cache reads and keeps); store I/O is bytes_read/written
     events: list = dataclasses.field(default_factory=list)
     status: str = "ok"  # "ok", "clipped" (optimizer redone with the clip factor) or "skipped" (non-finite)
 
@@ -100,6 +101,7 @@ class Runtime:
         st = StepState(step, self.optim_cfg.lr_at(step), mbs, count_targets(batch.labels))
         st.done_blocks = frozenset(b for b, j in store.journal.items() if j["step"] == step)
         read0, written0, n_events = store.bytes_read, store.bytes_written, len(self.trace.events)
+        copied0 = self.ctx.cache.bytes_copied
         try:
             try:
                 self.executor.run(build_step_graph(self.spec, StepBodies(self.ctx, st)), step=step)
@@ -116,6 +118,7 @@ class Runtime:
             step=step if status != "skipped" else step - 1, loss=sum(st.loss_sums) / max(st.targets, 1), tokens=int(batch.input_ids.numel()),
             grad_norm=norm, lr=st.lr, bytes_read=store.bytes_read - read0, bytes_written=store.bytes_written - written0,
             seconds=time.perf_counter() - t0, events=self.trace.events[n_events:], status=status,
+            bytes_copied=self.ctx.cache.bytes_copied - copied0,
         )
 
     def _finish(self, st: StepState, norm: float) -> str:

@@ -28,19 +28,24 @@ except ImportError:
     _google = None
 
 
+def _bytes(buf: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The first nbytes of a contiguous CPU tensor of any dtype (a gradient is fp32), as uint8."""
+    b = buf if buf.dtype == torch.uint8 else buf.reshape(-1).view(torch.uint8)
+    if nbytes > b.numel():
+        raise ValueError(f"checksum of {nbytes} bytes asked of a {b.numel()}-byte buffer")
+    return b[:nbytes]
+
+
 def _crc32(buf: torch.Tensor, nbytes: int, start: int) -> int:
-    # zlib releases the GIL on large buffers
-    return zlib.crc32(memoryview(buf[:nbytes].numpy()), start)
+    return zlib.crc32(memoryview(_bytes(buf, nbytes).numpy()), start)  # zlib releases the GIL on large buffers
 
 
 def _crc32c_engine(buf: torch.Tensor, nbytes: int, start: int) -> int:
-    if nbytes > buf.numel():
-        raise ValueError(f"checksum of {nbytes} bytes asked of a {buf.numel()}-byte buffer")
-    return _ext.crc32c(buf.data_ptr(), nbytes, start)
+    return _ext.crc32c(_bytes(buf, nbytes).data_ptr(), nbytes, start)
 
 
 def _crc32c_google(buf: torch.Tensor, nbytes: int, start: int) -> int:
-    return _google.extend(start, memoryview(buf[:nbytes].numpy()))
+    return _google.extend(start, memoryview(_bytes(buf, nbytes).numpy()))
 
 
 def _impl(name: str) -> Optional[Callable[[torch.Tensor, int, int], int]]:
@@ -63,7 +68,7 @@ def default_checksum() -> str:
 
 
 def checksum_fn(name: str) -> Callable[[torch.Tensor, int, int], int]:
-    """fn(buf, nbytes, start) -> the checksum `name` of the first nbytes of a uint8 CPU tensor,
+    """fn(buf, nbytes, start) -> the checksum `name` of the first nbytes of a contiguous CPU tensor,
     continuing `start`. Raises ValueError for a name this fuyou cannot compute (the message says how)."""
     fn = _impl(name)
     if fn is None:

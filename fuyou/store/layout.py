@@ -67,6 +67,25 @@ class KindLayout:
         self.nbytes = off
         self.file_bytes = aligned_bytes(off)
 
+    def gaps(self) -> List[Tuple[int, int]]:
+        """[(start, end)] byte ranges of the file no part covers: the alignment padding between parts and
+        after the last one."""
+        out, end = [], 0
+        for p in self.parts:
+            if p.offset > end:
+                out.append((end, p.offset))
+            end = p.offset + PartSpec(p.part, p.numel, p.dtype).nbytes
+        if self.file_bytes > end:
+            out.append((end, self.file_bytes))
+        return out
+
+    def zero_gaps(self, buf: torch.Tensor) -> None:
+        """Zero the bytes of buf (a file's worth, uint8) that no part covers: a writer that fills
+        every part then leaves a file that is a function of the state alone, without a pass over
+        the parts' bytes."""
+        for start, end in self.gaps():
+            buf[start:end].zero_()
+
     def views(self, buf: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
         """{param: {part: flat tensor view into buf}} (buf: uint8, at least nbytes)."""
         out: Dict[str, Dict[str, torch.Tensor]] = {}

@@ -140,3 +140,13 @@ def test_manifest_checksum_entry_is_validated(tmp_path, edit, problem):
         json.dump(m, f)
     with pytest.raises(StoreError, match=problem):
         read_manifest(str(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("name", [n for n in checksum.CHECKSUMS if checksum.available(n)])
+def test_a_gradient_is_checksummed_as_its_bytes(name):
+    """The store writes a block's fp32 gradient as it is (no uint8 view): its checksum is its bytes'."""
+    g = torch.randn(1000)
+    fn = checksum.checksum_fn(name)
+    assert fn(g, 4000, 0) == fn(g.view(torch.uint8), 4000, 0)
+    with pytest.raises(ValueError, match="4001 bytes"):
+        fn(g, 4001, 0)

@@ -169,3 +169,21 @@ def test_store_does_not_import_the_optimizer():
     code = "import sys, fuyou.store.store, fuyou.store.layout; print(sorted(m for m in sys.modules if m.startswith('fuyou.optim')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_gaps_and_parts_tile_the_file(tmp_path):
+    """Parts and gaps cover every byte of a kind's file exactly once; zero_gaps zeroes the gaps only."""
+    store = make_store(tmp_path / "s", shapes=((3, 5), (4097,), (1,), (7, 300)))
+    for kind in KINDS:
+        lay = store.layouts["blk"].kinds[kind]
+        covered = torch.zeros(lay.file_bytes, dtype=torch.int32)
+        for p in lay.parts:
+            covered[p.offset : p.offset + PartSpec(p.part, p.numel, p.dtype).nbytes] += 1
+        for start, end in lay.gaps():
+            covered[start:end] += 1
+        assert torch.all(covered == 1), kind
+        buf = torch.full((lay.file_bytes,), 7, dtype=torch.uint8)
+        lay.zero_gaps(buf)
+        for start, end in lay.gaps():
+            assert torch.all(buf[start:end] == 0)
+        assert int((buf == 7).sum()) == lay.nbytes - sum(end - start for start, end in lay.gaps() if end <= lay.nbytes)
