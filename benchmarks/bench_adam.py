@@ -36,6 +36,7 @@ CODECS = [  # (label, StateConfig)
     ("fuyou bf16 m/v, bf16+rem", StateConfig(weights="bf16", master="bf16+rem", states="bf16")),
     ("fuyou fp8 m/v, bf16+rem", StateConfig(weights="bf16", master="bf16+rem", states="fp8")),
     ("fuyou de8 m/v, bf16+rem", StateConfig(weights="bf16", master="bf16+rem", states="de8")),
+    ("fuyou log8 m/v, bf16+rem", StateConfig(weights="bf16", master="bf16+rem", states="log8")),
 ]
 HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -44,7 +45,18 @@ def machine() -> str:
     model = cpu_model()
     ram = psutil.virtual_memory().total / 2**30
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{model}, {os.cpu_count()} cores, {ram:.1f} GiB RAM, {platform.system()}, torch {torch.__version__}, {now}"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, {ram:.1f} GiB RAM, {platform.system()}, torch {torch.__version__}, {now}, load average {load}"
+
+
+def kernel_line() -> str:
+    """Which build of the fused kernel ran, and how fp32 mode took torch's sqrt."""
+    if not fused.available():
+        return "fuyou._adam not built"
+    kind = {fused.SQRT_VML_EX: "vmsSqrt's generic path recomputed in registers", fused.SQRT_VML_CALL: "vmsSqrt called per chunk",
+            None: "two phases around torch.sqrt"}[fused.torch_sqrt_kind()[0]]
+    bf16 = ", AVX512-BF16 conversions" if fused.isas()[-1] == 2 and fused._ext.has_avx512bf16() else ""
+    return f"fuyou kernel build: {fused.ISA_NAMES[fused.isas()[-1]]}{bf16}; fp32 mode's sqrt: {kind}"
 
 
 def _set_omp_threads(n: int) -> None:
@@ -78,8 +90,8 @@ class FuyouMethod:
 
 
 class FuyouFp32Mode(FuyouMethod):
-    """fuyou's fp32 mode: the kernel in two phases around torch's own sqrt (bit-exact with
-    torch.optim.AdamW), what the runtime runs for fp32 master and moments."""
+    """fuyou's fp32 mode: the kernel with torch's own sqrt (bit-exact with torch.optim.AdamW), what
+    the runtime runs for fp32 master and moments."""
 
     def __init__(self, n):
         super().__init__("fuyou fp32 mode (torch's sqrt)", StateConfig(weights="fp32", master="fp32", states="fp32"), n)
@@ -203,6 +215,7 @@ def report(args, n, methods, drams, times, notes) -> str:
         "# CPU AdamW throughput",
         "",
         f"Machine: {machine()}",
+        kernel_line() + ".",
         f"One flat parameter of {n / 1e6:.0f} M elements; medians of {args.reps} interleaved runs.",
         "B/param: DRAM bytes one step moves (fuyou: grad 4 + read+write master, m, v + write weights).",
         "DRAM bound: in-place read+write pass over the same bytes, timed in the same rounds.",

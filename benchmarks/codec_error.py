@@ -12,7 +12,7 @@ least SMALL_NUMEL elements (smaller ones stay fp32 in every codec):
 
 COAT (Table 1) reports E4M3 20.10, E4M3+DRE 12.31, DE8 10.54 for the same quantity on their
 models; their exact normalisation is not stated the same way, so compare the ranking and the
-ratios, not the absolute numbers.
+ratios, not the absolute numbers. --lr changes the trajectory (a second one to check a codec on).
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ SCHEMES = {  # name -> (m round trip, v round trip)
     "fp8 = E4M3+DRE": (lambda x: roundtrip("fp8", x, True), lambda x: roundtrip("fp8", x, False)),
     "de8 (dynamic 8-bit)": (lambda x: roundtrip("de8", x, True), lambda x: roundtrip("de8", x, False)),
     "de8 m + E4M3+DRE v": (lambda x: roundtrip("de8", x, True), lambda x: roundtrip("fp8", x, False)),
+    "log8 = E4M3+DRE on the bit pattern": (lambda x: roundtrip("log8", x, True), lambda x: roundtrip("log8", x, False)),
 }
 
 
