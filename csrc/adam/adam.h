@@ -15,7 +15,7 @@ enum WeightsCodec : int { kWeightsFp32 = 0, kWeightsBf16 = 1 };
 constexpr int kFp8Group = 128;
 constexpr int kDe8Block = 256;
 constexpr int kLog8Group = 128;
-// Elements per work item: a multiple of both groups; 4 fp32 arrays of 1024 stay in L1 (16 KiB).
+// Elements per work item: a multiple of every group size; 4 fp32 arrays of 1024 stay in L1 (16 KiB).
 constexpr int64_t kChunk = 1024;
 
 struct MomentBuf {
@@ -33,7 +33,7 @@ struct MomentBuf {
 //   kSqrtVmlEx    vmsSqrt's generic x86 path (the one MKL runs on this AMD CPU) recomputed in
 //                 registers: rsqrtps and two unfused correction steps (vml_ex_sqrt in scalar.inc).
 //                 Equal to vmsSqrt on all 2^32 inputs here; fused.py takes it only after it matched
-//                 torch.sqrt on a probe of every rsqrt table entry, every length and offset.
+//                 torch.sqrt on a probe reaching every rsqrt table entry, whole and cut into tails.
 enum SqrtKind : int { kSqrtIeee = 0, kSqrtVmlCall = 1, kSqrtVmlEx = 2 };
 typedef void (*VmlSqrtFn)(const int* n, const float* a, float* r, const int64_t* mode);
 // The mode aten passes (MKL VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE).
