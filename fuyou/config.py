@@ -48,6 +48,8 @@ WEIGHT_CODECS = ("fp32", "bf16", "fp8")  # compute weights streamed to the devic
 MASTER_CODECS = ("fp32", "bf16+rem")  # master weights the optimizer updates
 MOMENT_CODECS = ("fp32", "bf16", "fp8", "de8")  # AdamW exp_avg / exp_avg_sq
 RECOMPUTE_MODES = ("auto", "always", "never")
+# transformers.get_scheduler's schedules that are a function of the step (fuyou.optim.schedule).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt", "cosine_with_min_lr")
 DISK_MODES = ("safe", "lean")
 LINEAR_RECIPES = ("fp8-blockwise", "mxfp4", "nvfp4")
 DEVICES = ("cuda", "cpu")
@@ -110,19 +112,31 @@ class OptimConfig:
     # None: the run picks by where the weights come from (with_default_lr).
     lr: Optional[float] = setting(None, "learning rate", group=OPTIMIZATION,
                                   shown=f"{_exponent(LR_FROM_SCRATCH)} for a preset, {_exponent(LR_FINETUNE)} for a checkpoint")
-    beta1: float = 0.9  # the betas and eps are torch's defaults, not on the command line
-    beta2: float = 0.999
-    eps: float = 1e-8
+    lr_scheduler: str = setting("constant", "learning-rate schedule, as transformers' get_scheduler has it (constant with a warm-up "
+                                "is constant_with_warmup)", choices=LR_SCHEDULERS, group=OPTIMIZATION)
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up from 0", group=OPTIMIZATION)
+    warmup_ratio: float = setting(0.0, "warm-up as a share of the run's --steps (rounded up); instead of --warmup-steps", group=OPTIMIZATION)
+    min_lr_rate: float = setting(0.0, "cosine_with_min_lr: the final learning rate as a share of --lr", group=OPTIMIZATION)
+    beta1: float = setting(0.9, "AdamW beta1", flag="--adam-beta1", group=OPTIMIZATION)
+    beta2: float = setting(0.999, "AdamW beta2", flag="--adam-beta2", group=OPTIMIZATION)
+    eps: float = setting(1e-8, "AdamW epsilon", flag="--adam-eps", group=OPTIMIZATION)
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay", group=OPTIMIZATION)
-    warmup_steps: int = setting(0, "linear learning-rate warm-up from 0 over this many steps, then constant", group=OPTIMIZATION)
 
     def __post_init__(self):
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}; pass e.g. --lr 1e-5")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"AdamW betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
+            raise ValueError(f"AdamW betas must lie in [0, 1), got ({self.beta1}, {self.beta2}); pass e.g. --adam-beta2 0.95")
+        if not self.eps > 0:
+            raise ValueError(f"--adam-eps must be > 0, got {self.eps}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("weight decay and warm-up steps must be >= 0")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_rate <= 1:
+            raise ValueError("--warmup-ratio must lie in [0, 1) and --min-lr-rate in [0, 1]")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("--warmup-steps and --warmup-ratio both set the warm-up; pass one")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr-scheduler {self.lr_scheduler!r} unknown; choose one of {', '.join(LR_SCHEDULERS)}")
 
     def with_default_lr(self, *, from_scratch: bool) -> OptimConfig:
         """This config, its lr set if it was None: LR_FROM_SCRATCH for random weights, else LR_FINETUNE."""
@@ -130,13 +144,6 @@ class OptimConfig:
             return self
         return dataclasses.replace(self, lr=LR_FROM_SCRATCH if from_scratch else LR_FINETUNE)
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (counting from 1)."""
-        if self.lr is None:
-            raise ValueError("the learning rate is unset; pass OptimConfig(lr=...) or call with_default_lr first")
-        if self.warmup_steps and step <= self.warmup_steps:
-            return self.lr * step / self.warmup_steps
-        return self.lr
 
 
 @dataclass(frozen=True, kw_only=True)

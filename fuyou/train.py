@@ -273,7 +273,7 @@ def _train(job: Job, store: Store, skeleton: Skeleton, dataset: TokenDataset, pl
     cfg = job.cfg
     store.unverified = frozenset() if cfg.verify_reads else frozenset({"weights"})  # the optimizer's states are always checked
     rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm,
-                 disk_mode=cfg.disk_mode)
+                 disk_mode=cfg.disk_mode, total_steps=cfg.steps)
     results: List[StepResult] = []
     proc = psutil.Process()
     peak_rss = proc.memory_info().rss

@@ -56,8 +56,9 @@ def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> L
     return out
 
 
-def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, device="cpu", state=None, linear=None):
-    """Import `ckpt` into a fresh store and train one fuyou step per batch; (runtime, step results)."""
+def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, device="cpu", state=None, linear=None, optim=None):
+    """Import `ckpt` into a fresh store and train one fuyou step per batch; (runtime, step results).
+    `optim`: the OptimConfig (default: LR and WD, constant); the run's length is len(batches)."""
     from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig
     from fuyou.model.importer import import_model
     from fuyou.model.skeleton import Skeleton
@@ -72,8 +73,9 @@ def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, devi
         device=torch.device(device),
         memory=memory or MemoryConfig(),
         batch=BatchConfig(batch_size=batches[0].input_ids.shape[0], micro_batches=micro, seq_len=batches[0].input_ids.shape[1]),
-        optim=OptimConfig(lr=LR, weight_decay=WD),
+        optim=optim or OptimConfig(lr=LR, weight_decay=WD),
         trace=trace,
+        total_steps=len(batches),
     )
     try:
         results = [rt.step(b) for b in batches]
@@ -82,12 +84,15 @@ def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, devi
     return rt, results
 
 
-def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: float, weight_decay: float = 0.0, max_grad_norm=None, device="cpu"):
-    """Plain PyTorch: from_pretrained, torch.optim.AdamW, the same loss and accumulation as fuyou."""
+def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: float, weight_decay: float = 0.0, max_grad_norm=None, device="cpu",
+                    scheduler=None, betas=(0.9, 0.999), eps=1e-8):
+    """Plain PyTorch: from_pretrained, torch.optim.AdamW, the same loss and accumulation as fuyou;
+    `scheduler(optimizer)` -> a torch LR scheduler stepped after each optimizer step, as Trainer does."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    sched = scheduler(opt) if scheduler is not None else None
     losses = []
     for batch in batches:
         total = count_targets(batch.labels)
@@ -102,6 +107,8 @@ def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: 
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss / total)
     return model, losses
 

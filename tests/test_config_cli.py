@@ -161,8 +161,10 @@ def test_learning_rate_default_depends_on_where_the_weights_come_from():
     assert OptimConfig().with_default_lr(from_scratch=True).lr == config.LR_FROM_SCRATCH == 1e-3
     assert OptimConfig().with_default_lr(from_scratch=False).lr == config.LR_FINETUNE == 1e-5
     assert OptimConfig(lr=0.5).with_default_lr(from_scratch=True).lr == 0.5
+    from fuyou.optim.schedule import lr_schedule
+
     with pytest.raises(ValueError, match="unset"):
-        OptimConfig().lr_at(1)
+        lr_schedule(OptimConfig())
 
 
 def test_codec_names_are_the_codecs_fuyou_optim_implements():

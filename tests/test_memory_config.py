@@ -40,5 +40,8 @@ def test_config_validation():
         OptimConfig(lr=0)
     with pytest.raises(ValueError):
         MemoryConfig(cpu_mem_bytes=0)
-    assert OptimConfig(lr=1.0, warmup_steps=4).lr_at(2) == 0.5
-    assert OptimConfig(lr=1.0, warmup_steps=4).lr_at(10) == 1.0
+    from fuyou.optim.schedule import lr_schedule
+
+    # transformers' constant_with_warmup: optimizer step t runs at lr * min(1, (t - 1) / warmup).
+    warm = lr_schedule(OptimConfig(lr=1.0, warmup_steps=4))
+    assert [warm(t) for t in (1, 2, 5, 10)] == [0.0, 0.25, 1.0, 1.0]

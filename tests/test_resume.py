@@ -72,7 +72,8 @@ CHANGED = {
     "data": None,  # another file, made in the test
     "seed": "4", "max_grad_norm": "1.0", "disk_mode": "lean", "linear": "mxfp4",
     "state.weights": "bf16", "state.master": "bf16+rem", "state.states": "fp8",
-    "optim.lr": "0.001", "optim.weight_decay": "0.2", "optim.warmup_steps": "3",
+    "optim.lr": "0.001", "optim.weight_decay": "0.2", "optim.warmup_steps": "3", "optim.lr_scheduler": "cosine", "optim.warmup_ratio": "0.1",
+    "optim.min_lr_rate": "0.5", "optim.beta1": "0.8", "optim.beta2": "0.99", "optim.eps": "1e-06",
     "batch.batch_size": "8", "batch.micro_batches": "4", "batch.seq_len": "32",
 }
 

@@ -27,6 +27,7 @@ from ..config import BatchConfig, MemoryConfig, OptimConfig
 from ..data.dataset import Batch
 from ..memory import Pool
 from ..model.skeleton import Skeleton, count_targets
+from ..optim.schedule import lr_schedule
 from ..store.store import Store
 from .activations import Activations
 from .bodies import StepBodies
@@ -57,10 +58,11 @@ class Runtime:
 
     def __init__(self, store: Store, skeleton: Skeleton, *, device: torch.device, batch: BatchConfig, optim: OptimConfig,
                  memory: Optional[MemoryConfig] = None, plan: Optional[MemoryPlan] = None, trace: Optional[Trace] = None,
-                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe"):
+                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe", total_steps: Optional[int] = None):
         _check_settings(max_grad_norm, disk_mode)
         device = torch.device(device)
         self.store, self.batch_cfg, self.optim_cfg = store, batch, optim
+        self.lr_at = lr_schedule(optim, total_steps)  # total_steps: the run's target (schedules that decay need it)
         self.compute_dtype = compute_dtype_for(device, store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype)
         self.cons = model_consumers(store, skeleton)
         if plan is None:
@@ -97,7 +99,7 @@ class Runtime:
         mbs = batch.split(self.batch_cfg.micro_batches)
         if self.device.type != "cpu":
             mbs = [m.to(self.device) for m in mbs]
-        st = StepState(step, self.optim_cfg.lr_at(step), mbs, count_targets(batch.labels))
+        st = StepState(step, self.lr_at(step), mbs, count_targets(batch.labels))
         st.done_blocks = frozenset(b for b, j in store.journal.items() if j["step"] == step)
         read0, written0, n_events = store.bytes_read, store.bytes_written, len(self.trace.events)
         try:
