@@ -101,7 +101,7 @@ def _exponent(x: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
-def _device_setting():
+def device_setting():
     return setting(None, "compute device", choices=DEVICES, group=DEVICE_MEMORY, shown="cuda when present")
 
 
@@ -234,7 +234,7 @@ class FinetuneConfig:
     steps: int = setting(60, "train until this optimizer step (a total: --resume --steps 200 continues a run to step 200)", group=OPTIMIZATION)
     max_grad_norm: Optional[float] = setting(None, "clip the global gradient norm (exact: a clipped step redoes the optimizer pass)",
                                              group=OPTIMIZATION, shown="no clipping")
-    device: Optional[str] = _device_setting()
+    device: Optional[str] = device_setting()
     store: str = setting("fuyou-store", "store directory (created; on an NVMe SSD for real runs)", group=STORAGE)
     resume: bool = setting(False, "continue the run in --store from its last committed step, with the settings it records", group=STORAGE)
     overwrite: bool = setting(False, "replace an existing fuyou store at --store", group=STORAGE)
@@ -319,71 +319,3 @@ class RatesConfig:
     def given(self) -> dict:
         """The rates given by hand, by field name (the file excluded)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path" and getattr(self, f.name) is not None}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneCommand:
-    """Fine-tune a model whose training state lives in a store on disk.
-
-    Fine-tune a Hugging Face causal LM with weights, fp32 master weights and AdamW states kept in
-    --store, streamed block by block. With no arguments: the llama-tiny preset on the bundled corpus.
-    """
-
-    job: FinetuneConfig = section(FinetuneConfig)
-    plan: Optional[str] = setting(None, "let the planner choose --prefetch-depth, --micro-batches and the memory budgets (see `fuyou plan`)",
-                                  choices=("auto",), group=DEVICE_MEMORY)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PlanCommand:
-    """Choose prefetch depth, micro-batches and optimizer slots; predict the step.
-
-    Plan a run from the model's config alone (no weights needed): the fastest settings that fit the
-    budgets, the predicted step time, its bottleneck and the bytes per tier.
-    """
-
-    device: Optional[str] = _device_setting()
-    plan: PlanConfig = section(PlanConfig)
-    rates: RatesConfig = section(RatesConfig)
-    explain: bool = setting(False, "also print the chosen plan's schedule of one step: per consumer, what it waits for and what the other "
-                            "lanes run meanwhile", group=OUTPUT)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeCommand:
-    """Measure this machine's storage, copy, compute and optimizer rates (saved for `fuyou plan`)."""
-
-    store_dir: str = setting(".", "directory on the disk the store will live on (a temporary file is written there)", group=STORAGE)
-    device: Optional[str] = _device_setting()
-    size: int = setting(512 << 20, "bytes written and read back by the storage probe", parse=parse_size, group=PROBE)
-    hidden: int = setting(1024, "hidden size of the probed decoder layer", group=PROBE)
-    intermediate: int = setting(2816, "MLP size of the probed decoder layer", group=PROBE)
-    heads: int = setting(16, "attention heads of the probed layer", group=PROBE)
-    tokens: int = setting(512, "tokens per probed call (sequences of 128)", group=PROBE)
-    isolated: bool = setting(False, "probe each resource alone, not as in a step (storage and optimizer with a layer computing, "
-                             "compute with storage busy)", group=PROBE)
-    out: Optional[str] = setting(None, "where to save the rates JSON", group=OUTPUT, shown="the user config dir, see `fuyou plan`")
-
-    def __post_init__(self):
-        if self.hidden < 8 or self.tokens < 128 or self.heads < 1 or self.hidden % self.heads:
-            raise ValueError("--hidden must be >= 8 and divisible by --heads, --tokens >= 128")
-        if self.size < 1 or self.intermediate < 1:
-            raise ValueError("--size and --intermediate must be >= 1")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProfileCommand:
-    """Summarize a trace of `fuyou finetune --trace DIR`: timeline PNG and table."""
-
-    trace: str = setting(help="DIR/trace.json written by `fuyou finetune --trace DIR`", group=INPUT)
-    step: Optional[int] = setting(None, "step to show", group=INPUT, shown="the median-length step after the first")
-    png: Optional[str] = setting(None, "timeline image path", group=OUTPUT, shown="timeline.png beside the trace")
-    rates: RatesConfig = section(RatesConfig)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExportCommand:
-    """Write a Hugging Face checkpoint from a store's master weights."""
-
-    store: str = setting(help="the store directory", group=INPUT)
-    to: str = setting(help="output directory (new or empty)", group=OUTPUT)

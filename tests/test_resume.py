@@ -11,7 +11,7 @@ import pytest
 
 from fuyou.cli import main
 from fuyou.cli.args import settings
-from fuyou.config import FinetuneCommand
+from fuyou.cli.commands import FinetuneCommand
 from fuyou.resume import NOT_RECORDED, is_changeable
 from tests.helpers import save_checkpoint, tiny_config
 

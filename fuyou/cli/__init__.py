@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from ..config import ExportCommand, FinetuneCommand, PlanCommand, ProbeCommand, ProfileCommand
+from .commands import ExportCommand, FinetuneCommand, PlanCommand, ProbeCommand, ProfileCommand
 from . import plan, run
 from .args import Parser, add_command, build, given_settings
 

@@ -5,7 +5,8 @@ import dataclasses
 import os
 from typing import Optional
 
-from ..config import PlanCommand, ProbeCommand, ProfileCommand, RatesConfig, flag_of
+from ..config import RatesConfig, flag_of
+from .commands import PlanCommand, ProbeCommand, ProfileCommand
 
 RATE_FIELDS = {  # RatesConfig field -> (Rates field, scale from the flag's unit)
     "read_gbps": ("read_Bps", 1e9),

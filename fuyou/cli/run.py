@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from ..config import ExportCommand, FinetuneCommand, FinetuneConfig, PlanConfig
+from ..config import FinetuneConfig, PlanConfig
+from .commands import ExportCommand, FinetuneCommand
 
 
 def finetune_command(cmd: FinetuneCommand, given: set) -> int:

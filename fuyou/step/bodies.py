@@ -20,7 +20,7 @@ class StepBodies:
         self.ctx, self.st = ctx, st
 
     def read_weights(self, consumer: int) -> None:
-        """Consumer consumer's weights files into its staging slot (from the block cache where it holds them)."""
+        """The consumer's weights files into its staging slot (from the block cache where it holds them)."""
         for block, region in self.ctx.slots.staging_regions(consumer):
             self.ctx.cache.read(block, "weights", region)
 

@@ -72,7 +72,7 @@ class Slots:
 
     # -- weight slots ---------------------------------------------------------------------------
     def staged_weights(self, consumer: int) -> Dict[str, torch.Tensor]:
-        """Consumer consumer's parameters decoded from its staging slot (views, or dequantized fp8)."""
+        """The consumer's parameters decoded from its staging slot (views, or dequantized fp8)."""
         stage, off, out = self.staging[consumer % len(self.staging)], 0, {}
         for b in self.cons[consumer].weight_blocks:
             kl = self.store.layouts[b].kinds["weights"]
@@ -91,7 +91,7 @@ class Slots:
         return out
 
     def device_weights(self, consumer: int) -> Dict[str, torch.Tensor]:
-        """Consumer consumer's parameters in its device slot (compute dtype), flat."""
+        """The consumer's parameters in its device slot (compute dtype), flat."""
         dslot, off, out = self.device[consumer % len(self.device)], 0, {}
         esize = torch.empty((), dtype=self.compute_dtype).element_size()
         for b in self.cons[consumer].weight_blocks:
