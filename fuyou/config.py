@@ -41,7 +41,8 @@ def format_size(n: int) -> str:
 # Help groups, in the order `--help` lists them, and the note a group's title carries.
 MODEL_DATA, INPUT, OPTIMIZATION, DEVICE_MEMORY = "model & data", "input", "optimization", "device & memory"
 STORAGE, PRECISION, PROBE, RATES, OUTPUT = "storage", "precision", "probe", "machine rates", "output & logging"
-GROUPS = (MODEL_DATA, INPUT, OPTIMIZATION, DEVICE_MEMORY, STORAGE, PRECISION, PROBE, RATES, OUTPUT)
+EVAL = "validation"
+GROUPS = (MODEL_DATA, INPUT, OPTIMIZATION, EVAL, DEVICE_MEMORY, STORAGE, PRECISION, PROBE, RATES, OUTPUT)
 GROUP_NOTES = {RATES: "default: the saved `fuyou probe` result, else conservative defaults"}
 
 WEIGHT_CODECS = ("fp32", "bf16", "fp8")  # compute weights streamed to the device
@@ -53,6 +54,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 DISK_MODES = ("safe", "lean")
 LINEAR_RECIPES = ("fp8-blockwise", "mxfp4", "nvfp4")
 DEVICES = ("cuda", "cpu")
+EXPORT_DTYPES = ("fp32", "bf16")
 DEFAULT_MODEL = "llama-tiny"  # a preset of fuyou.model.source
 BUILTIN_DATA = "builtin"  # --data's name for the bundled corpus
 LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
@@ -221,6 +223,52 @@ class StateConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Validation: a forward-only pass through the streaming runtime every few steps."""
+
+    data: Optional[str] = setting(None, "held-out data (.jsonl or .txt) for the validation loss", flag="--eval-data", group=EVAL)
+    split: float = setting(0.0, "hold out this share of --data's rows for validation instead (they are not trained on)", flag="--eval-split",
+                           group=EVAL)
+    every: int = setting(0, "validate every this many steps, and at the end (0: at the end only, when there is validation data)",
+                         flag="--eval-every", group=EVAL)
+
+    def __post_init__(self):
+        if not 0 <= self.split < 1:
+            raise ValueError(f"--eval-split must lie in [0, 1), got {self.split}")
+        if self.split and self.data is not None:
+            raise ValueError("--eval-data and --eval-split both name the validation data; pass one")
+        if self.every < 0:
+            raise ValueError("--eval-every must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.data is not None or self.split > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """What a run writes besides its store: checkpoints, metrics, logs."""
+
+    dir: Optional[str] = setting(None, "write Hugging Face checkpoints here (checkpoint-<step>/), at --save-every steps and at the end",
+                                 flag="--output-dir", group=OUTPUT)
+    save_every: int = setting(0, "write a checkpoint every this many steps (0: only at the end)", flag="--save-every", group=OUTPUT)
+    save_total_limit: int = setting(0, "keep only the newest this many checkpoints (0: all)", flag="--save-total-limit", group=OUTPUT)
+    export_dtype: str = setting("fp32", "dtype of the checkpoints' weights", flag="--export-dtype", choices=EXPORT_DTYPES, group=OUTPUT)
+    log_every: int = setting(0, "without a terminal, print a line every this many steps", flag="--log-every", group=OUTPUT,
+                             shown="a tenth of the run")
+    tensorboard: Optional[str] = setting(None, "also write TensorBoard scalars to this directory (needs the tensorboard package)",
+                                         flag="--tensorboard", group=OUTPUT)
+
+    def __post_init__(self):
+        if self.save_every < 0 or self.save_total_limit < 0 or self.log_every < 0:
+            raise ValueError("--save-every, --save-total-limit and --log-every must be >= 0")
+        if (self.save_every or self.save_total_limit) and self.dir is None:
+            raise ValueError("--save-every and --save-total-limit need --output-dir, where the checkpoints go")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"--export-dtype {self.export_dtype!r} unknown; choose one of {', '.join(EXPORT_DTYPES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """Everything fuyou.train.finetune needs."""
 
@@ -251,6 +299,8 @@ class FinetuneConfig:
     optim: OptimConfig = section(OptimConfig)
     batch: BatchConfig = section(BatchConfig)
     memory: MemoryConfig = section(MemoryConfig)
+    eval: EvalConfig = section(EvalConfig)
+    output: OutputConfig = section(OutputConfig)
 
     def __post_init__(self):
         if self.steps < 1:

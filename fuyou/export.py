@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from typing import Callable, Optional
 
+import torch
+
 from .optim.state import StateCodecs, decode_master
 from .store.directio import aligned_empty
 from .store.store import open_store
@@ -21,35 +23,47 @@ from .store.lock import StoreLock
 from .store.manifest import StoreError, is_store
 
 
-def export_store(store_path: str, out: str, on_block: Optional[Callable[[str], None]] = None) -> str:
-    out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise StoreError(f"export target {out} exists and is not an empty directory; choose a new directory")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export_store(store_path: str, out: str, dtype: str = "fp32", on_block: Optional[Callable[[str], None]] = None) -> str:
+    """`fuyou export`: lock the store, then write_checkpoint its committed step."""
     if not is_store(store_path):
         raise StoreError(f"{os.path.abspath(store_path)} is not a fuyou store; pass the directory `fuyou finetune --store` created")
+    _check_target(os.path.abspath(out))
     with StoreLock(store_path):
-        store = open_store(store_path, StateCodecs.from_json)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a directory's usual mode
-        _assemble(store, tmp, out, on_block)
-    return out
+        return write_checkpoint(open_store(store_path, StateCodecs.from_json), out, dtype, on_block)
 
 
-def _assemble(store, tmp: str, out: str, on_block) -> None:
+def _check_target(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise StoreError(f"export target {out} exists and is not an empty directory; choose a new directory")
+
+
+def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Callable[[str], None]] = None) -> str:
+    """A Hugging Face checkpoint of the open `store`'s committed master weights in `dtype`, made in a
+    new directory beside `out` and renamed to it when complete."""
+    out = os.path.abspath(out)
+    _check_target(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype {dtype!r} unknown; choose one of {', '.join(DTYPES)}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=os.path.dirname(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a directory's usual mode
     try:
-        _write(store, tmp, on_block)
+        _write(store, tmp, DTYPES[dtype], on_block)
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
 
 
-def _write(store, tmp: str, on_block) -> None:
+def _write(store, tmp: str, dtype: torch.dtype, on_block) -> None:
     from safetensors.torch import save_file
 
     names = [b for b in store.block_names if store.layouts[b].numel]
@@ -59,7 +73,7 @@ def _write(store, tmp: str, on_block) -> None:
         buf = aligned_empty(lay.file_bytes)
         store.read(block, "master", buf)
         shapes = store.layouts[block].shapes
-        tensors = {name: decode_master(store.state.cfg, parts, math.prod(shapes[name])).reshape(shapes[name]).clone()
+        tensors = {name: decode_master(store.state.cfg, parts, math.prod(shapes[name])).reshape(shapes[name]).to(dtype).clone()
                    for name, parts in lay.views(buf).items()}
         fname = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
         save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
@@ -75,3 +89,13 @@ def _write(store, tmp: str, on_block) -> None:
         src = os.path.join(mdir, fname)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(tmp, fname))
+    _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
+
+
+def _set_config_dtype(path: str, dtype: torch.dtype) -> None:
+    """The checkpoint's config.json names the dtype its weights are stored in (from_pretrained's default)."""
+    with open(path) as f:
+        config = json.load(f)
+    config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)

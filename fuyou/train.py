@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, replace
-from typing import List, Optional, Set
+from typing import Optional, Set
 
-import psutil
 import torch
 
 from .config import BUILTIN_DATA, FinetuneConfig
@@ -26,43 +23,17 @@ from .model.importer import TOKENIZER_FILES, import_model, model_info
 from .model.skeleton import Skeleton
 from .model.source import ModelSource
 from .optim.state import StateCodecs
-from .progress import Progress
+from . import loop
+from .loop import FinetuneResult
+from .progress import run_summary
+from .summary import summary_lines
 from .resume import ResumeError, file_fingerprint, files_fingerprint, given_settings, record, resumed
 from .step.memory_plan import MemoryPlan, plan_for_model
-from .step.runtime import Runtime, StepResult
+from .step.runtime import Runtime
 from .store.lock import StoreLock
 from .store.manifest import StoreError, is_store, new_manifest, read_manifest
 from .store.paths import check_confined, check_store_target, clear_store
 from .store.store import Store, open_store
-
-# A run whose gradients stay non-finite this many steps in a row is stopped: its weights (or data)
-# are corrupt or the learning rate is far too high; skipping on would never end.
-MAX_SKIPPED_IN_A_ROW = 5
-
-
-@dataclass
-class FinetuneResult:
-    steps: List[StepResult]
-    store: str
-    numel: int
-    peak_rss_bytes: int
-    pool_peaks: dict
-    import_seconds: float
-    target_step: int = 0
-    stopped: Optional[str] = None  # the signal that stopped the run before its target step
-
-    @property
-    def first_loss(self) -> float:
-        return self.steps[0].loss
-
-    @property
-    def last_loss(self) -> float:
-        return self.steps[-1].loss
-
-
-class StoreIOError(OSError):
-    """A disk error during a step; the message names the store and how to resume."""
-
 
 @dataclass
 class Job:
@@ -75,32 +46,6 @@ class Job:
     existing: Optional[dict]  # the store's manifest when resuming
     record: dict  # the run's settings as the manifest keeps them
     data_path: str
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the step in flight (a second SIGINT interrupts it;
-    the store stays at its last committed step either way)."""
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self._old = {}
-
-    def _handle(self, signum, _frame):
-        name = signal.Signals(signum).name
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -193,19 +138,19 @@ def _read_existing(path: str) -> dict:
 
 
 def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=None, trace=None) -> FinetuneResult:
+    from rich.console import Console
+
     from .store.backends import set_default_backend
 
     set_default_backend(cfg.io_backend)
+    console = console or Console(stderr=True)
     check_store_target(os.path.abspath(cfg.store))  # before the lock file is made in it
     with StoreLock(cfg.store):
         job = prepare(cfg, given)
         cfg = job.cfg
         device = resolve_device(cfg.device)
         skeleton = Skeleton(job.config, linear=cfg.linear)
-        tokenizer = load_tokenizer(job.tokenizer_dir)
-        if len(tokenizer) > job.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {job.config.vocab_size}; use the model's own tokenizer")
-        dataset = TokenDataset(job.data_path, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
+        dataset, eval_set = _datasets(job)
         # The run's memory plan, made on the store's layout before anything is written (a budget that
         # cannot hold one block is refused here), and handed to the runtime.
         state = StateCodecs(cfg.state)
@@ -217,7 +162,33 @@ def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=N
             return _finished(cfg, job.existing, dry, console)
         t0 = time.perf_counter()
         store = _open_or_import(job, console)
-        return _train(job, store, skeleton, dataset, plan, device, time.perf_counter() - t0, console, trace)
+        import_s = time.perf_counter() - t0
+        store.unverified = frozenset() if cfg.verify_reads else frozenset({"weights"})  # the optimizer's states are always checked
+        rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm,
+                     disk_mode=cfg.disk_mode, total_steps=cfg.steps)
+        try:
+            run_summary(summary_lines(job, store, rt, dataset, eval_set), console)
+            return loop.run(loop.Loop(cfg, job.record, rt, store, dataset, eval_set, console), import_s)
+        finally:
+            rt.close()
+            loop.save_trace(trace, cfg.trace_dir)
+
+
+def _datasets(job: Job) -> tuple:
+    """(training rows, validation rows or None), the tokenizer and the model agreeing."""
+    cfg, config = job.cfg, job.config
+    tokenizer = load_tokenizer(job.tokenizer_dir)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {config.vocab_size}; use the model's own tokenizer")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and cfg.batch.seq_len > max_positions:
+        raise ValueError(f"--seq-len {cfg.batch.seq_len} is beyond the model's {max_positions} positions; pass --seq-len {max_positions} or less")
+    dataset = TokenDataset(job.data_path, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
+    if cfg.eval.data is not None:
+        return dataset, TokenDataset(cfg.eval.data, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
+    if cfg.eval.split:
+        return dataset.split(cfg.eval.split)
+    return dataset, None
 
 
 def _finished(cfg: FinetuneConfig, manifest: dict, store: Store, console) -> FinetuneResult:
@@ -266,53 +237,3 @@ def _existing_parent(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
-
-
-def _train(job: Job, store: Store, skeleton: Skeleton, dataset: TokenDataset, plan: MemoryPlan, device, import_s: float, console,
-           trace) -> FinetuneResult:
-    cfg = job.cfg
-    store.unverified = frozenset() if cfg.verify_reads else frozenset({"weights"})  # the optimizer's states are always checked
-    rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm,
-                 disk_mode=cfg.disk_mode, total_steps=cfg.steps)
-    results: List[StepResult] = []
-    proc = psutil.Process()
-    peak_rss = proc.memory_info().rss
-    position = int(store.manifest["train"].get("data_position", 0))
-    stop, skipped = _StopFlag(), 0
-    try:
-        with stop, Progress(console, store.step, cfg.steps, store.numel()) as bar:
-            while store.step < cfg.steps and not stop.requested:
-                batch = dataset.batch(position, cfg.batch.batch_size)
-                position += cfg.batch.batch_size
-                # Rows consumed: the data order is a function of (seed, position).
-                res = _step(rt, store, batch, {"run": job.record, "data_position": position})
-                skipped = skipped + 1 if res.status == "skipped" else 0
-                if skipped:
-                    bar.note(f"warning: non-finite gradient at step {res.step + 1}; skipped the batch, state unchanged")
-                if skipped >= MAX_SKIPPED_IN_A_ROW:
-                    raise FloatingPointError(
-                        f"{skipped} steps in a row had a non-finite gradient; the store {store.root} still holds step {store.step}: lower --lr, "
-                        "check the data, or check the store's weights (run without --no-verify)")
-                results.append(res)
-                peak_rss = max(peak_rss, proc.memory_info().rss)
-                bar.update(res, peak_rss)
-            if stop.requested and store.step < cfg.steps:
-                bar.note(f"stopped by {stop.requested} at step {store.step} of {cfg.steps}; the store is resumable: "
-                         f"fuyou finetune --store {store.root} --resume")
-    finally:
-        rt.close()
-        if trace is not None and cfg.trace_dir:
-            os.makedirs(cfg.trace_dir, exist_ok=True)
-            trace.save_chrome(os.path.join(cfg.trace_dir, "trace.json"))
-    pools = {p.name: p.report() for p in (rt.cpu_pool, rt.dev_pool, rt.cache_pool)}
-    stopped = stop.requested if store.step < cfg.steps else None
-    return FinetuneResult(results, store.root, store.numel(), peak_rss, pools, import_s, cfg.steps, stopped)
-
-
-def _step(rt: Runtime, store: Store, batch, meta: dict) -> StepResult:
-    try:
-        return rt.step(batch, train_meta=meta)
-    except OSError as exc:
-        raise StoreIOError(
-            f"{exc}; the store {store.root} still holds step {store.step}: fix the cause (free space, check the disk), then rerun with --resume"
-        ) from exc

@@ -74,7 +74,7 @@ CHANGED = {
     "state.weights": "bf16", "state.master": "bf16+rem", "state.states": "fp8",
     "optim.lr": "0.001", "optim.weight_decay": "0.2", "optim.warmup_steps": "3", "optim.lr_scheduler": "cosine", "optim.warmup_ratio": "0.1",
     "optim.min_lr_rate": "0.5", "optim.beta1": "0.8", "optim.beta2": "0.99", "optim.eps": "1e-06",
-    "batch.batch_size": "8", "batch.micro_batches": "4", "batch.seq_len": "32",
+    "batch.batch_size": "8", "batch.micro_batches": "4", "batch.seq_len": "32", "eval.split": "0.2",
 }
 
 
@@ -230,8 +230,9 @@ def test_no_verify_still_checks_what_the_optimizer_reads(setup, tmp_path, capsys
     raw[64] ^= 0x01
     open(path, "wb").write(raw)
     capsys.readouterr()
-    line = one_line_error(capsys, ["finetune", "--store", store, "--resume", "--steps", "2", "--no-verify"])
-    assert "corrupted" in line and os.path.basename(path) in line
+    assert main(["finetune", "--store", store, "--resume", "--steps", "2", "--no-verify"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the run summary: found by the first read
+    assert line.startswith("fuyou: error: ") and "corrupted" in line and os.path.basename(path) in line
     assert manifest(store)["step"] == 1
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import (
-    DEVICE_MEMORY, INPUT, OUTPUT, PROBE, STORAGE, FinetuneConfig, PlanConfig, RatesConfig, device_setting, parse_size, section, setting,
+    DEVICE_MEMORY, EXPORT_DTYPES, INPUT, OUTPUT, PROBE, STORAGE, FinetuneConfig, PlanConfig, RatesConfig, device_setting, parse_size, section, setting,
 )
 
 
@@ -77,3 +77,4 @@ class ExportCommand:
 
     store: str = setting(help="the store directory", group=INPUT)
     to: str = setting(help="output directory (new or empty)", group=OUTPUT)
+    dtype: str = setting("fp32", "dtype of the checkpoint's weights", choices=EXPORT_DTYPES, group=OUTPUT)

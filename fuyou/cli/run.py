@@ -51,6 +51,6 @@ def _planned(cfg: FinetuneConfig) -> FinetuneConfig:
 def export_command(cmd: ExportCommand, _given: set) -> int:
     from ..export import export_store
 
-    out = export_store(cmd.store, cmd.to)
+    out = export_store(cmd.store, cmd.to, cmd.dtype)
     print(f"exported {cmd.store} to {out}", file=sys.stderr)
     return 0
