@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from .. import __version__
 from .commands import ExportCommand, FinetuneCommand, PlanCommand, ProbeCommand, ProfileCommand
-from . import plan, run
+from . import config_file, plan, run
 from .args import Parser, add_command, build, given_settings
 
 EXIT_USAGE = 2
@@ -41,6 +41,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cls, handler = COMMANDS[args.command]
     given = given_settings(cls, sys.argv[1:] if argv is None else argv)
     try:
+        if getattr(args, "config_file", None):
+            given |= config_file.apply(cls, args, args.config_file, given)  # the file's settings count as given
         return handler(build(cls, args), given)
     except KeyboardInterrupt:
         print("fuyou: interrupted; the store keeps its last committed step", file=sys.stderr)

@@ -20,6 +20,10 @@ class FinetuneCommand:
     """
 
     job: FinetuneConfig = section(FinetuneConfig)
+    config_file: Optional[str] = setting(None, "TOML file of settings (YAML with pyyaml): the run's keys, then [optim] [batch] [memory] "
+                                         "[state] [eval] [output] tables, as --print-config writes them; flags override it", flag="--config",
+                                         group=INPUT)
+    print_config: bool = setting(False, "print the run's effective settings in --config's format (to stdout) and exit", group=OUTPUT)
     plan: Optional[str] = setting(None, "let the planner choose --prefetch-depth, --micro-batches and the memory budgets (see `fuyou plan`)",
                                   choices=("auto",), group=DEVICE_MEMORY)
 

@@ -17,6 +17,11 @@ def finetune_command(cmd: FinetuneCommand, given: set) -> int:
     from ..train import finetune, prepare
 
     job = {path[len("job."):] for path in given if path.startswith("job.")}
+    if cmd.print_config:
+        from .config_file import to_toml
+
+        print(to_toml(prepare(cmd.job, job).cfg), end="")
+        return 0
     cfg = cmd.job
     if cmd.plan == "auto":  # the planner's budgets count as given: a resumed run takes them
         cfg = _planned(prepare(cmd.job, job).cfg)
