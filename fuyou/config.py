@@ -13,28 +13,31 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?)(B?)|(B))?\s*$", re.IGNORECASE)
+_POWERS = {"K": 1, "M": 2, "G": 3, "T": 4}
 
 
 def parse_size(text) -> int:
-    """'4GiB', '512MiB', '1.5G', '4096' -> bytes (binary units; KB/MB/GB are read as KiB/MiB/GiB)."""
+    """Bytes from '4GiB' or '512MiB' (binary), '4GB' or '500MB' (decimal: 4 GB is 4e9 bytes, as disks
+    are sold), '4G' (binary, as `free -g` shows), '4096' or '4096B'."""
     if isinstance(text, (int, float)):
         return int(text)
     m = _SIZE_RE.match(str(text))
     if not m:
-        raise ValueError(f"cannot read size {text!r}; write it like 4GiB, 512MiB or 1073741824")
-    unit = (m.group(2) or "").upper()[:1]
-    if unit == "B":
-        unit = ""
-    return int(float(m.group(1)) * _UNITS[unit])
+        raise ValueError(f"cannot read size {text!r}; write it like 4GiB, 512MiB, 4GB or 1073741824")
+    number, unit, binary, suffix = float(m.group(1)), (m.group(2) or "").upper(), m.group(3), m.group(4)
+    if not unit:
+        return int(number)
+    base = 1024 if binary or not suffix else 1000
+    return int(number * base ** _POWERS[unit])
 
 
 def format_size(n: int) -> str:
     """Bytes as parse_size reads them back: the largest binary unit that divides n ('512MiB')."""
     for unit in "TGMK":
-        if n and n % _UNITS[unit] == 0:
-            return f"{n // _UNITS[unit]}{unit}iB"
+        size = 1 << (10 * _POWERS[unit])
+        if n and n % size == 0:
+            return f"{n // size}{unit}iB"
     return str(n)
 
 

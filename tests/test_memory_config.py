@@ -23,7 +23,8 @@ def test_pool_budget_is_enforced_and_peak_recorded():
         pool.free(torch.empty(4, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("text,value", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1.5G", int(1.5 * (1 << 30))), ("4096", 4096), ("2 kb", 2048), (1024, 1024)])
+@pytest.mark.parametrize("text,value", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1.5G", int(1.5 * (1 << 30))), ("4096", 4096), ("2 kib", 2048),
+                                        ("4GB", 4_000_000_000), ("500 MB", 500_000_000), ("2 kB", 2000), ("64B", 64), (1024, 1024)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
