@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .faults import crash_point
 from .optim.state import StateCodecs, decode_master
 from .store.directio import aligned_empty
 from .store.store import open_store
@@ -54,6 +55,7 @@ def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Ca
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a directory's usual mode
     try:
         _write(store, tmp, DTYPES[dtype], on_block)
+        crash_point("export")  # complete but not yet renamed: a crash here must leave nothing that looks complete
         if os.path.isdir(out):
             os.rmdir(out)
         os.replace(tmp, out)

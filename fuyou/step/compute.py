@@ -25,6 +25,9 @@ from .context import RunContext, StepState
 def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
     c, sk = ctx.cons[consumer], ctx.skeleton
     index = sk.block(c.block).index
+    if st.evaluating:
+        _evaluate(ctx, consumer, index, st)
+        return
     keep = not ctx.plan.recompute and sk.block(c.block).is_layer
     weights = ctx.slots.weights(consumer)
     train = c.phase != "fwd"
@@ -51,6 +54,25 @@ def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
         sk.detach(list(weights))
         for p in params.values():
             p.grad = None
+
+
+@torch.no_grad()
+def _evaluate(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
+    """A consumer of the forward-only pass: the forward of its block, or the head's loss; each
+    block input is freed once the block has read it."""
+    sk, c = ctx.skeleton, ctx.cons[consumer]
+    weights = ctx.slots.weights(consumer)
+    sk.attach(weights, requires_grad=False)
+    try:
+        if c.phase == "head":
+            for m, mb in enumerate(st.mbs):
+                buf, x = ctx.acts.take((index, m))
+                st.loss_sums.append(float(causal_lm_loss_sum(sk.head_logits(x), mb.labels)))
+                ctx.acts.release(buf)
+        else:
+            _forward(ctx, index, st)
+    finally:
+        sk.detach(list(weights))
 
 
 class WeightRefs:
@@ -113,7 +135,7 @@ def _forward(ctx: RunContext, index: int, st: StepState) -> None:
         else:
             h = sk.layer_forward(index - 1, acts.get((index, m)), st.kwargs[m])
         acts.save((index + 1, m), h)
-        if index in ctx.plan.recomputed_inputs:  # the plan drops this input: its backward recomputes it
+        if index in ctx.plan.recomputed_inputs or (st.evaluating and index > 0):  # dropped: recomputed in the backward, or none
             buf, _t = acts.take((index, m))
             acts.release(buf)
 

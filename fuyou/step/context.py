@@ -56,6 +56,7 @@ class StepState:
     grad_started: set = field(default_factory=set)  # blocks whose gradient region this step has zeroed
     grad_scale: float = 1.0  # clip factor of a redone optimizer pass
     done_blocks: FrozenSet[str] = frozenset()  # lean mode: blocks already updated by a crashed run
+    evaluating: bool = False  # a forward-only pass (validation): no gradients, inputs freed once read
     norms: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-parameter fp32 gradient norms
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -283,6 +283,19 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     return builder.g
 
 
+def build_eval_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
+    """A forward-only pass (validation): the forward consumers and the head's loss, each block's
+    weights read once into the step's own slots; no gradient, optimizer or state I/O."""
+    builder = _StepGraphBuilder(spec, bodies or NoBodies())
+    head = next(k for k, c in enumerate(spec.cons) if c.phase == "head")
+    for consumer in range(head + 1):
+        block = spec.cons[consumer].block
+        deps = [builder.weights_ready(consumer), builder.compute[-1] if builder.compute else None]
+        builder.compute.append(builder.g.add(TaskName.compute("eval", block), "compute", "compute", partial(builder.bodies.compute, consumer), deps,
+                                             flops=spec.flops[consumer] // (3 if consumer == head else 1), block=block, phase="eval", role="compute"))
+    return builder.g
+
+
 def build_redo_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
     """The optimizer pass again, from the live (old) states and the kept gradients (a clipped step)."""
     bodies = bodies or NoBodies()

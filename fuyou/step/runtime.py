@@ -33,7 +33,7 @@ from .activations import Activations
 from .bodies import StepBodies
 from .cache import BlockCache
 from .context import RunContext, StepState
-from .graph import LANES, build_redo_graph, build_step_graph, model_consumers, step_spec
+from .graph import LANES, build_eval_graph, build_redo_graph, build_step_graph, model_consumers, step_spec
 from .memory_plan import SLOT_KINDS, MemoryPlan, compute_dtype_for, plan_for_model
 from .slots import Slots
 
@@ -79,6 +79,7 @@ class Runtime:
         self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode)
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
+        self._eval_executor = Executor(LANES, Trace())  # validation passes stay out of the steps' trace
         self.spec = step_spec(store, self.cons, plan, self.slots.opt_owner, skeleton, batch)
 
     @property
@@ -91,6 +92,7 @@ class Runtime:
 
     def close(self) -> None:
         self.executor.shutdown()
+        self._eval_executor.shutdown()
 
     def step(self, batch: Batch, train_meta: Optional[dict] = None) -> StepResult:
         """Train one optimizer step on `batch`; commit it (or skip it) in the store."""
@@ -119,6 +121,21 @@ class Runtime:
             grad_norm=norm, lr=st.lr, bytes_read=store.bytes_read - read0, bytes_written=store.bytes_written - written0,
             seconds=time.perf_counter() - t0, events=self.trace.events[n_events:], status=status,
         )
+
+    def evaluate(self, batch: Batch) -> tuple:
+        """(loss summed over the batch's label tokens, their count): a forward-only pass of the
+        committed weights, micro-batch by micro-batch as in a step; nothing is written."""
+        size = self.batch_cfg.micro_batch_size
+        mbs = [Batch(batch.input_ids[i:i + size], batch.labels[i:i + size], None if batch.attention_mask is None else batch.attention_mask[i:i + size])
+               for i in range(0, batch.input_ids.shape[0], size)]
+        if self.device.type != "cpu":
+            mbs = [m.to(self.device) for m in mbs]
+        st = StepState(self.store.step, 0.0, mbs, count_targets(batch.labels), evaluating=True)
+        try:
+            self._eval_executor.run(build_eval_graph(self.spec, StepBodies(self.ctx, st)), step=self.store.step)
+        finally:
+            self.ctx.acts.clear()
+        return sum(st.loss_sums), st.targets
 
     def _finish(self, st: StepState, norm: float) -> str:
         """Decide the step once the global gradient norm is known: commit, clip (redo), or skip.
