@@ -37,3 +37,31 @@ def test_the_readmes_commands_on_one_run_work_as_written(tmp_path):
             target = int(argv[argv.index("--steps") + 1])
             assert json.load(open(os.path.join(store, "manifest.json")))["step"] == target, command
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+
+
+def config_file_section():
+    text = open(README).read().split("## A fine-tune from a config file", 1)[1]
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    toml = block.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    rest = block.split("\nEOF\n", 1)[1]
+    command = next(line.split("#")[0].strip() for line in rest.splitlines() if line.startswith("fuyou "))
+    script = rest.split('python -c "', 1)[1].rsplit('"', 1)[0]
+    return toml, command, script
+
+
+def test_the_readmes_config_file_run_works_as_written(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    toml, command, script = config_file_section()
+    save_checkpoint(str(tmp_path / "my-hf-model"), tiny_config("llama", vocab_size=640))
+    for name, n in (("train.jsonl", 200), ("valid.jsonl", 20)):
+        (tmp_path / name).write_text("\n".join(json.dumps({"text": f"{name} {i}. " + "The fox and the dog. " * 25}) for i in range(n)))
+    monkeypatch.chdir(tmp_path)  # the file's relative paths are the README's
+    (tmp_path / "run.toml").write_text(toml.replace("/nvme/run7", str(tmp_path / "run7")))
+    assert main(shlex.split(command)[1:] + ["--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "run7" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [50, 100, 150, 200]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint-100", "checkpoint-200"]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("The fox"), proc.stderr[-2000:]
