@@ -19,6 +19,15 @@ def step_row(res, *, numel: int, tokens_per_s: float, cache_read_bytes: int, pea
     }
 
 
+def tensorboard_writer():
+    """torch's SummaryWriter, or a one-line error naming the package it needs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard)") from None
+    return SummaryWriter
+
+
 class MetricsLog:
     """Appends rows to the store's metrics file (flushed per row: a killed run keeps what it logged)."""
 
@@ -27,12 +36,7 @@ class MetricsLog:
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._file.close()
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard)") from None
-            self._tb = SummaryWriter(tensorboard_dir)
+            self._tb = tensorboard_writer()(tensorboard_dir)
 
     def write(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")

@@ -25,6 +25,7 @@ from .model.source import ModelSource
 from .optim.state import StateCodecs
 from . import loop
 from .loop import FinetuneResult
+from .metrics import tensorboard_writer
 from .progress import run_summary
 from .summary import summary_lines
 from .resume import ResumeError, file_fingerprint, files_fingerprint, given_settings, record, resumed
@@ -158,6 +159,8 @@ def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=N
         dry = Store(cfg.store, manifest, state)
         plan = plan_for_model(dry, skeleton, device=device, batch=cfg.batch, memory=cfg.memory)
         _check_free_disk(dry, plan, cfg, resuming=job.existing is not None)
+        if cfg.output.tensorboard:
+            tensorboard_writer()  # refused before the import if the package is missing
         if job.existing is not None and job.existing["step"] >= cfg.steps:
             return _finished(cfg, job.existing, dry, console)
         t0 = time.perf_counter()

@@ -57,3 +57,42 @@ def test_a_run_validates_every_n_steps(tmp_path):
         targets += count_targets(batch.labels)
     torch.testing.assert_close(torch.tensor(evals[-1]["eval_loss"]), torch.tensor(loss_sum / targets), rtol=1e-5, atol=1e-6)
     assert evals[-1]["eval_perplexity"] == pytest.approx(torch.tensor(loss_sum / targets).exp().item(), rel=1e-5)
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is a dev dependency; without it --tensorboard is refused (tested below)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fuyou.cli import main
+
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), tiny_config("llama", vocab_size=640))
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"record {i}: one two three four five six seven eight"}) for i in range(60)))
+    tb = str(tmp_path / "tb")
+    assert main(["finetune", "--model", ckpt, "--data", str(data), "--store", str(tmp_path / "s"), "--steps", "2", "--batch-size", "4",
+                 "--seq-len", "16", "--eval-split", "0.2", "--tensorboard", tb, "--device", "cpu"]) == 0
+    acc = EventAccumulator(tb)
+    acc.Reload()
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "metrics.jsonl")]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows if "loss" in r])
+    assert [e.step for e in acc.Scalars("eval/eval_loss")] == [2]
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from fuyou.cli import main
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    capsys.readouterr()
+    assert main(["finetune", "--store", str(tmp_path / "s"), "--steps", "1", "--tensorboard", str(tmp_path / "tb"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install tensorboard" in err[0], err
+    assert not (tmp_path / "s").exists()  # refused before anything was written
