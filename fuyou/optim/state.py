@@ -154,6 +154,11 @@ def _emit_weights(cfg: StateConfig, master: torch.Tensor, out: Parts) -> None:
     out["value"].copy_(master)
 
 
+def emit_weights_(cfg: StateConfig, parts: Dict[str, Parts]) -> None:
+    """The compute weights of an unchanged master (a parameter the optimizer skips this step)."""
+    _emit_weights(cfg, decode_master(cfg, parts["master"]), parts["weights"])
+
+
 def set_weight_shape_(weights_parts: Parts, shape) -> None:
     """Record [N, K] in an fp8 weights region before the optimizer emits into it (a no-op otherwise)."""
     if "dims" in weights_parts:

@@ -19,6 +19,7 @@ from typing import Dict
 import torch
 
 from ..model.skeleton import causal_lm_loss_sum
+from . import tied
 from .context import RunContext, StepState
 
 
@@ -28,6 +29,7 @@ def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
     keep = not ctx.plan.recompute and sk.block(c.block).is_layer
     weights = ctx.slots.weights(consumer)
     train = c.phase != "fwd"
+    sk.on_grad = st.received.add  # which parameters autograd reaches this step (bodies.optim)
     params = sk.attach(weights, requires_grad=train or keep)
     if keep and c.phase == "bwd":
         params = st.fwd_params.pop(index)  # the Parameters the kept graph accumulates into
@@ -40,13 +42,15 @@ def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
             with torch.no_grad():
                 _forward(ctx, index, st)
         elif c.phase == "head":
-            _head(ctx, index, st)
+            _head(ctx, index, params, st)
         elif keep:
             _backward_keep(ctx, consumer, index, st)
         else:
-            _backward(ctx, consumer, index, st)
+            _backward(ctx, consumer, index, params, st)
         if train and ctx.device.type != "cpu":
             _copy_grads_to_host(ctx, c, params, st)
+        elif train:
+            _copy_grads_to_host(ctx, c, {n: params[n] for n in tied.tied_names(ctx) if n in params}, st)
     finally:
         sk.detach(list(weights))
         for p in params.values():
@@ -86,10 +90,12 @@ def _grad_views(ctx: RunContext, block: str, st: StepState) -> Dict[str, torch.T
 
 def _bind_grads(ctx: RunContext, c, params, st: StepState) -> None:
     # On the host device autograd accumulates straight into the gradient slot (no copy): an
-    # existing .grad is accumulated into in place.
+    # existing .grad is accumulated into in place. A tied parameter is summed in tied.py's order
+    # and added once the consumer ends.
+    skip = set(tied.tied_names(ctx))
     for b in ctx.grad_blocks(c):
         for name, g in _grad_views(ctx, b, st).items():
-            if name in params:
+            if name in params and name not in skip:
                 params[name].grad = g.view(params[name].shape)
 
 
@@ -141,18 +147,20 @@ def _backward_keep(ctx: RunContext, consumer: int, index: int, st: StepState) ->
         ctx.acts.release(buf)
 
 
-def _head(ctx: RunContext, index: int, st: StepState) -> None:
+def _head(ctx: RunContext, index: int, params, st: StepState) -> None:
     for m, mb in enumerate(st.mbs):
         buf, saved = ctx.acts.take((index, m))
         x = saved.detach().requires_grad_(True)
         loss_sum = causal_lm_loss_sum(ctx.skeleton.head_logits(x), mb.labels)
+        kept = tied.before_backward(params, tied.tied_names(ctx))
         (loss_sum / max(st.targets, 1)).backward()
+        tied.after_head(st, m, params, kept)
         st.out_grads[m] = x.grad
         st.loss_sums.append(float(loss_sum.detach()))
         ctx.acts.release(buf)
 
 
-def _backward(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
+def _backward(ctx: RunContext, consumer: int, index: int, params, st: StepState) -> None:
     if index in ctx.plan.recomputed_inputs:
         _backward_from_below(ctx, consumer, index, st)
         return
@@ -160,7 +168,9 @@ def _backward(ctx: RunContext, consumer: int, index: int, st: StepState) -> None
     for m, mb in enumerate(st.mbs):
         if index == 0:
             h, _ = sk.embed_forward(mb.input_ids, mb.attention_mask)
+            kept = tied.before_backward(params, tied.tied_names(ctx))
             h.backward(st.out_grads.pop(m))
+            tied.after_embed(st, m, params, kept)
             continue
         buf, saved = ctx.acts.take((index, m))
         x = saved.detach().requires_grad_(True)
