@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .errors import ModelError
+
 
 def _api():
     try:
@@ -88,7 +90,14 @@ class LoadPlan:
             transform = copy.deepcopy(transform)  # convert() consumes what add_tensor collected
             for pattern, key in sources:
                 transform.add_tensor(name, key, pattern, lambda key=key: load(key))
-            for target, value in transform.convert(name, model=self.model, config=self.model.config).items():
+            try:
+                made = transform.convert(name, model=self.model, config=self.model.config)
+            except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+                raise ModelError(
+                    f"cannot assemble {name!r} from the checkpoint's {len(sources)} tensors {sources[0][1]!r}, ... with transformers' conversion "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); the checkpoint does not match its config.json"
+                ) from None
+            for target, value in made.items():
                 out[target] = value[0] if isinstance(value, list) else value
         return out
 

@@ -3,3 +3,7 @@
 
 class UnsupportedModelError(ValueError):
     """The architecture cannot be run block by block; the message says why."""
+
+
+class ModelError(ValueError):
+    """The model source cannot be used (the message names the problem and the fix)."""

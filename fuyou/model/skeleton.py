@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .learn import learn_split
 from .safetensors_io import read_header, read_tensors
-from .split import LayerInputs, Split, embed_run, head_run, learn_split
+from .split import LayerInputs, Split, containers, embed_run, head_run, seal_stored
 
 EMBED = "embed"
 HEAD = "head"
@@ -104,7 +105,10 @@ class Skeleton:
             raise UnsupportedModelError(f"{type(model).__name__} cannot be cut into layer-wise blocks: {exc}") from None
         self._meta = {name: self._get(name) for name in self.params}
         self.on_grad = None  # called with a parameter's name when autograd accumulates a gradient into it
-        self.hidden_width = self.split.hidden_width or hf_config.get_text_config().hidden_size
+        text = hf_config.get_text_config()
+        self.hidden_width = self.split.hidden_width or text.hidden_size
+        inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+        self.intermediate_width = max(inter) if isinstance(inter, (list, tuple)) else inter  # per-layer sizes: the widest
         self.buffer_names = _persistent_buffers(model)
         self.block_buffers = self._buffers_by_block()
 
@@ -236,17 +240,35 @@ class Skeleton:
         return embed_run(self.model, self.layers, self.split, input_ids, attention_mask)
 
     def layer_forward(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        args, kwargs = inputs.call(index, hidden)
+        """Decoder layer `index` on `hidden`; what it hands on to later layers goes into `inputs`."""
+        out, extra = self.layer_call(index, hidden, inputs)
+        self.carry(index, extra, inputs)
+        return out
+
+    def layer_call(self, index: int, hidden: torch.Tensor, inputs: LayerInputs, replace: Optional[dict] = None) -> Tuple[torch.Tensor, tuple]:
+        """(hidden state out, the whole output tuple or ()) of decoder layer `index`; `replace`: inputs
+        by key to use instead of the recorded ones (leaves the backward takes gradients of)."""
+        args, kwargs = inputs.call(index, hidden, replace)
+        before = containers(args, kwargs)
         out = self.layers[index](*args, **kwargs)
+        seal_stored(before, type(self.model).__name__, index)
         if not isinstance(out, (tuple, list)):
-            return out
+            return out, ()
         for pos in self.split.forwarded:
             if pos < len(out) and out[pos] is not None:
                 raise UnsupportedModelError(
                     f"{type(self.model).__name__}: decoder layer {index} returns a value besides the hidden state (output {pos}) that the model "
-                    "hands to later layers; fuyou carries only the hidden state between blocks"
+                    "hands to later layers in a way fuyou cannot follow"
                 )
-        return out[0]
+        return out[0], tuple(out)
+
+    def carry(self, index: int, extra: tuple, inputs: LayerInputs) -> None:
+        """Hand layer `index`'s outputs on to the layers the model gives them to (detached: a
+        backward that needs their gradient takes it from the later layer's input leaf)."""
+        for src, pos, dst, key in self.split.carries:
+            if src == index and extra:
+                value = extra[pos]
+                inputs.set(dst, key, value.detach() if isinstance(value, torch.Tensor) else value)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last decoder layer's output: the model's own forward after the layers.

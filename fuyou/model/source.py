@@ -16,6 +16,7 @@ import torch
 
 from ..data.tokenizer import DEFAULT_TOKENIZER_DIR
 from .convert import LoadPlan
+from .errors import ModelError
 from .safetensors_io import SafetensorsError, read_header, read_tensors
 
 # Presets: Llama-shaped configs built in code (no download). "tiny" is the default job's model.
@@ -29,10 +30,6 @@ PRESETS: Dict[str, dict] = {
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
 }
 DEFAULT_PRESET = "llama-tiny"
-
-
-class ModelError(ValueError):
-    """The model source cannot be used (the message names the problem and the fix)."""
 
 
 def preset_config(name: str, vocab_size: Optional[int] = None):

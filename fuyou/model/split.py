@@ -1,34 +1,23 @@
-"""Where a causal LM's forward divides into blocks, learned by running the model's own forward.
-
-Every decoder layer's `forward` is shadowed on its instance by a stand-in, and the causal LM's
-forward runs as transformers wrote it: what happens before the first stand-in is called is the
-embed block (token and position embeddings, scales, masks, rotary tables), what happens after the
-last one returns is the head block (final norm of any name or none, LM head, logit multipliers,
-soft-capping). The same stand-ins run those two blocks during training: the embed run stops at
-the last layer and keeps what the model passed to each layer; the head run feeds the block input
-to the last layer's stand-in and lets the forward finish.
-
-The split is learned once, on the meta device (no weights, no compute), with a torch-function
-tracer that records which parameters each part reads and what each value was computed from, so a
-model that cannot be cut into layer-wise blocks is refused with the reason instead of trained wrong.
+"""How a causal LM's forward is run block by block: every decoder layer's `forward` is shadowed
+on its instance by a stand-in and the causal LM's forward runs as transformers wrote it. The embed
+run stops at the last layer and keeps what the model passed to each layer; the head run feeds the
+block input to the last layer's stand-in and lets the forward finish. Where the forward divides,
+and whether it can, is learned once by `learn.learn_split`.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
+from collections.abc import MutableMapping, MutableSequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from .errors import UnsupportedModelError
 
-PROBE_SHAPE = (2, 3)  # batch, tokens: distinct, so a layer output taken as a tuple changes the shape
-MAX_OUTPUTS = 4  # a decoder layer returns its hidden state, or a tuple of at most this many values
+Key = Union[int, str]
 
 
 class _Stop(BaseException):
@@ -43,11 +32,25 @@ class LayerInputs:
     calls: List[Tuple[tuple, dict]]
     hidden_key: Optional[str]  # the keyword the hidden state is passed as; None = first positional
 
-    def call(self, index: int, hidden: torch.Tensor) -> Tuple[tuple, dict]:
+    def call(self, index: int, hidden: torch.Tensor, replace: Optional[Dict[Key, object]] = None) -> Tuple[tuple, dict]:
         args, kwargs = self.calls[index]
+        if replace:
+            args = tuple(replace.get(i, a) for i, a in enumerate(args))
+            kwargs = {k: replace.get(k, v) for k, v in kwargs.items()}
         if self.hidden_key is None:
             return (hidden,) + args, kwargs
         return args, {**kwargs, self.hidden_key: hidden}
+
+    def get(self, index: int, key: Key):
+        args, kwargs = self.calls[index]
+        return args[key] if isinstance(key, int) else kwargs[key]
+
+    def set(self, index: int, key: Key, value) -> None:
+        args, kwargs = self.calls[index]
+        if isinstance(key, int):
+            self.calls[index] = (args[:key] + (value,) + args[key + 1:], kwargs)
+        else:
+            kwargs[key] = value
 
 
 @dataclass
@@ -57,7 +60,13 @@ class Split:
     embed_params: Set[int] = field(default_factory=set)  # ids of the parameters read before the first layer
     head_params: Set[int] = field(default_factory=set)  # ... and after the last one
     arity: int = 0  # what a layer returns: 0 = the hidden state, n = an n-tuple led by it
-    forwarded: Set[int] = field(default_factory=set)  # tuple positions the model hands to later layers
+    # Inputs of a layer besides the hidden state, by key (a positional index after the hidden state,
+    # or a keyword): `side` are computed before the layers from trained parameters (their gradient
+    # goes back to the embed block); `carries` (from layer, output position, to layer, key) are
+    # outputs the model hands on to a later layer.
+    side: Dict[int, List[Key]] = field(default_factory=dict)
+    carries: List[Tuple[int, int, int, Key]] = field(default_factory=list)
+    forwarded: Set[int] = field(default_factory=set)  # output positions handed on in a way fuyou cannot follow
     hidden_key: Optional[str] = None
     hidden_width: int = 0  # values per token of a block input (the hidden size, or more for several residual streams)
 
@@ -77,15 +86,6 @@ def model_kwargs(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
 
 def logits_of(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
-
-
-def _hidden_key(args: tuple, kwargs: dict) -> Optional[str]:
-    if args:
-        return None
-    for key in ("hidden_states", "hidden_state", "hidden", "x", "inputs_embeds"):
-        if key in kwargs:
-            return key
-    raise UnsupportedModelError("its decoder layers are called without a hidden-state input fuyou can find")
 
 
 def split_call(args: tuple, kwargs: dict, hidden_key: Optional[str]) -> Tuple[torch.Tensor, tuple, dict]:
@@ -110,212 +110,6 @@ def stand_ins(layers: nn.ModuleList, fn):
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
-
-
-@contextlib.contextmanager
-def on_meta(model: nn.Module):
-    """Buffers on the meta device for the probe (parameters already are); restored after."""
-    saved = []
-    for module in model.modules():
-        for key, buf in list(module._buffers.items()):
-            if buf is not None and buf.device.type != "meta":
-                saved.append((module, key, buf))
-                module._buffers[key] = buf.to("meta")
-    try:
-        yield
-    finally:
-        for module, key, buf in saved:
-            module._buffers[key] = buf
-
-
-class _Tracer(TorchFunctionMode):
-    """Records which parameters each phase of the forward reads and what every value derives from:
-    "in" (model inputs and what is computed from them before the first layer), "layer" (a layer's
-    output and what is computed from it). Metadata reads (shape, dtype) compute nothing and count
-    as no read."""
-
-    def __init__(self, params: Dict[int, str]):
-        super().__init__()
-        self.params = params
-        self.phase = "pre"
-        self.reads: Dict[str, Set[int]] = {"pre": set(), "between": set(), "post": set()}
-        self.lineage: Dict[int, frozenset] = {}
-        self.head_reads_pre: List[str] = []
-        self._keep: List[torch.Tensor] = []  # ids stay unique while the probe runs
-
-    def mark(self, t: torch.Tensor, lineage: str) -> torch.Tensor:
-        self.lineage[id(t)] = frozenset((lineage,))
-        self._keep.append(t)
-        return t
-
-    def of(self, t) -> frozenset:
-        return self.lineage.get(id(t), frozenset())
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not outs:
-            return out
-        lineage = set()
-        for t in tree_leaves((args, kwargs)):
-            if not isinstance(t, torch.Tensor):
-                continue
-            if id(t) in self.params:
-                self.reads[self.phase].add(id(t))
-            else:
-                lineage |= self.of(t)
-        if self.phase == "pre":
-            lineage.add("in")
-        elif self.phase == "post" and "in" in lineage:
-            self.head_reads_pre.append(getattr(func, "__name__", str(func)))
-        for t in outs:
-            if id(t) not in self.params:
-                self.lineage[id(t)] = self.of(t) | lineage
-                self._keep.append(t)
-        return out
-
-
-@dataclass
-class _Probe:
-    """What one traced forward saw."""
-
-    order: List[int] = field(default_factory=list)
-    calls: List[Tuple[tuple, dict]] = field(default_factory=list)
-    hidden_ok: List[bool] = field(default_factory=list)
-    logits: Optional[torch.Tensor] = None
-    error: Optional[BaseException] = None
-    forwarded: Set[int] = field(default_factory=set)
-    hidden_key: Optional[str] = None
-    hidden_width: int = 0
-
-
-def _trace(model, layers, arity: int, tracer: _Tracer, sentinels: Optional[list]) -> _Probe:
-    probe = _Probe()
-    markers: List[torch.Tensor] = []
-    hidden_key: List[Optional[str]] = []
-
-    def fn(i, *args, **kwargs):
-        if not hidden_key:
-            hidden_key.append(_hidden_key(args, kwargs))
-        h, a, k = split_call(args, kwargs, hidden_key[0])
-        probe.order.append(i)
-        probe.calls.append((a, k))
-        probe.hidden_ok.append(not markers or h is markers[-1])
-        if sentinels is not None:
-            leaves = tree_leaves((a, k))
-            probe.forwarded |= {p for p, s in enumerate(sentinels) if any(x is s for x in leaves)}
-        shape = markers[0].shape if markers else h.shape
-        probe.hidden_width = probe.hidden_width or h.numel() // (PROBE_SHAPE[0] * PROBE_SHAPE[1])
-        markers.append(tracer.mark(torch.empty(shape, device="meta"), "layer"))
-        tracer.phase = "post" if i == len(layers) - 1 else "between"
-        if arity == 0:
-            return markers[-1]
-        extra = sentinels[1:arity] if sentinels is not None else [None] * (arity - 1)
-        return (markers[-1], *extra)
-
-    # Fake tensors on the meta device: no data, and transformers skips its data-dependent checks
-    # (mask shortcuts, packed-sequence detection) for them as it does when compiling.
-    with _fake_mode(), stand_ins(layers, fn), torch.enable_grad():
-        ids = tracer.mark(torch.zeros(PROBE_SHAPE, dtype=torch.long, device="meta"), "in")
-        try:
-            with tracer:
-                out = model(**model_kwargs(model, ids, None))
-            probe.logits = logits_of(out)
-        except UnsupportedModelError:
-            raise
-        except Exception as exc:  # a wrong guess of what layers return fails somewhere in the forward
-            probe.error = exc
-    probe.hidden_key = hidden_key[0] if hidden_key else None
-    return probe
-
-
-@contextlib.contextmanager
-def _fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # A wrong guess of a layer's outputs fails inside a fake op; torch logs each such failure.
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            yield
-    finally:
-        log.setLevel(level)
-
-
-def _consumes_last_layer(probe: _Probe, tracer: _Tracer, n_layers: int) -> bool:
-    t = probe.logits
-    return (
-        probe.error is None and isinstance(t, torch.Tensor) and t.dim() == 3 and tuple(t.shape[:2]) == PROBE_SHAPE
-        and "layer" in tracer.of(t) and len(probe.order) >= n_layers
-    )
-
-
-def learn_split(model: nn.Module, layers: nn.ModuleList, names: Dict[int, str], layer_of: Dict[int, int]) -> Split:
-    """Trace the forward on meta and check it can be cut at the layers. `names`: id -> name of every
-    parameter; `layer_of`: id -> index of the decoder layer owning it (if any)."""
-    n = len(layers)
-    chosen, first_error = None, None
-    with on_meta(model):
-        for arity in range(MAX_OUTPUTS + 1):
-            tracer = _Tracer(names)
-            probe = _trace(model, layers, arity, tracer, None)
-            first_error = first_error or probe.error
-            if _consumes_last_layer(probe, tracer, n):
-                chosen = (arity, probe, tracer)
-                break
-        if chosen is None:
-            why = f"{type(first_error).__name__}: {first_error}" if first_error else "its logits do not come from the last decoder layer"
-            raise UnsupportedModelError(f"its forward cannot be traced with its decoder layers stood in for ({_short(why)})")
-        arity, probe, tracer = chosen
-        _check(probe, tracer, names, layer_of, n)
-        forwarded = _forwarded_outputs(model, layers, arity, names) if arity > 1 else set()
-    return Split(
-        embed_params=tracer.reads["pre"], head_params=tracer.reads["post"], arity=arity, forwarded=forwarded,
-        hidden_key=probe.hidden_key, hidden_width=probe.hidden_width,
-    )
-
-
-def _forwarded_outputs(model, layers, arity: int, names) -> Set[int]:
-    """Positions of a layer's output tuple that the model passes on to later layers (found with
-    unique stand-in values; a forward that cannot run on them counts every position)."""
-    sentinels = [object() for _ in range(arity)]
-    probe = _trace(model, layers, arity, _Tracer(names), sentinels)
-    if probe.error is not None:
-        return set(range(1, arity))
-    return probe.forwarded - {0}
-
-
-def _check(probe: _Probe, tracer: _Tracer, names, layer_of, n: int) -> None:
-    if probe.order != list(range(n)):
-        raise UnsupportedModelError(f"its forward runs its decoder layers in the order {_short(str(probe.order))}, not each once in turn (looped or skipped layers)")
-    for i, ok in enumerate(probe.hidden_ok):
-        if not ok:
-            raise UnsupportedModelError(f"decoder layer {i} does not take the previous layer's output unchanged (the model transforms the hidden state between layers)")
-    for i, (args, kwargs) in enumerate(probe.calls):
-        for key, value in list(enumerate(args)) + list(kwargs.items()):
-            for t in tree_leaves(value):
-                if not isinstance(t, torch.Tensor):
-                    continue
-                if "layer" in tracer.of(t):
-                    raise UnsupportedModelError(f"decoder layer {i} takes {key!r}, computed from earlier layers' outputs; fuyou carries only the hidden state between layers")
-                if t.requires_grad and id(t) not in names:
-                    raise UnsupportedModelError(f"decoder layer {i} takes {key!r}, computed from trained parameters before the layers; fuyou backpropagates only the hidden state between blocks")
-    if tracer.head_reads_pre:
-        raise UnsupportedModelError(f"its head reads values computed before the first decoder layer ({', '.join(sorted(set(tracer.head_reads_pre))[:3])})")
-    for phase, where in (("pre", "before the first decoder layer"), ("between", "between decoder layers"), ("post", "after the last decoder layer")):
-        inside = [names[p] for p in tracer.reads[phase] if p in layer_of]
-        if inside:
-            raise UnsupportedModelError(f"parameters of its decoder layers are read {where} ({inside[0]})")
-    if tracer.reads["between"]:
-        raise UnsupportedModelError(f"parameter {names[next(iter(tracer.reads['between']))]} is read between decoder layers")
-
-
-def _short(text: str, limit: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def embed_run(model, layers, split: Split, input_ids, attention_mask) -> Tuple[torch.Tensor, LayerInputs]:
@@ -355,3 +149,53 @@ def head_run(model, layers, split: Split, hidden: torch.Tensor) -> torch.Tensor:
 
     with stand_ins(layers, fn):
         return logits_of(model(**model_kwargs(model, ids, None)))
+
+
+def containers(args: tuple, kwargs: dict) -> list:
+    """The dicts and lists among a layer's inputs (what it could leave state in for later layers),
+    each with the identity of what it holds."""
+    found = []
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, MutableMapping):  # dicts, and UserDicts such as KVSharingDict
+            found.append((value, {k: id(v) for k, v in value.items()}))
+        elif isinstance(value, MutableSequence):
+            found.append((value, {i: id(v) for i, v in enumerate(value)}))
+    return found
+
+
+def seal_stored(before: list, cls: str, layer: int) -> None:
+    """Replace what a layer stored into its inputs by a value that refuses any use: a model whose
+    later layers read it (Gemma-3n's shared keys and values) depends on an earlier layer in a way
+    the layer-wise backward cannot follow; one that only stores it (for an assistant model) trains."""
+    for container, seen in before:
+        keys = container.keys() if isinstance(container, MutableMapping) else range(len(container))
+        for k in list(keys):
+            if seen.get(k) != id(container[k]) and not isinstance(container[k], _Stored):
+                container[k] = _Stored(cls, layer, k)
+
+
+class _Stored:
+    """What a decoder layer left in a container its inputs share with later layers."""
+
+    def __init__(self, cls: str, layer: int, key):
+        self._why = (
+            f"{cls}: a decoder layer reads {key!r}, which decoder layer {layer} stored for it (shared key/value states); "
+            "fuyou runs and backpropagates each layer on its own"
+        )
+
+    def _refuse(self, *_args, **_kwargs):
+        raise UnsupportedModelError(self._why)
+
+    __iter__ = __getitem__ = __len__ = __bool__ = __call__ = _refuse
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._refuse()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        for a in list(args) + list((kwargs or {}).values()):
+            if isinstance(a, _Stored):
+                a._refuse()
+        return NotImplemented

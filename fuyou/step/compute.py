@@ -19,7 +19,7 @@ from typing import Dict
 import torch
 
 from ..model.skeleton import causal_lm_loss_sum
-from . import tied
+from . import sides, tied
 from .context import RunContext, StepState
 
 
@@ -128,9 +128,11 @@ def _forward_keep(ctx: RunContext, consumer: int, index: int, params, st: StepSt
     refs = WeightRefs(ctx.slots.compute_slot(consumer))
     for m in range(len(st.mbs)):
         x = ctx.acts.get((index, m)).detach().requires_grad_(True)
+        got = sides.leaves(ctx.skeleton, index - 1, st.kwargs[m])
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(refs.pack, refs.unpack):
-            y = ctx.skeleton.layer_forward(index - 1, x, st.kwargs[m])
-        st.graphs[(index, m)] = (x, y)
+            y, extra = ctx.skeleton.layer_call(index - 1, x, st.kwargs[m], got)
+        ctx.skeleton.carry(index - 1, extra, st.kwargs[m])
+        st.graphs[(index, m)] = (x, y, extra, got)
         ctx.acts.save((index + 1, m), y.detach())
     st.refs[index] = refs
     st.fwd_params[index] = params
@@ -140,8 +142,9 @@ def _backward_keep(ctx: RunContext, consumer: int, index: int, st: StepState) ->
     refs = st.refs.pop(index)
     refs.bwd_slot = ctx.slots.compute_slot(consumer)
     for m in range(len(st.mbs)):
-        x, y = st.graphs.pop((index, m))
-        y.backward(st.out_grads[m])
+        x, y, extra, got = st.graphs.pop((index, m))
+        sides.backward(ctx.skeleton, index - 1, y, extra, st.out_grads[m], st, m)
+        sides.keep(ctx.skeleton, index - 1, got, st, m)
         st.out_grads[m] = x.grad
         buf, _saved = ctx.acts.take((index, m))
         ctx.acts.release(buf)
@@ -167,17 +170,25 @@ def _backward(ctx: RunContext, consumer: int, index: int, params, st: StepState)
     sk = ctx.skeleton
     for m, mb in enumerate(st.mbs):
         if index == 0:
-            h, _ = sk.embed_forward(mb.input_ids, mb.attention_mask)
+            h, inputs = sk.embed_forward(mb.input_ids, mb.attention_mask)
+            roots, grads = sides.embed_roots(inputs, st, m)
             kept = tied.before_backward(params, tied.tied_names(ctx))
-            h.backward(st.out_grads.pop(m))
+            torch.autograd.backward([h] + roots, [st.out_grads.pop(m)] + grads)
             tied.after_embed(st, m, params, kept)
             continue
         buf, saved = ctx.acts.take((index, m))
         x = saved.detach().requires_grad_(True)
-        y = sk.layer_forward(index - 1, x, st.kwargs[m])
-        y.backward(st.out_grads[m])
-        st.out_grads[m] = x.grad
+        _layer_backward(sk, index - 1, x, st, m)
         ctx.acts.release(buf)
+
+
+def _layer_backward(sk, layer: int, x: torch.Tensor, st: StepState, m: int) -> None:
+    """Recompute decoder layer `layer` from its input x with autograd, then backpropagate it."""
+    got = sides.leaves(sk, layer, st.kwargs[m])
+    y, extra = sk.layer_call(layer, x, st.kwargs[m], got)
+    sides.backward(sk, layer, y, extra, st.out_grads[m], st, m)
+    sides.keep(sk, layer, got, st, m)
+    st.out_grads[m] = x.grad
 
 
 def _backward_from_below(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
@@ -190,10 +201,7 @@ def _backward_from_below(ctx: RunContext, consumer: int, index: int, st: StepSta
     try:
         for m in range(len(st.mbs)):
             with torch.no_grad():
-                x = sk.layer_forward(index - 2, ctx.acts.get((index - 1, m)), st.kwargs[m])
-            x = x.detach().requires_grad_(True)
-            y = sk.layer_forward(index - 1, x, st.kwargs[m])
-            y.backward(st.out_grads[m])
-            st.out_grads[m] = x.grad
+                x, _extra = sk.layer_call(index - 2, ctx.acts.get((index - 1, m)), st.kwargs[m])
+            _layer_backward(sk, index - 1, x.detach().requires_grad_(True), st, m)
     finally:
         sk.detach(list(below))

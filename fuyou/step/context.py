@@ -63,6 +63,7 @@ class StepState:
     received: set = field(default_factory=set)  # parameters autograd gave a gradient this step (the others are not updated)
     tied_rows: Optional[torch.Tensor] = None  # embedding rows the step's tokens touch (tied.py)
     tied_head: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (param, micro-batch) -> the head's gradient at those rows
+    side_grads: Dict[int, dict] = field(default_factory=dict)  # micro-batch -> gradients of layer inputs besides the hidden state (sides.py)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_norms(self, norms: Dict[str, torch.Tensor]) -> None:

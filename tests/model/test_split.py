@@ -2,7 +2,6 @@
 block, head transforms trained as the model computes them, refusals that name the class and the
 reason, and the attention implementation chosen per model."""
 import pytest
-import torch
 
 from fuyou.model.errors import UnsupportedModelError
 from fuyou.model.skeleton import EMBED, HEAD, Skeleton

@@ -50,7 +50,9 @@ OVERRIDES = {
     "zaya": dict(num_experts_per_tok=1),
     "bamba": dict(attn_layer_indices=[1]),
     "granitemoehybrid": dict(layer_types=["mamba", "attention"]),
-    "gemma3n_text": dict(num_kv_shared_layers=0, laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0, 0.0]),
+    # key/value sharing as its checkpoints have it: the last layers reuse earlier layers' keys and values
+    "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
+                         laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4),
     "xlstm": dict(num_heads=HEADS),
     "blt": dict(patcher_config=dict(hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64, head_dim=8),
                 encoder_config=dict(hidden_size=H, num_attention_heads=HEADS, intermediate_size=64, hidden_size_global=H),
@@ -65,7 +67,7 @@ def accepted_fields(cls) -> set:
     return names | set(getattr(cls, "attribute_map", {}))
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, **overrides):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
@@ -76,4 +78,5 @@ def tiny_config(model_type: str):
             if f.name in WINDOW_FIELDS and f.default not in (None, dataclasses.MISSING):
                 kw[f.name] = WINDOW
     kw.update(OVERRIDES.get(model_type, {}))
+    kw.update(overrides)
     return cls(**kw)
