@@ -174,6 +174,7 @@ def finetune(cfg: FinetuneConfig, *, console=None, trace=None) -> FinetuneResult
     stop = _StopFlag()
     try:
         with stop, _Progress(console, cfg.steps, store.numel()) as bar:
+            bar.note(skeleton.describe())
             for _ in range(cfg.steps):
                 if stop.requested:
                     bar.note(f"stopping on {stop.requested} after step {store.step}; the store is resumable with --resume")

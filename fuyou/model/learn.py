@@ -188,7 +188,9 @@ def learn_split(model: nn.Module, layers: nn.ModuleList, names: Dict[int, str], 
                 break
         if chosen is None:
             why = f"{type(first_error).__name__}: {first_error}" if first_error else "its logits do not come from the last decoder layer"
-            raise UnsupportedModelError(f"its forward cannot be traced with its decoder layers stood in for ({_short(why)})")
+            raise UnsupportedModelError(
+                f"its forward does not run on shape-only tensors with its decoder layers stood in for, so where it divides cannot be learned ({_short(why)})"
+            )
         arity, probe, tracer = chosen
         split = Split(
             embed_params=tracer.reads["pre"], head_params=tracer.reads["post"], arity=arity,

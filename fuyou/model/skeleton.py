@@ -23,7 +23,7 @@ from torch import nn
 from .errors import UnsupportedModelError
 from .learn import learn_split
 from .safetensors_io import read_header, read_tensors
-from .split import LayerInputs, Split, containers, embed_run, head_run, seal_stored
+from .split import LayerInputs, Split, embed_run, head_run, shared_containers, stored_call
 
 EMBED = "embed"
 HEAD = "head"
@@ -171,6 +171,11 @@ class Skeleton:
         module, leaf = self.params[name].refs[0]
         return module._parameters[leaf]
 
+    def describe(self) -> str:
+        """One line for a run's start: the class, its blocks, the attention transformers chose."""
+        return (f"model {type(self.model).__name__}: embed, {len(self.layers)} decoder layers, head"
+                f"{' (tied to the embedding)' if self.tied else ''}; attention {self.attn_implementation}")
+
     def block(self, name: str) -> Block:
         for b in self.blocks:
             if b.name == name:
@@ -241,26 +246,29 @@ class Skeleton:
 
     def layer_forward(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         """Decoder layer `index` on `hidden`; what it hands on to later layers goes into `inputs`."""
-        out, extra = self.layer_call(index, hidden, inputs)
+        out, extra, _stored = self.layer_call(index, hidden, inputs, carry=True)
         self.carry(index, extra, inputs)
         return out
 
-    def layer_call(self, index: int, hidden: torch.Tensor, inputs: LayerInputs, replace: Optional[dict] = None) -> Tuple[torch.Tensor, tuple]:
-        """(hidden state out, the whole output tuple or ()) of decoder layer `index`; `replace`: inputs
-        by key to use instead of the recorded ones (leaves the backward takes gradients of)."""
-        args, kwargs = inputs.call(index, hidden, replace)
-        before = containers(args, kwargs)
-        out = self.layers[index](*args, **kwargs)
-        seal_stored(before, type(self.model).__name__, index)
+    def layer_call(self, index: int, hidden: torch.Tensor, inputs: LayerInputs, replace: Optional[dict] = None, *, carry: bool = False):
+        """(hidden state out, the whole output tuple or (), what it stored for later layers) of decoder
+        layer `index`. `replace`: inputs by key (a stored entry by (container key, entry)) to use
+        instead of the recorded ones: leaves the backward takes gradients of. `carry`: leave what it
+        stores in the shared containers (the forward); else they are put back as they were."""
+        replace = replace or {}
+        args, kwargs = inputs.call(index, hidden, {k: v for k, v in replace.items() if not isinstance(k, tuple)})
+        read = {k: v for k, v in replace.items() if isinstance(k, tuple)}
+        shared = shared_containers(inputs.calls[index])
+        out, stored = stored_call(lambda: self.layers[index](*args, **kwargs), shared, read, inputs, index, carry)
         if not isinstance(out, (tuple, list)):
-            return out, ()
+            return out, (), stored
         for pos in self.split.forwarded:
             if pos < len(out) and out[pos] is not None:
                 raise UnsupportedModelError(
                     f"{type(self.model).__name__}: decoder layer {index} returns a value besides the hidden state (output {pos}) that the model "
                     "hands to later layers in a way fuyou cannot follow"
                 )
-        return out[0], tuple(out)
+        return out[0], tuple(out), stored
 
     def carry(self, index: int, extra: tuple, inputs: LayerInputs) -> None:
         """Hand layer `index`'s outputs on to the layers the model gives them to (detached: a

@@ -31,10 +31,12 @@ class LayerInputs:
 
     calls: List[Tuple[tuple, dict]]
     hidden_key: Optional[str]  # the keyword the hidden state is passed as; None = first positional
+    # (input key of a container the layers share, entry) -> the layer that stored it there
+    stored: Dict[tuple, int] = field(default_factory=dict)
 
     def call(self, index: int, hidden: torch.Tensor, replace: Optional[Dict[Key, object]] = None) -> Tuple[tuple, dict]:
         args, kwargs = self.calls[index]
-        if replace:
+        if replace:  # (keys of stored entries are tuples: stored_call puts those in place)
             args = tuple(replace.get(i, a) for i, a in enumerate(args))
             kwargs = {k: replace.get(k, v) for k, v in kwargs.items()}
         if self.hidden_key is None:
@@ -151,51 +153,49 @@ def head_run(model, layers, split: Split, hidden: torch.Tensor) -> torch.Tensor:
         return logits_of(model(**model_kwargs(model, ids, None)))
 
 
-def containers(args: tuple, kwargs: dict) -> list:
-    """The dicts and lists among a layer's inputs (what it could leave state in for later layers),
-    each with the identity of what it holds."""
-    found = []
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, MutableMapping):  # dicts, and UserDicts such as KVSharingDict
-            found.append((value, {k: id(v) for k, v in value.items()}))
-        elif isinstance(value, MutableSequence):
-            found.append((value, {i: id(v) for i, v in enumerate(value)}))
-    return found
+def shared_containers(call: Tuple[tuple, dict]) -> List[Tuple[Key, object]]:
+    """(input key, container) for the dicts and lists among a layer's recorded inputs: what a layer
+    can leave state in for later layers (Gemma-3n's KVSharingDict of keys and values)."""
+    args, kwargs = call
+    return [(k, v) for k, v in list(enumerate(args)) + list(kwargs.items()) if isinstance(v, (MutableMapping, MutableSequence))]
 
 
-def seal_stored(before: list, cls: str, layer: int) -> None:
-    """Replace what a layer stored into its inputs by a value that refuses any use: a model whose
-    later layers read it (Gemma-3n's shared keys and values) depends on an earlier layer in a way
-    the layer-wise backward cannot follow; one that only stores it (for an assistant model) trains."""
-    for container, seen in before:
-        keys = container.keys() if isinstance(container, MutableMapping) else range(len(container))
-        for k in list(keys):
-            if seen.get(k) != id(container[k]) and not isinstance(container[k], _Stored):
-                container[k] = _Stored(cls, layer, k)
+def _keys(container) -> list:
+    return list(container.keys()) if isinstance(container, MutableMapping) else list(range(len(container)))
 
 
-class _Stored:
-    """What a decoder layer left in a container its inputs share with later layers."""
+def stored_call(call, shared: List[Tuple[Key, object]], read: Dict[tuple, object], inputs: LayerInputs, index: int, carry: bool):
+    """Run `call()` with the shared containers holding `read` ({(input key, entry): value}, leaves
+    for the backward) in place of what earlier layers stored; return (its result, what it stored
+    {(input key, entry): value}). The containers then hold what they held before, except that with
+    `carry` what the call stored stays in them, detached, for the layers after it."""
+    before = {ckey: {k: c[k] for k in _keys(c)} for ckey, c in shared}
+    by_key = dict(shared)
+    for (ckey, k), value in read.items():
+        by_key[ckey][k] = value
+    out = call()
+    stored = {}
+    for ckey, c in shared:
+        prior = before[ckey]
+        for k in _keys(c):
+            now = c[k]
+            if (ckey, k) in read:
+                c[k] = prior[k]
+            elif k not in prior or prior[k] is not now:
+                stored[(ckey, k)] = now
+                owner = inputs.stored.setdefault((ckey, k), index)
+                if owner != index:
+                    raise UnsupportedModelError(f"decoder layers {owner} and {index} both store {k!r} for later layers; fuyou cannot tell which one a layer reads")
+                if carry:
+                    c[k] = _detached(now)
+                elif k in prior:
+                    c[k] = prior[k]
+    return out, stored
 
-    def __init__(self, cls: str, layer: int, key):
-        self._why = (
-            f"{cls}: a decoder layer reads {key!r}, which decoder layer {layer} stored for it (shared key/value states); "
-            "fuyou runs and backpropagates each layer on its own"
-        )
 
-    def _refuse(self, *_args, **_kwargs):
-        raise UnsupportedModelError(self._why)
-
-    __iter__ = __getitem__ = __len__ = __bool__ = __call__ = _refuse
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        self._refuse()
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        for a in list(args) + list((kwargs or {}).values()):
-            if isinstance(a, _Stored):
-                a._refuse()
-        return NotImplemented
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value

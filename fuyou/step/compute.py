@@ -130,9 +130,9 @@ def _forward_keep(ctx: RunContext, consumer: int, index: int, params, st: StepSt
         x = ctx.acts.get((index, m)).detach().requires_grad_(True)
         got = sides.leaves(ctx.skeleton, index - 1, st.kwargs[m])
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(refs.pack, refs.unpack):
-            y, extra = ctx.skeleton.layer_call(index - 1, x, st.kwargs[m], got)
+            y, extra, stored = ctx.skeleton.layer_call(index - 1, x, st.kwargs[m], got, carry=True)
         ctx.skeleton.carry(index - 1, extra, st.kwargs[m])
-        st.graphs[(index, m)] = (x, y, extra, got)
+        st.graphs[(index, m)] = (x, y, extra, stored, got)
         ctx.acts.save((index + 1, m), y.detach())
     st.refs[index] = refs
     st.fwd_params[index] = params
@@ -142,9 +142,9 @@ def _backward_keep(ctx: RunContext, consumer: int, index: int, st: StepState) ->
     refs = st.refs.pop(index)
     refs.bwd_slot = ctx.slots.compute_slot(consumer)
     for m in range(len(st.mbs)):
-        x, y, extra, got = st.graphs.pop((index, m))
-        sides.backward(ctx.skeleton, index - 1, y, extra, st.out_grads[m], st, m)
-        sides.keep(ctx.skeleton, index - 1, got, st, m)
+        x, y, extra, stored, got = st.graphs.pop((index, m))
+        sides.backward(ctx.skeleton, index - 1, y, extra, stored, st.out_grads[m], st, m)
+        sides.keep(ctx.skeleton, index - 1, got, st.kwargs[m], st, m)
         st.out_grads[m] = x.grad
         buf, _saved = ctx.acts.take((index, m))
         ctx.acts.release(buf)
@@ -185,9 +185,9 @@ def _backward(ctx: RunContext, consumer: int, index: int, params, st: StepState)
 def _layer_backward(sk, layer: int, x: torch.Tensor, st: StepState, m: int) -> None:
     """Recompute decoder layer `layer` from its input x with autograd, then backpropagate it."""
     got = sides.leaves(sk, layer, st.kwargs[m])
-    y, extra = sk.layer_call(layer, x, st.kwargs[m], got)
-    sides.backward(sk, layer, y, extra, st.out_grads[m], st, m)
-    sides.keep(sk, layer, got, st, m)
+    y, extra, stored = sk.layer_call(layer, x, st.kwargs[m], got)
+    sides.backward(sk, layer, y, extra, stored, st.out_grads[m], st, m)
+    sides.keep(sk, layer, got, st.kwargs[m], st, m)
     st.out_grads[m] = x.grad
 
 
@@ -201,7 +201,7 @@ def _backward_from_below(ctx: RunContext, consumer: int, index: int, st: StepSta
     try:
         for m in range(len(st.mbs)):
             with torch.no_grad():
-                x, _extra = sk.layer_call(index - 2, ctx.acts.get((index - 1, m)), st.kwargs[m])
+                x, _extra, _stored = sk.layer_call(index - 2, ctx.acts.get((index - 1, m)), st.kwargs[m])
             _layer_backward(sk, index - 1, x.detach().requires_grad_(True), st, m)
     finally:
         sk.detach(list(below))

@@ -81,3 +81,40 @@ def test_split_of_a_70b_model_is_learned_without_its_weights():
     assert sk.numel() > 70e9 and len(sk.blocks) == 82
     assert grown < 1 << 30, f"building the skeleton grew RSS by {grown} B"
     assert all(p.device.type == "meta" for p in sk.model.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["gemma3n_text", "cpmant", "zaya", "glm_moe_dsa", "opt"])
+def test_inputs_besides_the_hidden_state_train_exactly_when_recomputed(tmp_path, model_type):
+    """Stored key/values (Gemma-3n), an embed-computed side input (CPM-Ant's position bias), a router
+    state and top-k indices handed between layers (ZAYA, GLM-MoE-DSA), a tied head (OPT): exact
+    with the backward recomputing each layer too (the matrix runs the kept-graph backward)."""
+    from fuyou.config import MemoryConfig
+
+    ckpt = _save(tiny_config(model_type), str(tmp_path / "ckpt"))
+    batches = random_batches(3, 4, 16, 128, seed=1)
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always"))
+    assert rt.plan.recompute
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results)
+
+
+@pytest.mark.parametrize(
+    "model_type,override,batch,seq",
+    # inputs must weigh more than a layer's weights for the plan to drop them
+    [("gemma3n_text", dict(num_hidden_layers=8, layer_types=["sliding_attention", "full_attention"] * 4, activation_sparsity_pattern=[0.0] * 8), 8, 256)],
+)
+def test_inputs_besides_the_hidden_state_train_exactly_when_recomputed_from_below(tmp_path, model_type, override, batch, seq):
+    """The plan drops every other layer's input (no host room): the backward recomputes it from the
+    layer below, which must leave the keys and values the forward stored as it left them."""
+    from fuyou.config import MemoryConfig
+
+    ckpt = _save(tiny_config(model_type, **override), str(tmp_path / "ckpt"))
+    batches = random_batches(2, batch, seq, 128, seed=5)
+    full, _res = run_fuyou(ckpt, str(tmp_path / "full"), batches[:1], MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
+    p = full.plan
+    slots = 1 + int(full.ctx.skeleton.tied)  # a tied embedding keeps optimizer and gradient slots of its own
+    host = 2 * p.stage_slot_bytes + slots * (p.opt_slot_bytes + p.grad_slot_bytes) + 4096  # two weight slots, no inputs
+    budget = p.device_bytes() - MICRO * p.act_bytes
+    memory = MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, memory)
+    assert rt.plan.recomputed_inputs
+    assert_trains_like_pytorch(str(tmp_path / "store"), ckpt, batches, MICRO, results)
