@@ -109,8 +109,3 @@ def to_checkpoint(model, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
         return tensors
     return api[1].revert_weight_conversion(model, tensors)
 
-
-def uses_conversions(model) -> Optional[bool]:
-    """Whether transformers lists key transforms for this model (None: no conversion mapping)."""
-    api = _api()
-    return None if api is None else bool(api[0].get_model_conversion_mapping(model))

@@ -200,11 +200,18 @@ class Skeleton:
             info = self.params[name]
             p = nn.Parameter(t.view(info.shape), requires_grad=requires_grad)
             if requires_grad:
-                p.register_post_accumulate_grad_hook(lambda _p, name=name: self.on_grad is not None and self.on_grad(name))
+                p.register_post_accumulate_grad_hook(self._grad_hook(name))
             for module, leaf in info.refs:
                 module._parameters[leaf] = p
             out[name] = p
         return out
+
+    def _grad_hook(self, name: str):
+        def hook(_param) -> None:  # a post-accumulate hook returns nothing
+            if self.on_grad is not None:
+                self.on_grad(name)
+
+        return hook
 
     def detach(self, names) -> None:
         """Put the named parameters back on meta (drops every reference to the runtime's buffers)."""
