@@ -54,9 +54,10 @@ def on_meta(model: nn.Module):
 
 class _Tracer(TorchFunctionMode):
     """Records which parameters each phase of the forward reads and what every value derives from:
-    "in" (model inputs and what is computed from them before the first layer), "layer" (a layer's
-    output and what is computed from it). Metadata reads (shape, dtype) compute nothing and count
-    as no read."""
+    "in" (the token ids and mask, or parameters read before the first layer: what the head run,
+    on placeholder ids and parameters, would not reproduce), "layer" (a layer's output). Values
+    made from shapes, constants and buffers alone come out the same in every run and carry
+    neither. Metadata reads (shape, dtype) compute nothing and count as no read."""
 
     def __init__(self, params: Dict[int, str]):
         super().__init__()
@@ -87,11 +88,11 @@ class _Tracer(TorchFunctionMode):
                 continue
             if id(t) in self.params:
                 self.reads[self.phase].add(id(t))
+                if self.phase == "pre":
+                    lineage.add("in")
             else:
                 lineage |= self.of(t)
-        if self.phase == "pre":
-            lineage.add("in")
-        elif self.phase == "post" and "in" in lineage:
+        if self.phase == "post" and "in" in lineage:
             self.head_reads_pre.append(getattr(func, "__name__", str(func)))
         for t in outs:
             if id(t) not in self.params:
@@ -138,9 +139,11 @@ def _trace(model, layers, arity: int, tracer: _Tracer, sentinels: Optional[list]
     # (mask shortcuts, packed-sequence detection) for them as it does when compiling.
     with _fake_mode(), stand_ins(layers, fn), torch.enable_grad():
         ids = tracer.mark(torch.zeros(PROBE_SHAPE, dtype=torch.long, device="meta"), "in")
+        # With a padding mask, so a head that reads it (the head run passes none) is found.
+        mask = tracer.mark(torch.ones(PROBE_SHAPE, dtype=torch.long, device="meta"), "in")
         try:
             with tracer:
-                out = model(**model_kwargs(model, ids, None))
+                out = model(**model_kwargs(model, ids, mask))
             probe.logits = logits_of(out)
         except UnsupportedModelError:
             raise

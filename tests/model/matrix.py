@@ -64,6 +64,8 @@ def entries() -> Tuple[List[Tuple[str, str]], List[Tuple[str, str, str]]]:
 
 
 def _encoder_decoder(config_cls) -> bool:
+    if set(getattr(config_cls, "sub_configs", {}) or {}) & {"encoder", "decoder", "text_encoder", "audio_encoder"}:
+        return True  # an encoder and a decoder configured apart (MusicGen's text encoder and audio decoder)
     try:
         return bool(config_cls().is_encoder_decoder)
     except Exception:  # a config without valid defaults: its class attribute, if any

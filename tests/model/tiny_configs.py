@@ -37,7 +37,8 @@ OVERRIDES = {
     "glm_moe_dsa": MLA, "longcat_flash": MLA, "minicpm3": MLA, "sarvam_mla": MLA, "youtu": MLA,
     "dots3_note_text": dict(MLA, head_dim=8),
     "codegen": dict(rotary_dim=4), "gptj": dict(rotary_dim=4),
-    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # its rotary sections must add up to half the head size
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}),
     "dbrx": dict(d_model=H, n_heads=HEADS, n_layers=LAYERS, max_seq_len=128, attn_config={"kv_n_heads": KV, "rope_theta": 10000.0, "clip_qkv": 8.0},
                  ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}),
     "dots1": dict(n_shared_experts=1),
