@@ -55,7 +55,7 @@ def test_head_and_embedding_scales_train_exactly(tmp_path, model_type, override)
 @pytest.mark.parametrize(
     "model_type,reason",
     [("zamba", "ZambaForCausalLM cannot be cut into layer-wise blocks: parameter .* is shared by decoder layers 0 and 1"),
-     ("dory", "DoryForCausalLM cannot be cut into layer-wise blocks: its forward runs its decoder layers in the order \\[0, 1, 0, 1\\]")],
+     ("hrm_text", "HrmTextForCausalLM cannot be cut into layer-wise blocks: its forward runs its decoder layers in the order \\[0, 1, 0, 1, ")],
 )
 def test_refusals_name_the_class_and_the_reason(model_type, reason):
     with pytest.raises(UnsupportedModelError, match=reason):
