@@ -1,5 +1,6 @@
 """`fuyou export`: write a Hugging Face checkpoint (config, tokenizer, safetensors shards) from a
-store's master weights, one block at a time, so exporting needs one block of memory.
+store's master weights and stored buffers, one block at a time, so exporting needs one block of
+memory.
 
 The checkpoint is assembled in a new `<out>.partial-*` directory beside it and renamed into place
 at the end: an interrupted export leaves no directory that looks complete, and nothing else of that
@@ -17,6 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from .faults import crash_point
+from .model.convert import to_checkpoint
+from .model.skeleton import BUFFERS_FILE, Skeleton
 from .optim.state import StateCodecs, decode_master
 from .store.directio import aligned_empty
 from .store.store import open_store
@@ -67,16 +70,20 @@ def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Ca
 
 def _write(store, tmp: str, dtype: torch.dtype, on_block) -> None:
     from safetensors.torch import save_file
+    from transformers import AutoConfig
 
-    names = [b for b in store.block_names if store.layouts[b].numel]
+    skeleton = Skeleton(AutoConfig.from_pretrained(store.model_dir()))
+    skeleton.load_stored_buffers(store.model_dir())
+    stored = skeleton.buffers()
+    names = [b for b in store.block_names if store.layouts[b].numel or skeleton.block_buffers.get(b)]
     weight_map, total = {}, 0
     for i, block in enumerate(names):
-        lay = store.layouts[block].kinds["master"]
-        buf = aligned_empty(lay.file_bytes)
-        store.read(block, "master", buf)
-        shapes = store.layouts[block].shapes
-        tensors = {name: decode_master(store.state.cfg, parts, math.prod(shapes[name])).reshape(shapes[name]).to(dtype).clone()
-                   for name, parts in lay.views(buf).items()}
+        tensors = {n: stored[n] for n in skeleton.block_buffers.get(block, [])}
+        if store.layouts[block].numel:
+            tensors.update({n: t.to(dtype) for n, t in _master_tensors(store, block).items()})
+        # The names and layout save_pretrained writes (per-expert tensors, legacy names), so the
+        # export loads in transformers like any checkpoint.
+        tensors = {n: t.clone(memory_format=torch.contiguous_format) for n, t in to_checkpoint(skeleton.model, tensors).items()}
         fname = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
         save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
         for name, t in tensors.items():
@@ -89,7 +96,7 @@ def _write(store, tmp: str, dtype: torch.dtype, on_block) -> None:
     mdir = store.model_dir()
     for fname in os.listdir(mdir):
         src = os.path.join(mdir, fname)
-        if os.path.isfile(src):
+        if os.path.isfile(src) and fname != BUFFERS_FILE:  # the buffers went into the shards
             shutil.copyfile(src, os.path.join(tmp, fname))
     _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
 
@@ -101,3 +108,11 @@ def _set_config_dtype(path: str, dtype: torch.dtype) -> None:
     config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
+
+
+def _master_tensors(store, block: str) -> dict:
+    lay = store.layouts[block].kinds["master"]
+    buf = aligned_empty(lay.file_bytes)
+    store.read(block, "master", buf)
+    shapes = store.layouts[block].shapes
+    return {name: decode_master(store.state.cfg, parts, math.prod(shapes[name])).reshape(shapes[name]).clone() for name, parts in lay.views(buf).items()}

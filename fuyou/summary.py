@@ -27,6 +27,7 @@ def summary_lines(job, store, rt, dataset, eval_set) -> List[str]:
     moved = bytes_per_step(graph.tasks)
     lines = [
         f"model: {model['source']} ({model.get('architecture', '?')}, {numel / 1e6:,.2f} M params) on {rt.device}",
+        rt.ctx.skeleton.describe(),
         f"data: {job.data_path}: {len(dataset)} rows of {b.seq_len} tokens; {tokens:,} tokens per step ({b.batch_size} x {b.seq_len} "
         f"in {b.micro_batches} micro-batches); validation: {evaluation}",
         f"schedule: steps {store.step} -> {cfg.steps}; lr {o.lr:g} {o.lr_scheduler}, warm-up {warmup_steps(o, cfg.steps)} steps; AdamW betas "

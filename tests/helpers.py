@@ -100,7 +100,7 @@ def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: 
         loss = 0.0
         for mb in batch.split(micro_batches):
             mb = mb.to(device)
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits  # a training forward: no cache
             ls = causal_lm_loss_sum(logits, mb.labels)
             (ls / total).backward()
             loss += float(ls.detach())
@@ -131,9 +131,10 @@ def store_master_weights(store_path: str) -> dict:
 
 
 def assert_trains_like_pytorch(store_path: str, ckpt: str, batches, micro_batches: int, results, *, device="cpu", max_grad_norm=None,
-                               rtol: float = 1e-5, atol: float = 1e-6) -> None:
+                               rtol: float = 1e-5, atol: float = 1e-6):
     """fuyou's step losses and the store's final master weights equal plain PyTorch's (reference_train
-    with LR/WD on `device`), element-wise within rtol/atol; and training moved the weights."""
+    with LR/WD on `device`), element-wise within rtol/atol; and training moved the weights. Returns
+    the trained reference model."""
     ref_model, ref_losses = reference_train(ckpt, batches, micro_batches, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm, device=device)
     torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=rtol, atol=atol)
     ref = dict(ref_model.named_parameters())
@@ -142,3 +143,4 @@ def assert_trains_like_pytorch(store_path: str, ckpt: str, batches, micro_batche
     for name, value in got.items():
         torch.testing.assert_close(value, ref[name].detach().cpu().reshape(-1), rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     assert results[-1].loss != results[0].loss
+    return ref_model

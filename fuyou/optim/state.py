@@ -148,6 +148,13 @@ def _check_parts(codecs: ParamCodecs, parts: Dict[str, Parts], numel: int, shape
 
 
 @torch.no_grad()
+def emit_weights_(cfg: StateConfig, parts: Dict[str, Parts], numel: int, shape: Shape = None) -> None:
+    """The compute weights of an unchanged master (a parameter the optimizer skips this step)."""
+    codecs = param_codecs(cfg, numel, shape)
+    codecs.weights.encode_(codecs.master.decode(parts["master"], numel), parts["weights"], shape=shape)
+
+
+@torch.no_grad()
 def init_state_(cfg: StateConfig, value: torch.Tensor, parts: Dict[str, Parts]) -> None:
     """Fill every kind of a parameter's state from its imported value, whose shape is the
     parameter's (moments start at zero)."""

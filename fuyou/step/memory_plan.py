@@ -266,8 +266,8 @@ def plan_for_model(store: Store, skeleton, *, device, batch: BatchConfig, memory
         tied=skeleton.tied,
         device=device,
         compute_dtype=compute_dtype,
-        hidden_size=hf.hidden_size,
-        intermediate_size=getattr(hf, "intermediate_size", 4 * hf.hidden_size),
+        hidden_size=getattr(skeleton, "hidden_width", hf.hidden_size),  # a block input's values per token
+        intermediate_size=getattr(skeleton, "intermediate_width", None) or getattr(hf, "intermediate_size", 4 * hf.hidden_size),
         vocab_size=hf.vocab_size,
         micro_batch_size=batch.micro_batch_size,
         micro_batches=batch.micro_batches,

@@ -75,6 +75,7 @@ class Runtime:
         self.cache = BlockCache(store, plan.cache_blocks, plan.cache_bytes)
         streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if device.type == "cuda" else {}
         acts = Activations(store, plan, dev_pool=self.dev_pool, cpu_pool=self.cpu_pool, streams=streams, device=device)
+        skeleton.load_stored_buffers(store.model_dir())  # the checkpoint's buffers, as imported
         skeleton.move_buffers(device)
         self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode)
         self.trace = trace if trace is not None else Trace()
