@@ -44,8 +44,8 @@ def format_size(n: int) -> str:
 # Help groups, in the order `--help` lists them, and the note a group's title carries.
 MODEL_DATA, INPUT, OPTIMIZATION, DEVICE_MEMORY = "model & data", "input", "optimization", "device & memory"
 STORAGE, PRECISION, PROBE, RATES, OUTPUT = "storage", "precision", "probe", "machine rates", "output & logging"
-EVAL = "validation"
-GROUPS = (MODEL_DATA, INPUT, OPTIMIZATION, EVAL, DEVICE_MEMORY, STORAGE, PRECISION, PROBE, RATES, OUTPUT)
+EVAL, PEFT = "validation", "adapters (LoRA)"
+GROUPS = (MODEL_DATA, INPUT, OPTIMIZATION, EVAL, PEFT, DEVICE_MEMORY, STORAGE, PRECISION, PROBE, RATES, OUTPUT)
 GROUP_NOTES = {RATES: "default: the saved `fuyou probe` result, else conservative defaults"}
 
 WEIGHT_CODECS = ("fp32", "bf16", "fp8")  # compute weights streamed to the device
@@ -58,6 +58,7 @@ DISK_MODES = ("safe", "lean")
 LINEAR_RECIPES = ("fp8-blockwise", "mxfp4", "nvfp4")
 DEVICES = ("cuda", "cpu")
 EXPORT_DTYPES = ("fp32", "bf16")
+PEFT_METHODS = ("lora",)
 DEFAULT_MODEL = "llama-tiny"  # a preset of fuyou.model.source
 BUILTIN_DATA = "builtin"  # --data's name for the bundled corpus
 LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
@@ -243,10 +244,6 @@ class EvalConfig:
         if self.every < 0:
             raise ValueError("--eval-every must be >= 0")
 
-    @property
-    def enabled(self) -> bool:
-        return self.data is not None or self.split > 0
-
 
 @dataclass(frozen=True, kw_only=True)
 class OutputConfig:
@@ -269,6 +266,31 @@ class OutputConfig:
             raise ValueError("--save-every and --save-total-limit need --output-dir, where the checkpoints go")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"--export-dtype {self.export_dtype!r} unknown; choose one of {', '.join(EXPORT_DTYPES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning: adapters trained on a frozen, streamed base, with peft's
+    LoraConfig names and defaults."""
+
+    method: Optional[str] = setting(None, "train LoRA adapters on the frozen base in --store instead of every weight", flag="--peft",
+                                    choices=PEFT_METHODS, group=PEFT, shown="full fine-tuning")
+    r: int = setting(8, "LoRA rank", flag="--lora-r", group=PEFT)
+    alpha: float = setting(8.0, "LoRA alpha: the adapters' output is scaled by alpha / r", flag="--lora-alpha", group=PEFT)
+    dropout: float = setting(0.0, "LoRA dropout (0: the backward's recompute needs the forward's masks)", flag="--lora-dropout", group=PEFT)
+    target_modules: Optional[str] = setting(None, "comma-separated names of the linears to adapt (q_proj,v_proj), or all-linear",
+                                            flag="--target-modules", group=PEFT, shown="peft's default for the model type")
+    rslora: bool = setting(False, "scale the adapters by alpha / sqrt(r) (rsLoRA)", flag="--use-rslora", group=PEFT)
+    init: Optional[str] = setting(None, "start from this PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
+                                  flag="--lora-init", group=PEFT, shown="peft's initialisation")
+    run_dir: str = setting("fuyou-lora", "the LoRA run's directory: its adapters, their optimizer state, metrics (--store holds the base)",
+                           flag="--run-dir", group=PEFT)
+
+    def __post_init__(self):
+        if self.method is not None and self.method not in PEFT_METHODS:
+            raise ValueError(f"--peft {self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}")
+        if self.r < 1 or not self.alpha > 0 or not 0 <= self.dropout < 1:
+            raise ValueError("--lora-r must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,6 +326,7 @@ class FinetuneConfig:
     memory: MemoryConfig = section(MemoryConfig)
     eval: EvalConfig = section(EvalConfig)
     output: OutputConfig = section(OutputConfig)
+    peft: PeftConfig = section(PeftConfig)
 
     def __post_init__(self):
         if self.steps < 1:

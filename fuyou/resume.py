@@ -21,7 +21,7 @@ from .config import BUILTIN_DATA, SECTION, FinetuneConfig, flag_of
 
 RECORD_VERSION = 1
 # Settings that are not the run's: where its store is and what this command does with it.
-NOT_RECORDED = ("store", "resume", "overwrite", "data_changed_ok")
+NOT_RECORDED = ("store", "resume", "overwrite", "data_changed_ok", "peft.run_dir")
 # Settings a resumed run may change: they do not shape the trained weights (`steps` says how far to
 # go; a decaying schedule then follows the new length).
 CHANGEABLE = ("steps", "device", "io_backend", "verify_reads", "trace_dir", "memory.", "eval.data", "eval.every", "output.")

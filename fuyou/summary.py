@@ -12,7 +12,8 @@ from .planning.rates import load_rates
 from .step.graph import LANES, build_step_graph, bytes_per_step
 
 
-def summary_lines(job, store, rt, dataset, eval_set) -> List[str]:
+def summary_lines(job, store, rt, dataset, eval_set, run_root: str = "") -> List[str]:
+    """`run_root`: where the run keeps its metrics (a LoRA run's directory; default the store)."""
     cfg, plan = job.cfg, rt.plan
     numel, b = store.numel(), cfg.batch
     o = cfg.optim
@@ -39,6 +40,6 @@ def summary_lines(job, store, rt, dataset, eval_set) -> List[str]:
         f"slots: {plan.weight_slots} weight, {plan.opt_slots} optimizer; {'recompute' if plan.recompute else 'keep activations'}",
         f"plan: predicted step {pred.step_s:.3f} s (bottleneck {pred.bottleneck}; {source.split(' (')[0]}); store traffic "
         f"{(moved['ssd read'] + moved['ssd written']) / max(numel, 1):.1f} B/param/step",
-        f"store: {store.root}; metrics: {store.root}/metrics.jsonl" + (f"; checkpoints: {cfg.output.dir}" if cfg.output.dir else ""),
+        f"store: {store.root}; metrics: {run_root or store.root}/metrics.jsonl" + (f"; checkpoints: {cfg.output.dir}" if cfg.output.dir else ""),
     ]
     return lines

@@ -37,6 +37,23 @@ from .store.paths import check_confined, check_store_target, clear_store
 from .store.store import Store, open_store
 
 @dataclass
+class StoredModel:
+    """A store's own copy of its model (config and tokenizer in <store>/model; no weights)."""
+
+    config: object
+    tokenizer_dir: str
+    preset: Optional[str]
+
+    @classmethod
+    def of(cls, store: str, manifest: dict) -> "StoredModel":
+        from transformers import AutoConfig
+
+        source = manifest["model"]["source"]
+        model_dir = os.path.join(store, "model")
+        return cls(AutoConfig.from_pretrained(model_dir), model_dir, source.removeprefix("preset ") if source.startswith("preset ") else None)
+
+
+@dataclass
 class Job:
     """A run with every setting resolved and checked, before anything is written."""
 
@@ -64,7 +81,8 @@ def _data_path(cfg: FinetuneConfig) -> str:
     return os.path.abspath(cfg.data)
 
 
-def _new_job(cfg: FinetuneConfig, source: ModelSource) -> Job:
+def new_job(cfg: FinetuneConfig, source) -> Job:
+    """A new run's job; `source`: a ModelSource to import from, or the StoredModel of a base store."""
     if cfg.data is None:
         if source.preset is None:
             raise ValueError(f"--data is required with a local --model; pass the training data (.jsonl or .txt), or --data {BUILTIN_DATA} "
@@ -74,14 +92,12 @@ def _new_job(cfg: FinetuneConfig, source: ModelSource) -> Job:
     data = _data_path(cfg)
     check_data_file(data)
     rec = record(cfg, data_fingerprint=file_fingerprint(data), tokenizer_fingerprint=files_fingerprint(source.tokenizer_dir, TOKENIZER_FILES))
-    return Job(cfg, source.config, source.tokenizer_dir, source, None, rec, data)
+    return Job(cfg, source.config, source.tokenizer_dir, source if isinstance(source, ModelSource) else None, None, rec, data)
 
 
-def _resumed_job(cfg: FinetuneConfig, given: Optional[Set[str]], manifest: dict, store: str) -> Job:
+def resumed_job(cfg: FinetuneConfig, given: Optional[Set[str]], manifest: dict, store: str) -> Job:
     """The job of `fuyou finetune --resume`: the store's recorded settings, the command line's
     changeable ones; the model's config and tokenizer are the store's own copies."""
-    from transformers import AutoConfig
-
     stored = manifest.get("train", {}).get("run", {})
     given = given_settings(cfg, given)
     same = set()
@@ -102,9 +118,9 @@ def _resumed_job(cfg: FinetuneConfig, given: Optional[Set[str]], manifest: dict,
     if fingerprint != stored.get("data_fingerprint") and not cfg.data_changed_ok:
         raise ResumeError(f"the data {data} changed since the run in {store} started (its content fingerprint differs); pass "
                           "--data-changed-ok to continue on it anyway (the data order then differs from an uninterrupted run)")
-    model_dir = os.path.join(store, "model")
+    model = StoredModel.of(store, manifest)
     rec = record(cfg, data_fingerprint=fingerprint, tokenizer_fingerprint=stored.get("tokenizer_fingerprint", ""))
-    return Job(cfg, AutoConfig.from_pretrained(model_dir), model_dir, None, manifest, rec, data)
+    return Job(cfg, model.config, model.tokenizer_dir, None, manifest, rec, data)
 
 
 def prepare(cfg: FinetuneConfig, given: Optional[Set[str]] = None) -> Job:
@@ -112,20 +128,20 @@ def prepare(cfg: FinetuneConfig, given: Optional[Set[str]] = None) -> Job:
     settings the command line names (see resume.resumed)."""
     path = os.path.abspath(cfg.store)
     check_store_target(path)
-    existing = _read_existing(path) if is_store(path) else None
+    existing = read_existing(path) if is_store(path) else None
     if cfg.resume and existing is None:
         raise StoreError(f"--resume: {path} is not a fuyou store yet; drop --resume to start a new run there")
     if cfg.resume:
-        return _resumed_job(cfg, given, existing, path)
+        return resumed_job(cfg, given, existing, path)
     source = ModelSource(cfg.model)
     if existing is not None and not cfg.overwrite:
         if model_info(source, Skeleton(source.config))["fingerprint"] != existing["model"]["fingerprint"]:
             raise StoreError(f"store {path} belongs to another model ({existing['model']['source']}); choose another --store, or --overwrite to replace it")
         raise StoreError(f"store {path} already holds step {existing['step']} of this model; pass --resume to continue it or --overwrite to start over")
-    return _new_job(cfg, source)
+    return new_job(cfg, source)
 
 
-def _read_existing(path: str) -> dict:
+def read_existing(path: str) -> dict:
     """An existing store's manifest, once the store is known to be confined, well-formed and whole
     (read only: nothing of it is touched)."""
     check_confined(path)
@@ -141,6 +157,9 @@ def _read_existing(path: str) -> dict:
 def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=None, trace=None) -> FinetuneResult:
     from rich.console import Console
 
+    if cfg.peft.method is not None:
+        raise ValueError("a --peft run trains adapters on a frozen base: call fuyou.lora.job.finetune_lora (the command does)")
+
     from .store.backends import set_default_backend
 
     set_default_backend(cfg.io_backend)
@@ -151,7 +170,7 @@ def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=N
         cfg = job.cfg
         device = resolve_device(cfg.device)
         skeleton = Skeleton(job.config, linear=cfg.linear)
-        dataset, eval_set = _datasets(job)
+        dataset, eval_set = datasets_of(job)
         # The run's memory plan, made on the store's layout before anything is written (a budget that
         # cannot hold one block is refused here), and handed to the runtime.
         state = StateCodecs(cfg.state)
@@ -171,13 +190,13 @@ def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=N
                      disk_mode=cfg.disk_mode, total_steps=cfg.steps)
         try:
             run_summary(summary_lines(job, store, rt, dataset, eval_set), console)
-            return loop.run(loop.Loop(cfg, job.record, rt, store, dataset, eval_set, console), import_s)
+            return loop.run(loop.Loop(cfg, job.record, loop.StoreTrainer(rt, store), dataset, eval_set, console), import_s)
         finally:
             rt.close()
             loop.save_trace(trace, cfg.trace_dir)
 
 
-def _datasets(job: Job) -> tuple:
+def datasets_of(job: Job) -> tuple:
     """(training rows, validation rows or None), the tokenizer and the model agreeing."""
     cfg, config = job.cfg, job.config
     tokenizer = load_tokenizer(job.tokenizer_dir)

@@ -13,9 +13,12 @@ def finetune_command(cmd: FinetuneCommand, given: set) -> int:
     """`given`: the settings the command line names (a resumed run refuses those that differ from its own)."""
     from rich.console import Console
 
+    from ..lora import job as lora
     from ..progress import print_summary
     from ..train import finetune, prepare
 
+    if cmd.job.peft.method is not None:  # adapters on a frozen base: a run of its own kind
+        finetune, prepare = lora.finetune_lora, lora.prepare
     job = {path[len("job."):] for path in given if path.startswith("job.")}
     if cmd.print_config:
         from .config_file import to_toml

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..config import StateConfig
-from ..optim.state import KINDS, StateCodecs, init_state_
+from ..optim.state import StateCodecs, init_state_, init_weights_
 from ..store.directio import aligned_empty
 from ..store.store import Store, create_store, finalize_import
 from ..store.manifest import IMPORTING, fingerprint_config, new_manifest
@@ -67,13 +67,14 @@ def import_model(
     backend=None,
     on_block: Optional[Callable[[str, int], None]] = None,
     train: Optional[dict] = None,
+    weights_only: bool = False,
 ) -> Store:
     """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs; `train`:
     the manifest's training entry from the start (the run's settings)."""
     skeleton = Skeleton(source.config)
     if source.preset is None:
         source.bind(skeleton.model)
-    state = StateCodecs(state_cfg)
+    state = StateCodecs(state_cfg, weights_only=weights_only)  # weights_only: a frozen base for LoRA runs
     manifest = new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks(), train)
     existed = os.path.exists(store_path)
     store = create_store(store_path, manifest, state, backend)
@@ -110,12 +111,15 @@ def import_model(
 
 def _write_block(store: Store, block: str, values: Dict[str, torch.Tensor]) -> None:
     layout = store.layouts[block]
-    bufs = {kind: aligned_empty(layout.kinds[kind].file_bytes).zero_() for kind in KINDS}  # zero padding: files are deterministic
-    views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in KINDS}
+    bufs = {kind: aligned_empty(layout.kinds[kind].file_bytes).zero_() for kind in store.kinds}  # zero padding: files are deterministic
+    views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in store.kinds}
     for name, _numel in layout.params:
-        parts = {kind: views[kind][name] for kind in KINDS}
-        init_state_(store.state.cfg, values[name], parts)
-    for kind in KINDS:
+        parts = {kind: views[kind][name] for kind in store.kinds}
+        if store.state.weights_only:
+            init_weights_(store.state.cfg, values[name], parts["weights"])
+        else:
+            init_state_(store.state.cfg, values[name], parts)
+    for kind in store.kinds:
         store.write(block, kind, bufs[kind], version=0)
 
 

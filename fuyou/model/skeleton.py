@@ -171,6 +171,10 @@ class Skeleton:
         module, leaf = self.params[name].refs[0]
         return module._parameters[leaf]
 
+    def layer_module_names(self) -> Dict[str, int]:
+        """{module path of decoder layer i: i} (e.g. "model.layers.3": 3)."""
+        return {name: i for name, m in self.model.named_modules() for i, layer in enumerate(self.layers) if m is layer}
+
     def describe(self) -> str:
         """One line for a run's start: the class, its blocks, the attention transformers chose."""
         return (f"model {type(self.model).__name__}: embed, {len(self.layers)} decoder layers, head"

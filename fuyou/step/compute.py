@@ -31,9 +31,9 @@ def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
         return
     keep = not ctx.plan.recompute and sk.block(c.block).is_layer
     weights = ctx.slots.weights(consumer)
-    train = c.phase != "fwd"
+    train = c.phase != "fwd" and not ctx.frozen  # a frozen base's weights get no gradient (its adapters do)
     sk.on_grad = st.received.add  # which parameters autograd reaches this step (bodies.optim)
-    params = sk.attach(weights, requires_grad=train or keep)
+    params = sk.attach(weights, requires_grad=train or (keep and not ctx.frozen))
     if keep and c.phase == "bwd":
         params = st.fwd_params.pop(index)  # the Parameters the kept graph accumulates into
     try:

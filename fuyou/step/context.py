@@ -36,6 +36,7 @@ class RunContext:
     # parameter -> whether it got a gradient in this run's first step: torch.optim.AdamW skips a
     # parameter without one, and counts its steps apart once that changes (bodies.optim refuses then)
     had_grad: Dict[str, bool] = field(default_factory=dict)
+    frozen: bool = False  # the base is not trained (LoRA): its weights get no gradient
 
     def grad_blocks(self, c: Consumer) -> List[str]:
         """Blocks whose gradient slot consumer c writes into (none in the forward)."""

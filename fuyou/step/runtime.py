@@ -58,15 +58,16 @@ class Runtime:
 
     def __init__(self, store: Store, skeleton: Skeleton, *, device: torch.device, batch: BatchConfig, optim: OptimConfig,
                  memory: Optional[MemoryConfig] = None, plan: Optional[MemoryPlan] = None, trace: Optional[Trace] = None,
-                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe", total_steps: Optional[int] = None):
+                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe", total_steps: Optional[int] = None, frozen: bool = False):
         _check_settings(max_grad_norm, disk_mode)
         device = torch.device(device)
         self.store, self.batch_cfg, self.optim_cfg = store, batch, optim
         self.lr_at = lr_schedule(optim, total_steps)  # total_steps: the run's target (schedules that decay need it)
         self.compute_dtype = compute_dtype_for(device, store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype)
-        self.cons = model_consumers(store, skeleton)
+        self.cons = model_consumers(store, skeleton, frozen=frozen)
         if plan is None:
-            plan = plan_for_model(store, skeleton, device=device, batch=batch, memory=memory or MemoryConfig(), compute_dtype=self.compute_dtype)
+            plan = plan_for_model(store, skeleton, device=device, batch=batch, memory=memory or MemoryConfig(), compute_dtype=self.compute_dtype,
+                                  frozen=frozen)
         self.plan = plan
         self.cpu_pool = Pool("cpu", plan.cpu_budget_bytes, torch.device("cpu"), pin=device.type == "cuda")
         self.dev_pool = Pool("gpu" if device.type == "cuda" else "device", plan.device_budget_bytes, device)
@@ -77,7 +78,8 @@ class Runtime:
         acts = Activations(store, plan, dev_pool=self.dev_pool, cpu_pool=self.cpu_pool, streams=streams, device=device)
         skeleton.load_stored_buffers(store.model_dir())  # the checkpoint's buffers, as imported
         skeleton.move_buffers(device)
-        self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode)
+        self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode,
+                              frozen=frozen)
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
         self._eval_executor = Executor(LANES, Trace())  # validation passes stay out of the steps' trace
@@ -99,18 +101,9 @@ class Runtime:
         """Train one optimizer step on `batch`; commit it (or skip it) in the store."""
         t0, store = time.perf_counter(), self.store
         step = store.step + 1
-        mbs = batch.split(self.batch_cfg.micro_batches)
-        if self.device.type != "cpu":
-            mbs = [m.to(self.device) for m in mbs]
-        st = StepState(step, self.lr_at(step), mbs, count_targets(batch.labels))
-        st.done_blocks = frozenset(b for b, j in store.journal.items() if j["step"] == step)
         read0, written0, n_events = store.bytes_read, store.bytes_written, len(self.trace.events)
         try:
-            try:
-                self.executor.run(build_step_graph(self.spec, StepBodies(self.ctx, st)), step=step)
-            finally:
-                self.ctx.acts.clear()
-                st.clear_kept_forward()
+            st = self.forward_backward(batch, step)
             norm = st.total_norm(list(self.ctx.skeleton.params))
             status = self._finish(st, norm)
         except BaseException:
@@ -122,6 +115,21 @@ class Runtime:
             grad_norm=norm, lr=st.lr, bytes_read=store.bytes_read - read0, bytes_written=store.bytes_written - written0,
             seconds=time.perf_counter() - t0, events=self.trace.events[n_events:], status=status,
         )
+
+    def forward_backward(self, batch: Batch, step: int) -> StepState:
+        """The step graph of optimizer step `step` on `batch` (with the optimizer tasks unless the base
+        is frozen); its shared state (losses, norms) returned."""
+        mbs = batch.split(self.batch_cfg.micro_batches)
+        if self.device.type != "cpu":
+            mbs = [m.to(self.device) for m in mbs]
+        st = StepState(step, self.lr_at(step), mbs, count_targets(batch.labels))
+        st.done_blocks = frozenset(b for b, j in self.store.journal.items() if j["step"] == step)
+        try:
+            self.executor.run(build_step_graph(self.spec, StepBodies(self.ctx, st)), step=step)
+        finally:
+            self.ctx.acts.clear()
+            st.clear_kept_forward()
+        return st
 
     def evaluate(self, batch: Batch) -> tuple:
         """(loss summed over the batch's label tokens, their count): a forward-only pass of the

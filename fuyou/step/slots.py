@@ -34,8 +34,9 @@ class Slots:
         self.tied_optimizer: Optional[torch.Tensor] = cpu_pool.alloc(plan.opt_slot_bytes) if plan.tied_slot else None
         self.grads = [cpu_pool.alloc(plan.grad_slot_bytes) for _ in range(plan.grad_slots)]
         self.tied_grads: Optional[torch.Tensor] = cpu_pool.alloc(plan.grad_slot_bytes) if plan.tied_slot else None
-        self.opt_owner = assign_opt_slots(cons, tied, len(self.optimizer), EMBED)
-        self.grad_owner = assign_opt_slots(cons, tied, len(self.grads), EMBED)
+        # A frozen base (no optimizer slots) trains nothing of its own: no block owns a slot.
+        self.opt_owner = assign_opt_slots(cons, tied, len(self.optimizer), EMBED) if self.optimizer else {}
+        self.grad_owner = assign_opt_slots(cons, tied, len(self.grads), EMBED) if self.grads else {}
 
     # -- optimizer and gradient slots --------------------------------------------------------
     def optimizer_slot(self, block: str) -> torch.Tensor:

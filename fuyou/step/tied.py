@@ -21,7 +21,8 @@ from .context import RunContext, StepState
 
 
 def tied_names(ctx: RunContext) -> List[str]:
-    return [name for _owner, name in ctx.skeleton.block(HEAD).borrowed]
+    """The head's borrowed weights whose gradient is kept apart (none for a frozen base)."""
+    return [] if ctx.frozen else [name for _owner, name in ctx.skeleton.block(HEAD).borrowed]
 
 
 def _rows(st: StepState) -> torch.Tensor:
