@@ -208,18 +208,23 @@ def plan_memory(
         if auto_cpu:  # the host budget was not given: it includes the offloaded inputs
             cpu_budget = plan.cpu_budget_bytes = min(cpu_budget + plan.offloaded_act_bytes(), ram // 2)
     _check_minimum(plan)
-    # Grow from the minimum while the budgets allow: a second gradient slot first (the backward of
-    # the next block then runs while this block's optimizer does), then optimizer slots (they
-    # decouple state I/O from the optimizer), then prefetch depth.
-    if not frozen and plan.cpu_bytes() + grad_slot <= cpu_budget:
-        plan.grad_slots += 1
-    while not frozen and plan.opt_slots < MAX_OPT_SLOTS and plan.cpu_bytes() + opt_slot <= cpu_budget:
-        plan.opt_slots += 1
-    while plan.weight_slots < depth and plan.cpu_bytes() + stage <= cpu_budget:
-        plan.weight_slots += 1
-    while copy and plan.device_slots < depth and plan.device_bytes() + dev_slot <= device_budget:
-        plan.device_slots += 1
+    _grow(plan, depth, copy, frozen)
     return plan
+
+
+def _grow(plan: MemoryPlan, depth: int, copy: bool, frozen: bool) -> None:
+    """Grow a plan from its minimum while the budgets allow: a second gradient slot first (the
+    backward of the next block then runs while this block's optimizer does), then optimizer slots
+    (they decouple state I/O from the optimizer), then prefetch depth."""
+    cpu_budget, device_budget = plan.cpu_budget_bytes, plan.device_budget_bytes
+    if not frozen and plan.cpu_bytes() + plan.grad_slot_bytes <= cpu_budget:
+        plan.grad_slots += 1
+    while not frozen and plan.opt_slots < MAX_OPT_SLOTS and plan.cpu_bytes() + plan.opt_slot_bytes <= cpu_budget:
+        plan.opt_slots += 1
+    while plan.weight_slots < depth and plan.cpu_bytes() + plan.stage_slot_bytes <= cpu_budget:
+        plan.weight_slots += 1
+    while copy and plan.device_slots < depth and plan.device_bytes() + plan.device_slot_bytes <= device_budget:
+        plan.device_slots += 1
 
 
 def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> MemoryPlan:
