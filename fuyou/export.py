@@ -13,14 +13,14 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
 from .faults import crash_point
 from .model.convert import to_checkpoint
 from .model.skeleton import BUFFERS_FILE, Skeleton
-from .optim.state import StateCodecs, decode_master
+from .optim.state import StateCodecs, decode_master, decode_weights
 from .store.directio import aligned_empty
 from .store.store import open_store
 from .store.lock import StoreLock
@@ -44,9 +44,11 @@ def _check_target(out: str) -> None:
         raise StoreError(f"export target {out} exists and is not an empty directory; choose a new directory")
 
 
-def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Callable[[str], None]] = None) -> str:
-    """A Hugging Face checkpoint of the open `store`'s committed master weights in `dtype`, made in a
-    new directory beside `out` and renamed to it when complete."""
+def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Callable[[str], None]] = None,
+                     deltas: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """A Hugging Face checkpoint of the open `store`'s committed master weights (a frozen base's:
+    its weights) in `dtype`, made in a new directory beside `out` and renamed to it when complete.
+    `deltas`: parameter name -> an fp32 tensor added to it first (merged LoRA adapters)."""
     out = os.path.abspath(out)
     _check_target(out)
     if dtype not in DTYPES:
@@ -57,7 +59,7 @@ def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Ca
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a directory's usual mode
     try:
-        _write(store, tmp, DTYPES[dtype], on_block)
+        _write(store, tmp, DTYPES[dtype], on_block, deltas or {})
         crash_point("export")  # complete but not yet renamed: a crash here must leave nothing that looks complete
         if os.path.isdir(out):
             os.rmdir(out)
@@ -68,7 +70,7 @@ def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Ca
     return out
 
 
-def _write(store, tmp: str, dtype: torch.dtype, on_block) -> None:
+def _write(store, tmp: str, dtype: torch.dtype, on_block, deltas: Dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -80,7 +82,7 @@ def _write(store, tmp: str, dtype: torch.dtype, on_block) -> None:
     for i, block in enumerate(names):
         tensors = {n: stored[n] for n in skeleton.block_buffers.get(block, [])}
         if store.layouts[block].numel:
-            tensors.update({n: t.to(dtype) for n, t in _master_tensors(store, block).items()})
+            tensors.update({n: (t + deltas[n] if n in deltas else t).to(dtype) for n, t in _master_tensors(store, block).items()})
         # The names and layout save_pretrained writes (per-expert tensors, legacy names), so the
         # export loads in transformers like any checkpoint.
         tensors = {n: t.clone(memory_format=torch.contiguous_format) for n, t in to_checkpoint(skeleton.model, tensors).items()}
@@ -111,8 +113,12 @@ def _set_config_dtype(path: str, dtype: torch.dtype) -> None:
 
 
 def _master_tensors(store, block: str) -> dict:
-    lay = store.layouts[block].kinds["master"]
+    """The block's exact fp32 master values; a frozen base's store (weights only): its weights."""
+    kind = "master" if "master" in store.kinds else "weights"
+    lay = store.layouts[block].kinds[kind]
     buf = aligned_empty(lay.file_bytes)
-    store.read(block, "master", buf)
+    store.read(block, kind, buf)
     shapes = store.layouts[block].shapes
-    return {name: decode_master(store.state.cfg, parts, math.prod(shapes[name])).reshape(shapes[name]).clone() for name, parts in lay.views(buf).items()}
+    decode = (lambda parts, name: decode_master(store.state.cfg, parts, math.prod(shapes[name]))) if kind == "master" else \
+        (lambda parts, name: decode_weights(store.state.cfg, parts, shapes[name]).float())
+    return {name: decode(parts, name).reshape(shapes[name]).clone() for name, parts in lay.views(buf).items()}

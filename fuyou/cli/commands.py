@@ -79,6 +79,15 @@ class ProfileCommand:
 class ExportCommand:
     """Write a Hugging Face checkpoint from a store's master weights."""
 
-    store: str = setting(help="the store directory", group=INPUT)
+    store: Optional[str] = setting(None, "the store directory", group=INPUT, shown="the base of --run-dir")
+    run_dir: Optional[str] = setting(None, "a LoRA run's directory: write its adapters (PEFT format), or with --merge the base with them merged",
+                                     group=INPUT)
+    merge: bool = setting(False, "with --run-dir: a full checkpoint of the base with the adapters merged into its weights", group=OUTPUT)
     to: str = setting(help="output directory (new or empty)", group=OUTPUT)
     dtype: str = setting("fp32", "dtype of the checkpoint's weights", choices=EXPORT_DTYPES, group=OUTPUT)
+
+    def __post_init__(self):
+        if (self.store is None) == (self.run_dir is None):
+            raise ValueError("fuyou export needs --store (a fine-tuned store) or --run-dir (a LoRA run), one of them")
+        if self.merge and self.run_dir is None:
+            raise ValueError("--merge merges a LoRA run's adapters: pass --run-dir")

@@ -13,12 +13,12 @@ def finetune_command(cmd: FinetuneCommand, given: set) -> int:
     """`given`: the settings the command line names (a resumed run refuses those that differ from its own)."""
     from rich.console import Console
 
+    from .. import train
     from ..lora import job as lora
     from ..progress import print_summary
-    from ..train import finetune, prepare
 
-    if cmd.job.peft.method is not None:  # adapters on a frozen base: a run of its own kind
-        finetune, prepare = lora.finetune_lora, lora.prepare
+    # Adapters on a frozen base are a run of their own kind.
+    finetune, prepare = (lora.finetune_lora, lora.prepare) if cmd.job.peft.method is not None else (train.finetune, train.prepare)
     job = {path[len("job."):] for path in given if path.startswith("job.")}
     if cmd.print_config:
         from .config_file import to_toml
@@ -59,6 +59,11 @@ def _planned(cfg: FinetuneConfig) -> FinetuneConfig:
 def export_command(cmd: ExportCommand, _given: set) -> int:
     from ..export import export_store
 
-    out = export_store(cmd.store, cmd.to, cmd.dtype)
-    print(f"exported {cmd.store} to {out}", file=sys.stderr)
+    if cmd.run_dir is not None:
+        from ..lora.export import export_run
+
+        out = export_run(cmd.run_dir, cmd.to, cmd.dtype, merge=cmd.merge)
+    else:
+        out = export_store(cmd.store, cmd.to, cmd.dtype)
+    print(f"exported {cmd.run_dir or cmd.store} to {out}", file=sys.stderr)
     return 0
