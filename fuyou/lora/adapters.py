@@ -57,6 +57,23 @@ def _layer_of(name: str, layer_modules: Dict[str, int]) -> Optional[int]:
     return None
 
 
+def target_linears(skeleton, config, given: Optional[str]) -> List[str]:
+    """The linears of the skeleton's decoder layers that peft's `config` adapts (none: an error naming the fix)."""
+    names = _target_modules(skeleton.model, skeleton.layer_module_names(), config)
+    if not names:
+        raise ValueError(f"--target-modules {given}: no linear of the model's decoder layers matches; name its projections "
+                         "(e.g. q_proj,v_proj) or pass all-linear")
+    return names
+
+
+def adapter_numel(skeleton, settings) -> int:
+    """Parameters the adapters of `settings` would have on this skeleton: r x (in + out) per target
+    linear; nothing is allocated (the planner sizes a run from the model's config alone)."""
+    config = lora_config(settings)
+    modules = dict(skeleton.model.named_modules())
+    return sum(config.r * (modules[n].in_features + modules[n].out_features) for n in target_linears(skeleton, config, settings.target_modules))
+
+
 class Adapters:
     """The run's LoRA adapters: one (A, B) pair per target linear, hooked into the skeleton."""
 
@@ -67,10 +84,7 @@ class Adapters:
         r = self.config.r
         self.scaling = self.config.lora_alpha / (math.sqrt(r) if self.config.use_rslora else r)
         model = skeleton.model
-        names = _target_modules(model, skeleton.layer_module_names(), self.config)
-        if not names:
-            raise ValueError(f"--target-modules {settings.target_modules}: no linear of the model's decoder layers matches; name its projections "
-                             "(e.g. q_proj,v_proj) or pass all-linear")
+        names = target_linears(skeleton, self.config, settings.target_modules)
         g = torch.Generator().manual_seed(seed)
         self.params: Dict[str, nn.Parameter] = {}
         self._hooks = []
