@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import REPO_ROOT, RESULTS_DIR, SHARED_NOTE, machine_info, machine_line, markdown_table, run_python, write_report  # noqa: E402
 
 BENCH_DIR = os.path.join(REPO_ROOT, "benchmarks")
-OTHER_SCRIPTS = ("bench_io.py", "bench_store.py", "bench_adam.py", "bench_gemm.py", "bench_predict.py")
+OTHER_SCRIPTS = ("bench_io.py", "bench_store.py", "bench_adam.py", "bench_gemm.py", "bench_predict.py", "bench_lora.py")
 SCRIPT_TIMEOUT_S = 1800
 # Reference points (B/param/step on SSD): the Fuyou paper's design moves 16 read + 14 written;
 # ZeRO-Infinity also spills the gradients to the SSD and reads them back, 8 more.

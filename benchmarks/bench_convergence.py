@@ -2,6 +2,7 @@
 
     python benchmarks/bench_convergence.py --group states   # issue: fp8/de8 moments within 1% of fp32
     python benchmarks/bench_convergence.py --group linear   # issue: fp8-blockwise within 2%; mxfp4, nvfp4 reported
+    python benchmarks/bench_convergence.py --group lora     # LoRA (r 16, all-linear) on an fp8 base within 2% of a bf16 base
 
 Every run: the llama-tiny preset (same seed, same initial weights), the bundled corpus, batch 8 x
 128, 2 micro-batches, lr 1e-3, N steps (default 200). "final" is the mean loss of the last 10 steps
@@ -23,16 +24,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GROUPS = {
     "states": [("fp32 states", {}), ("fp8 states", {"states": "fp8"}), ("de8 states", {"states": "de8"}), ("fp8 states + bf16+rem master", {"states": "fp8", "master": "bf16+rem"})],
     "linear": [("fp32 GEMMs", {}), ("fp8-blockwise", {"linear": "fp8-blockwise"}), ("mxfp4", {"linear": "mxfp4"}), ("nvfp4", {"linear": "nvfp4"})],
+    "lora": [("LoRA, bf16 base", {"lora": True, "weights": "bf16"}), ("LoRA, fp8 base", {"lora": True, "weights": "fp8"})],
 }
 
 
 def run(name, opts, steps, root):
-    from fuyou.config import FinetuneConfig, OptimConfig, StateConfig
+    from fuyou.config import FinetuneConfig, OptimConfig, PeftConfig, StateConfig
+    from fuyou.lora.job import finetune_lora
     from fuyou.train import finetune
 
-    state = StateConfig(master=opts.get("master", "fp32"), states=opts.get("states", "fp32"))
-    cfg = FinetuneConfig(store=os.path.join(root, name.replace(" ", "_")), steps=steps, state=state, optim=OptimConfig(lr=1e-3), linear=opts.get("linear"))
-    res = finetune(cfg, console=_quiet())
+    state = StateConfig(weights=opts.get("weights", "fp32"), master=opts.get("master", "fp32"), states=opts.get("states", "fp32"))
+    where = os.path.join(root, name.replace(" ", "_").replace(",", ""))
+    peft = PeftConfig(method="lora", r=16, alpha=32.0, target_modules="all-linear", run_dir=where + "-run") if opts.get("lora") else PeftConfig()
+    cfg = FinetuneConfig(store=where, steps=steps, state=state, optim=OptimConfig(lr=1e-3), linear=opts.get("linear"), peft=peft)
+    res = (finetune_lora if opts.get("lora") else finetune)(cfg, console=_quiet())
     losses = [s.loss for s in res.steps]
     tail = losses[-10:]
     return sum(tail) / len(tail), losses[-1], sorted(s.seconds for s in res.steps)[len(res.steps) // 2]

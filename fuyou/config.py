@@ -13,44 +13,52 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?)(B?)|(B))?\s*$", re.IGNORECASE)
+_POWERS = {"K": 1, "M": 2, "G": 3, "T": 4}
 
 
 def parse_size(text) -> int:
-    """'4GiB', '512MiB', '1.5G', '4096' -> bytes (binary units; KB/MB/GB are read as KiB/MiB/GiB)."""
+    """Bytes from '4GiB' or '512MiB' (binary), '4GB' or '500MB' (decimal: 4 GB is 4e9 bytes, as disks
+    are sold), '4G' (binary, as `free -g` shows), '4096' or '4096B'."""
     if isinstance(text, (int, float)):
         return int(text)
     m = _SIZE_RE.match(str(text))
     if not m:
-        raise ValueError(f"cannot read size {text!r}; write it like 4GiB, 512MiB or 1073741824")
-    unit = (m.group(2) or "").upper()[:1]
-    if unit == "B":
-        unit = ""
-    return int(float(m.group(1)) * _UNITS[unit])
+        raise ValueError(f"cannot read size {text!r}; write it like 4GiB, 512MiB, 4GB or 1073741824")
+    number, unit, binary, suffix = float(m.group(1)), (m.group(2) or "").upper(), m.group(3), m.group(4)
+    if not unit:
+        return int(number)
+    base = 1024 if binary or not suffix else 1000
+    return int(number * base ** _POWERS[unit])
 
 
 def format_size(n: int) -> str:
     """Bytes as parse_size reads them back: the largest binary unit that divides n ('512MiB')."""
     for unit in "TGMK":
-        if n and n % _UNITS[unit] == 0:
-            return f"{n // _UNITS[unit]}{unit}iB"
+        size = 1 << (10 * _POWERS[unit])
+        if n and n % size == 0:
+            return f"{n // size}{unit}iB"
     return str(n)
 
 
 # Help groups, in the order `--help` lists them, and the note a group's title carries.
 MODEL_DATA, INPUT, OPTIMIZATION, DEVICE_MEMORY = "model & data", "input", "optimization", "device & memory"
 STORAGE, PRECISION, PROBE, RATES, OUTPUT = "storage", "precision", "probe", "machine rates", "output & logging"
-GROUPS = (MODEL_DATA, INPUT, OPTIMIZATION, DEVICE_MEMORY, STORAGE, PRECISION, PROBE, RATES, OUTPUT)
+EVAL, PEFT = "validation", "adapters (LoRA)"
+GROUPS = (MODEL_DATA, INPUT, OPTIMIZATION, EVAL, PEFT, DEVICE_MEMORY, STORAGE, PRECISION, PROBE, RATES, OUTPUT)
 GROUP_NOTES = {RATES: "default: the saved `fuyou probe` result, else conservative defaults"}
 
 WEIGHT_CODECS = ("fp32", "bf16", "fp8")  # compute weights streamed to the device
 MASTER_CODECS = ("fp32", "bf16+rem")  # master weights the optimizer updates
 MOMENT_CODECS = ("fp32", "bf16", "fp8", "de8", "log8")  # AdamW exp_avg / exp_avg_sq
 RECOMPUTE_MODES = ("auto", "always", "never")
+# transformers.get_scheduler's schedules that are a function of the step (fuyou.optim.schedule).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt", "cosine_with_min_lr")
 DISK_MODES = ("safe", "lean")
 LINEAR_RECIPES = ("fp8-blockwise", "mxfp4", "nvfp4")
 DEVICES = ("cuda", "cpu")
+EXPORT_DTYPES = ("fp32", "bf16")
+PEFT_METHODS = ("lora",)
 DEFAULT_MODEL = "llama-tiny"  # a preset of fuyou.model.source
 BUILTIN_DATA = "builtin"  # --data's name for the bundled corpus
 LR_FROM_SCRATCH = 1e-3  # a preset starts from random weights: a pre-training learning rate
@@ -99,7 +107,7 @@ def _exponent(x: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
-def _device_setting():
+def device_setting():
     return setting(None, "compute device", choices=DEVICES, group=DEVICE_MEMORY, shown="cuda when present")
 
 
@@ -110,19 +118,31 @@ class OptimConfig:
     # None: the run picks by where the weights come from (with_default_lr).
     lr: Optional[float] = setting(None, "learning rate", group=OPTIMIZATION,
                                   shown=f"{_exponent(LR_FROM_SCRATCH)} for a preset, {_exponent(LR_FINETUNE)} for a checkpoint")
-    beta1: float = 0.9  # the betas and eps are torch's defaults, not on the command line
-    beta2: float = 0.999
-    eps: float = 1e-8
+    lr_scheduler: str = setting("constant", "learning-rate schedule, as transformers' get_scheduler has it (constant with a warm-up "
+                                "is constant_with_warmup)", choices=LR_SCHEDULERS, group=OPTIMIZATION)
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up from 0", group=OPTIMIZATION)
+    warmup_ratio: float = setting(0.0, "warm-up as a share of the run's --steps (rounded up); instead of --warmup-steps", group=OPTIMIZATION)
+    min_lr_rate: float = setting(0.0, "cosine_with_min_lr: the final learning rate as a share of --lr", group=OPTIMIZATION)
+    beta1: float = setting(0.9, "AdamW beta1", flag="--adam-beta1", group=OPTIMIZATION)
+    beta2: float = setting(0.999, "AdamW beta2", flag="--adam-beta2", group=OPTIMIZATION)
+    eps: float = setting(1e-8, "AdamW epsilon", flag="--adam-eps", group=OPTIMIZATION)
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay", group=OPTIMIZATION)
-    warmup_steps: int = setting(0, "linear learning-rate warm-up from 0 over this many steps, then constant", group=OPTIMIZATION)
 
     def __post_init__(self):
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}; pass e.g. --lr 1e-5")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"AdamW betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
+            raise ValueError(f"AdamW betas must lie in [0, 1), got ({self.beta1}, {self.beta2}); pass e.g. --adam-beta2 0.95")
+        if not self.eps > 0:
+            raise ValueError(f"--adam-eps must be > 0, got {self.eps}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("weight decay and warm-up steps must be >= 0")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_rate <= 1:
+            raise ValueError("--warmup-ratio must lie in [0, 1) and --min-lr-rate in [0, 1]")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("--warmup-steps and --warmup-ratio both set the warm-up; pass one")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr-scheduler {self.lr_scheduler!r} unknown; choose one of {', '.join(LR_SCHEDULERS)}")
 
     def with_default_lr(self, *, from_scratch: bool) -> OptimConfig:
         """This config, its lr set if it was None: LR_FROM_SCRATCH for random weights, else LR_FINETUNE."""
@@ -130,13 +150,6 @@ class OptimConfig:
             return self
         return dataclasses.replace(self, lr=LR_FROM_SCRATCH if from_scratch else LR_FINETUNE)
 
-    def lr_at(self, step: int) -> float:
-        """Learning rate of optimizer step `step` (counting from 1)."""
-        if self.lr is None:
-            raise ValueError("the learning rate is unset; pass OptimConfig(lr=...) or call with_default_lr first")
-        if self.warmup_steps and step <= self.warmup_steps:
-            return self.lr * step / self.warmup_steps
-        return self.lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +228,73 @@ class StateConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Validation: a forward-only pass through the streaming runtime every few steps."""
+
+    data: Optional[str] = setting(None, "held-out data (.jsonl or .txt) for the validation loss", flag="--eval-data", group=EVAL)
+    split: float = setting(0.0, "hold out this share of --data's rows for validation instead (they are not trained on)", flag="--eval-split",
+                           group=EVAL)
+    every: int = setting(0, "validate every this many steps, and at the end (0: at the end only, when there is validation data)",
+                         flag="--eval-every", group=EVAL)
+
+    def __post_init__(self):
+        if not 0 <= self.split < 1:
+            raise ValueError(f"--eval-split must lie in [0, 1), got {self.split}")
+        if self.split and self.data is not None:
+            raise ValueError("--eval-data and --eval-split both name the validation data; pass one")
+        if self.every < 0:
+            raise ValueError("--eval-every must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """What a run writes besides its store: checkpoints, metrics, logs."""
+
+    dir: Optional[str] = setting(None, "write Hugging Face checkpoints here (checkpoint-<step>/), at --save-every steps and at the end",
+                                 flag="--output-dir", group=OUTPUT)
+    save_every: int = setting(0, "write a checkpoint every this many steps (0: only at the end)", flag="--save-every", group=OUTPUT)
+    save_total_limit: int = setting(0, "keep only the newest this many checkpoints (0: all)", flag="--save-total-limit", group=OUTPUT)
+    export_dtype: str = setting("fp32", "dtype of the checkpoints' weights", flag="--export-dtype", choices=EXPORT_DTYPES, group=OUTPUT)
+    log_every: int = setting(0, "without a terminal, print a line every this many steps", flag="--log-every", group=OUTPUT,
+                             shown="a tenth of the run")
+    tensorboard: Optional[str] = setting(None, "also write TensorBoard scalars to this directory (needs the tensorboard package)",
+                                         flag="--tensorboard", group=OUTPUT)
+
+    def __post_init__(self):
+        if self.save_every < 0 or self.save_total_limit < 0 or self.log_every < 0:
+            raise ValueError("--save-every, --save-total-limit and --log-every must be >= 0")
+        if (self.save_every or self.save_total_limit) and self.dir is None:
+            raise ValueError("--save-every and --save-total-limit need --output-dir, where the checkpoints go")
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"--export-dtype {self.export_dtype!r} unknown; choose one of {', '.join(EXPORT_DTYPES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning: adapters trained on a frozen, streamed base, with peft's
+    LoraConfig names and defaults."""
+
+    method: Optional[str] = setting(None, "train LoRA adapters on the frozen base in --store instead of every weight", flag="--peft",
+                                    choices=PEFT_METHODS, group=PEFT, shown="full fine-tuning")
+    r: int = setting(8, "LoRA rank", flag="--lora-r", group=PEFT)
+    alpha: float = setting(8.0, "LoRA alpha: the adapters' output is scaled by alpha / r", flag="--lora-alpha", group=PEFT)
+    dropout: float = setting(0.0, "LoRA dropout (0: the backward's recompute needs the forward's masks)", flag="--lora-dropout", group=PEFT)
+    target_modules: Optional[str] = setting(None, "comma-separated names of the linears to adapt (q_proj,v_proj), or all-linear",
+                                            flag="--target-modules", group=PEFT, shown="peft's default for the model type")
+    rslora: bool = setting(False, "scale the adapters by alpha / sqrt(r) (rsLoRA)", flag="--use-rslora", group=PEFT)
+    init: Optional[str] = setting(None, "start from this PEFT adapter directory (adapter_config.json + adapter_model.safetensors)",
+                                  flag="--lora-init", group=PEFT, shown="peft's initialisation")
+    run_dir: str = setting("fuyou-lora", "the LoRA run's directory: its adapters, their optimizer state, metrics (--store holds the base)",
+                           flag="--run-dir", group=PEFT)
+
+    def __post_init__(self):
+        if self.method is not None and self.method not in PEFT_METHODS:
+            raise ValueError(f"--peft {self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}")
+        if self.r < 1 or not self.alpha > 0 or not 0 <= self.dropout < 1:
+            raise ValueError("--lora-r must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """Everything fuyou.train.finetune needs."""
 
@@ -228,7 +308,7 @@ class FinetuneConfig:
     steps: int = setting(60, "train until this optimizer step (a total: --resume --steps 200 continues a run to step 200)", group=OPTIMIZATION)
     max_grad_norm: Optional[float] = setting(None, "clip the global gradient norm (exact: a clipped step redoes the optimizer pass)",
                                              group=OPTIMIZATION, shown="no clipping")
-    device: Optional[str] = _device_setting()
+    device: Optional[str] = device_setting()
     store: str = setting("fuyou-store", "store directory (created; on an NVMe SSD for real runs)", group=STORAGE)
     resume: bool = setting(False, "continue the run in --store from its last committed step, with the settings it records", group=STORAGE)
     overwrite: bool = setting(False, "replace an existing fuyou store at --store", group=STORAGE)
@@ -245,6 +325,9 @@ class FinetuneConfig:
     optim: OptimConfig = section(OptimConfig)
     batch: BatchConfig = section(BatchConfig)
     memory: MemoryConfig = section(MemoryConfig)
+    eval: EvalConfig = section(EvalConfig)
+    output: OutputConfig = section(OutputConfig)
+    peft: PeftConfig = section(PeftConfig)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -313,71 +396,3 @@ class RatesConfig:
     def given(self) -> dict:
         """The rates given by hand, by field name (the file excluded)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path" and getattr(self, f.name) is not None}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneCommand:
-    """Fine-tune a model whose training state lives in a store on disk.
-
-    Fine-tune a Hugging Face causal LM with weights, fp32 master weights and AdamW states kept in
-    --store, streamed block by block. With no arguments: the llama-tiny preset on the bundled corpus.
-    """
-
-    job: FinetuneConfig = section(FinetuneConfig)
-    plan: Optional[str] = setting(None, "let the planner choose --prefetch-depth, --micro-batches and the memory budgets (see `fuyou plan`)",
-                                  choices=("auto",), group=DEVICE_MEMORY)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PlanCommand:
-    """Choose prefetch depth, micro-batches and optimizer slots; predict the step.
-
-    Plan a run from the model's config alone (no weights needed): the fastest settings that fit the
-    budgets, the predicted step time, its bottleneck and the bytes per tier.
-    """
-
-    device: Optional[str] = _device_setting()
-    plan: PlanConfig = section(PlanConfig)
-    rates: RatesConfig = section(RatesConfig)
-    explain: bool = setting(False, "also print the chosen plan's schedule of one step: per consumer, what it waits for and what the other "
-                            "lanes run meanwhile", group=OUTPUT)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeCommand:
-    """Measure this machine's storage, copy, compute and optimizer rates (saved for `fuyou plan`)."""
-
-    store_dir: str = setting(".", "directory on the disk the store will live on (a temporary file is written there)", group=STORAGE)
-    device: Optional[str] = _device_setting()
-    size: int = setting(512 << 20, "bytes written and read back by the storage probe", parse=parse_size, group=PROBE)
-    hidden: int = setting(1024, "hidden size of the probed decoder layer", group=PROBE)
-    intermediate: int = setting(2816, "MLP size of the probed decoder layer", group=PROBE)
-    heads: int = setting(16, "attention heads of the probed layer", group=PROBE)
-    tokens: int = setting(512, "tokens per probed call (sequences of 128)", group=PROBE)
-    isolated: bool = setting(False, "probe each resource alone, not as in a step (storage and optimizer with a layer computing, "
-                             "compute with storage busy)", group=PROBE)
-    out: Optional[str] = setting(None, "where to save the rates JSON", group=OUTPUT, shown="the user config dir, see `fuyou plan`")
-
-    def __post_init__(self):
-        if self.hidden < 8 or self.tokens < 128 or self.heads < 1 or self.hidden % self.heads:
-            raise ValueError("--hidden must be >= 8 and divisible by --heads, --tokens >= 128")
-        if self.size < 1 or self.intermediate < 1:
-            raise ValueError("--size and --intermediate must be >= 1")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProfileCommand:
-    """Summarize a trace of `fuyou finetune --trace DIR`: timeline PNG and table."""
-
-    trace: str = setting(help="DIR/trace.json written by `fuyou finetune --trace DIR`", group=INPUT)
-    step: Optional[int] = setting(None, "step to show", group=INPUT, shown="the median-length step after the first")
-    png: Optional[str] = setting(None, "timeline image path", group=OUTPUT, shown="timeline.png beside the trace")
-    rates: RatesConfig = section(RatesConfig)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExportCommand:
-    """Write a Hugging Face checkpoint from a store's master weights."""
-
-    store: str = setting(help="the store directory", group=INPUT)
-    to: str = setting(help="output directory (new or empty)", group=OUTPUT)

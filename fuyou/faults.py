@@ -3,7 +3,8 @@
 
 Points: "read" and "write" (a block file, before the I/O), "optim" (before a block's update),
 "commit" (manifest.tmp written, not yet renamed), "committed" (renamed, old versions not yet
-deleted), "journal" (lean mode: a block's journal entry written, not yet renamed). Unset (the normal case), `crash_point` costs one dictionary lookup.
+deleted), "journal" (lean mode: a block's journal entry written, not yet renamed), "export" (a checkpoint
+written, not yet renamed into place). Unset (the normal case), `crash_point` costs one dictionary lookup.
 """
 from __future__ import annotations
 

@@ -21,10 +21,10 @@ from .config import BUILTIN_DATA, SECTION, FinetuneConfig, flag_of
 
 RECORD_VERSION = 1
 # Settings that are not the run's: where its store is and what this command does with it.
-NOT_RECORDED = ("store", "resume", "overwrite", "data_changed_ok")
-# Settings a resumed run may change: they do not shape the trained weights (or, for `steps`, only
-# say how far to go).
-CHANGEABLE = ("steps", "device", "io_backend", "verify_reads", "trace_dir", "memory.")
+NOT_RECORDED = ("store", "resume", "overwrite", "data_changed_ok", "peft.run_dir")
+# Settings a resumed run may change: they do not shape the trained weights (`steps` says how far to
+# go; a decaying schedule then follows the new length).
+CHANGEABLE = ("steps", "device", "io_backend", "verify_reads", "trace_dir", "memory.", "eval.data", "eval.every", "output.")
 
 
 def flat_settings(cfg, prefix: str = "") -> dict:

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, replace
-from typing import List, Optional, Set
+from typing import Optional, Set
 
-import psutil
 import torch
 
 from .config import BUILTIN_DATA, FinetuneConfig
@@ -26,42 +23,34 @@ from .model.importer import TOKENIZER_FILES, import_model, model_info
 from .model.skeleton import Skeleton
 from .model.source import ModelSource
 from .optim.state import StateCodecs
-from .progress import Progress
+from . import loop
+from .loop import FinetuneResult
+from .metrics import tensorboard_writer
+from .progress import run_summary
+from .summary import summary_lines
 from .resume import ResumeError, file_fingerprint, files_fingerprint, given_settings, record, resumed
 from .step.memory_plan import MemoryPlan, plan_for_model
-from .step.runtime import Runtime, StepResult
+from .step.runtime import Runtime
 from .store.lock import StoreLock
 from .store.manifest import StoreError, is_store, new_manifest, read_manifest
 from .store.paths import check_confined, check_store_target, clear_store
 from .store.store import Store, open_store
 
-# A run whose gradients stay non-finite this many steps in a row is stopped: its weights (or data)
-# are corrupt or the learning rate is far too high; skipping on would never end.
-MAX_SKIPPED_IN_A_ROW = 5
-
-
 @dataclass
-class FinetuneResult:
-    steps: List[StepResult]
-    store: str
-    numel: int
-    peak_rss_bytes: int
-    pool_peaks: dict
-    import_seconds: float
-    target_step: int = 0
-    stopped: Optional[str] = None  # the signal that stopped the run before its target step
+class StoredModel:
+    """A store's own copy of its model (config and tokenizer in <store>/model; no weights)."""
 
-    @property
-    def first_loss(self) -> float:
-        return self.steps[0].loss
+    config: object
+    tokenizer_dir: str
+    preset: Optional[str]
 
-    @property
-    def last_loss(self) -> float:
-        return self.steps[-1].loss
+    @classmethod
+    def of(cls, store: str, manifest: dict) -> "StoredModel":
+        from transformers import AutoConfig
 
-
-class StoreIOError(OSError):
-    """A disk error during a step; the message names the store and how to resume."""
+        source = manifest["model"]["source"]
+        model_dir = os.path.join(store, "model")
+        return cls(AutoConfig.from_pretrained(model_dir), model_dir, source.removeprefix("preset ") if source.startswith("preset ") else None)
 
 
 @dataclass
@@ -75,32 +64,6 @@ class Job:
     existing: Optional[dict]  # the store's manifest when resuming
     record: dict  # the run's settings as the manifest keeps them
     data_path: str
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the step in flight (a second SIGINT interrupts it;
-    the store stays at its last committed step either way)."""
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self._old = {}
-
-    def _handle(self, signum, _frame):
-        name = signal.Signals(signum).name
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -118,7 +81,8 @@ def _data_path(cfg: FinetuneConfig) -> str:
     return os.path.abspath(cfg.data)
 
 
-def _new_job(cfg: FinetuneConfig, source: ModelSource) -> Job:
+def new_job(cfg: FinetuneConfig, source) -> Job:
+    """A new run's job; `source`: a ModelSource to import from, or the StoredModel of a base store."""
     if cfg.data is None:
         if source.preset is None:
             raise ValueError(f"--data is required with a local --model; pass the training data (.jsonl or .txt), or --data {BUILTIN_DATA} "
@@ -128,14 +92,12 @@ def _new_job(cfg: FinetuneConfig, source: ModelSource) -> Job:
     data = _data_path(cfg)
     check_data_file(data)
     rec = record(cfg, data_fingerprint=file_fingerprint(data), tokenizer_fingerprint=files_fingerprint(source.tokenizer_dir, TOKENIZER_FILES))
-    return Job(cfg, source.config, source.tokenizer_dir, source, None, rec, data)
+    return Job(cfg, source.config, source.tokenizer_dir, source if isinstance(source, ModelSource) else None, None, rec, data)
 
 
-def _resumed_job(cfg: FinetuneConfig, given: Optional[Set[str]], manifest: dict, store: str) -> Job:
+def resumed_job(cfg: FinetuneConfig, given: Optional[Set[str]], manifest: dict, store: str) -> Job:
     """The job of `fuyou finetune --resume`: the store's recorded settings, the command line's
     changeable ones; the model's config and tokenizer are the store's own copies."""
-    from transformers import AutoConfig
-
     stored = manifest.get("train", {}).get("run", {})
     given = given_settings(cfg, given)
     same = set()
@@ -156,9 +118,9 @@ def _resumed_job(cfg: FinetuneConfig, given: Optional[Set[str]], manifest: dict,
     if fingerprint != stored.get("data_fingerprint") and not cfg.data_changed_ok:
         raise ResumeError(f"the data {data} changed since the run in {store} started (its content fingerprint differs); pass "
                           "--data-changed-ok to continue on it anyway (the data order then differs from an uninterrupted run)")
-    model_dir = os.path.join(store, "model")
+    model = StoredModel.of(store, manifest)
     rec = record(cfg, data_fingerprint=fingerprint, tokenizer_fingerprint=stored.get("tokenizer_fingerprint", ""))
-    return Job(cfg, AutoConfig.from_pretrained(model_dir), model_dir, None, manifest, rec, data)
+    return Job(cfg, model.config, model.tokenizer_dir, None, manifest, rec, data)
 
 
 def prepare(cfg: FinetuneConfig, given: Optional[Set[str]] = None) -> Job:
@@ -166,20 +128,20 @@ def prepare(cfg: FinetuneConfig, given: Optional[Set[str]] = None) -> Job:
     settings the command line names (see resume.resumed)."""
     path = os.path.abspath(cfg.store)
     check_store_target(path)
-    existing = _read_existing(path) if is_store(path) else None
+    existing = read_existing(path) if is_store(path) else None
     if cfg.resume and existing is None:
         raise StoreError(f"--resume: {path} is not a fuyou store yet; drop --resume to start a new run there")
     if cfg.resume:
-        return _resumed_job(cfg, given, existing, path)
+        return resumed_job(cfg, given, existing, path)
     source = ModelSource(cfg.model)
     if existing is not None and not cfg.overwrite:
         if model_info(source, Skeleton(source.config))["fingerprint"] != existing["model"]["fingerprint"]:
             raise StoreError(f"store {path} belongs to another model ({existing['model']['source']}); choose another --store, or --overwrite to replace it")
         raise StoreError(f"store {path} already holds step {existing['step']} of this model; pass --resume to continue it or --overwrite to start over")
-    return _new_job(cfg, source)
+    return new_job(cfg, source)
 
 
-def _read_existing(path: str) -> dict:
+def read_existing(path: str) -> dict:
     """An existing store's manifest, once the store is known to be confined, well-formed and whole
     (read only: nothing of it is touched)."""
     check_confined(path)
@@ -193,19 +155,22 @@ def _read_existing(path: str) -> dict:
 
 
 def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=None, trace=None) -> FinetuneResult:
+    from rich.console import Console
+
+    if cfg.peft.method is not None:
+        raise ValueError("a --peft run trains adapters on a frozen base: call fuyou.lora.job.finetune_lora (the command does)")
+
     from .store.backends import set_default_backend
 
     set_default_backend(cfg.io_backend)
+    console = console or Console(stderr=True)
     check_store_target(os.path.abspath(cfg.store))  # before the lock file is made in it
     with StoreLock(cfg.store):
         job = prepare(cfg, given)
         cfg = job.cfg
         device = resolve_device(cfg.device)
         skeleton = Skeleton(job.config, linear=cfg.linear)
-        tokenizer = load_tokenizer(job.tokenizer_dir)
-        if len(tokenizer) > job.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {job.config.vocab_size}; use the model's own tokenizer")
-        dataset = TokenDataset(job.data_path, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
+        dataset, eval_set = datasets_of(job)
         # The run's memory plan, made on the store's layout before anything is written (a budget that
         # cannot hold one block is refused here), and handed to the runtime.
         state = StateCodecs(cfg.state)
@@ -213,11 +178,39 @@ def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=N
         dry = Store(cfg.store, manifest, state)
         plan = plan_for_model(dry, skeleton, device=device, batch=cfg.batch, memory=cfg.memory)
         _check_free_disk(dry, plan, cfg, resuming=job.existing is not None)
+        if cfg.output.tensorboard:
+            tensorboard_writer()  # refused before the import if the package is missing
         if job.existing is not None and job.existing["step"] >= cfg.steps:
             return _finished(cfg, job.existing, dry, console)
         t0 = time.perf_counter()
         store = _open_or_import(job, console)
-        return _train(job, store, skeleton, dataset, plan, device, time.perf_counter() - t0, console, trace)
+        import_s = time.perf_counter() - t0
+        store.unverified = frozenset() if cfg.verify_reads else frozenset({"weights"})  # the optimizer's states are always checked
+        rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm,
+                     disk_mode=cfg.disk_mode, total_steps=cfg.steps)
+        try:
+            run_summary(summary_lines(job, store, rt, dataset, eval_set), console)
+            return loop.run(loop.Loop(cfg, job.record, loop.StoreTrainer(rt, store), dataset, eval_set, console), import_s)
+        finally:
+            rt.close()
+            loop.save_trace(trace, cfg.trace_dir)
+
+
+def datasets_of(job: Job) -> tuple:
+    """(training rows, validation rows or None), the tokenizer and the model agreeing."""
+    cfg, config = job.cfg, job.config
+    tokenizer = load_tokenizer(job.tokenizer_dir)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {config.vocab_size}; use the model's own tokenizer")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and cfg.batch.seq_len > max_positions:
+        raise ValueError(f"--seq-len {cfg.batch.seq_len} is beyond the model's {max_positions} positions; pass --seq-len {max_positions} or less")
+    dataset = TokenDataset(job.data_path, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
+    if cfg.eval.data is not None:
+        return dataset, TokenDataset(cfg.eval.data, tokenizer, cfg.batch.seq_len, seed=cfg.seed)
+    if cfg.eval.split:
+        return dataset.split(cfg.eval.split)
+    return dataset, None
 
 
 def _finished(cfg: FinetuneConfig, manifest: dict, store: Store, console) -> FinetuneResult:
@@ -266,53 +259,3 @@ def _existing_parent(path: str) -> str:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
-
-
-def _train(job: Job, store: Store, skeleton: Skeleton, dataset: TokenDataset, plan: MemoryPlan, device, import_s: float, console,
-           trace) -> FinetuneResult:
-    cfg = job.cfg
-    store.unverified = frozenset() if cfg.verify_reads else frozenset({"weights"})  # the optimizer's states are always checked
-    rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm,
-                 disk_mode=cfg.disk_mode)
-    results: List[StepResult] = []
-    proc = psutil.Process()
-    peak_rss = proc.memory_info().rss
-    position = int(store.manifest["train"].get("data_position", 0))
-    stop, skipped = _StopFlag(), 0
-    try:
-        with stop, Progress(console, store.step, cfg.steps, store.numel()) as bar:
-            while store.step < cfg.steps and not stop.requested:
-                batch = dataset.batch(position, cfg.batch.batch_size)
-                position += cfg.batch.batch_size
-                # Rows consumed: the data order is a function of (seed, position).
-                res = _step(rt, store, batch, {"run": job.record, "data_position": position})
-                skipped = skipped + 1 if res.status == "skipped" else 0
-                if skipped:
-                    bar.note(f"warning: non-finite gradient at step {res.step + 1}; skipped the batch, state unchanged")
-                if skipped >= MAX_SKIPPED_IN_A_ROW:
-                    raise FloatingPointError(
-                        f"{skipped} steps in a row had a non-finite gradient; the store {store.root} still holds step {store.step}: lower --lr, "
-                        "check the data, or check the store's weights (run without --no-verify)")
-                results.append(res)
-                peak_rss = max(peak_rss, proc.memory_info().rss)
-                bar.update(res, peak_rss)
-            if stop.requested and store.step < cfg.steps:
-                bar.note(f"stopped by {stop.requested} at step {store.step} of {cfg.steps}; the store is resumable: "
-                         f"fuyou finetune --store {store.root} --resume")
-    finally:
-        rt.close()
-        if trace is not None and cfg.trace_dir:
-            os.makedirs(cfg.trace_dir, exist_ok=True)
-            trace.save_chrome(os.path.join(cfg.trace_dir, "trace.json"))
-    pools = {p.name: p.report() for p in (rt.cpu_pool, rt.dev_pool, rt.cache_pool)}
-    stopped = stop.requested if store.step < cfg.steps else None
-    return FinetuneResult(results, store.root, store.numel(), peak_rss, pools, import_s, cfg.steps, stopped)
-
-
-def _step(rt: Runtime, store: Store, batch, meta: dict) -> StepResult:
-    try:
-        return rt.step(batch, train_meta=meta)
-    except OSError as exc:
-        raise StoreIOError(
-            f"{exc}; the store {store.root} still holds step {store.step}: fix the cause (free space, check the disk), then rerun with --resume"
-        ) from exc

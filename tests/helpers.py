@@ -56,8 +56,9 @@ def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> L
     return out
 
 
-def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, device="cpu", state=None, linear=None):
-    """Import `ckpt` into a fresh store and train one fuyou step per batch; (runtime, step results)."""
+def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, device="cpu", state=None, linear=None, optim=None):
+    """Import `ckpt` into a fresh store and train one fuyou step per batch; (runtime, step results).
+    `optim`: the OptimConfig (default: LR and WD, constant); the run's length is len(batches)."""
     from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig
     from fuyou.model.importer import import_model
     from fuyou.model.skeleton import Skeleton
@@ -72,8 +73,9 @@ def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, devi
         device=torch.device(device),
         memory=memory or MemoryConfig(),
         batch=BatchConfig(batch_size=batches[0].input_ids.shape[0], micro_batches=micro, seq_len=batches[0].input_ids.shape[1]),
-        optim=OptimConfig(lr=LR, weight_decay=WD),
+        optim=optim or OptimConfig(lr=LR, weight_decay=WD),
         trace=trace,
+        total_steps=len(batches),
     )
     try:
         results = [rt.step(b) for b in batches]
@@ -82,12 +84,15 @@ def run_fuyou(ckpt, store_path, batches, micro, memory=None, trace=None, *, devi
     return rt, results
 
 
-def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: float, weight_decay: float = 0.0, max_grad_norm=None, device="cpu"):
-    """Plain PyTorch: from_pretrained, torch.optim.AdamW, the same loss and accumulation as fuyou."""
+def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: float, weight_decay: float = 0.0, max_grad_norm=None, device="cpu",
+                    scheduler=None, betas=(0.9, 0.999), eps=1e-8):
+    """Plain PyTorch: from_pretrained, torch.optim.AdamW, the same loss and accumulation as fuyou;
+    `scheduler(optimizer)` -> a torch LR scheduler stepped after each optimizer step, as Trainer does."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    sched = scheduler(opt) if scheduler is not None else None
     losses = []
     for batch in batches:
         total = count_targets(batch.labels)
@@ -95,13 +100,15 @@ def reference_train(path: str, batches: List[Batch], micro_batches: int, *, lr: 
         loss = 0.0
         for mb in batch.split(micro_batches):
             mb = mb.to(device)
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits  # a training forward: no cache
             ls = causal_lm_loss_sum(logits, mb.labels)
             (ls / total).backward()
             loss += float(ls.detach())
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss / total)
     return model, losses
 
@@ -124,9 +131,10 @@ def store_master_weights(store_path: str) -> dict:
 
 
 def assert_trains_like_pytorch(store_path: str, ckpt: str, batches, micro_batches: int, results, *, device="cpu", max_grad_norm=None,
-                               rtol: float = 1e-5, atol: float = 1e-6) -> None:
+                               rtol: float = 1e-5, atol: float = 1e-6):
     """fuyou's step losses and the store's final master weights equal plain PyTorch's (reference_train
-    with LR/WD on `device`), element-wise within rtol/atol; and training moved the weights."""
+    with LR/WD on `device`), element-wise within rtol/atol; and training moved the weights. Returns
+    the trained reference model."""
     ref_model, ref_losses = reference_train(ckpt, batches, micro_batches, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm, device=device)
     torch.testing.assert_close(torch.tensor([r.loss for r in results]), torch.tensor(ref_losses), rtol=rtol, atol=atol)
     ref = dict(ref_model.named_parameters())
@@ -135,3 +143,4 @@ def assert_trains_like_pytorch(store_path: str, ckpt: str, batches, micro_batche
     for name, value in got.items():
         torch.testing.assert_close(value, ref[name].detach().cpu().reshape(-1), rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     assert results[-1].loss != results[0].loss
+    return ref_model

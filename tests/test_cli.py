@@ -172,3 +172,10 @@ def test_default_run_loss_goes_down(tmp_path):
     first, last = (float(x) for x in done[0].split("loss ")[1].split(";")[0].split(" -> "))
     assert last < 0.6 * first, done[0]
     assert os.path.isfile(tmp_path / "fuyou-store" / "manifest.json")
+
+
+def test_unknown_flag_gets_the_subcommands_usage(capsys):
+    assert main(["finetune", "--stepz", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fuyou finetune") and "--steps" in err
+    assert err.strip().splitlines()[-1] == "fuyou: error: unrecognized arguments: --stepz 3; see `fuyou finetune --help`"

@@ -23,7 +23,8 @@ def test_pool_budget_is_enforced_and_peak_recorded():
         pool.free(torch.empty(4, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("text,value", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1.5G", int(1.5 * (1 << 30))), ("4096", 4096), ("2 kb", 2048), (1024, 1024)])
+@pytest.mark.parametrize("text,value", [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("1.5G", int(1.5 * (1 << 30))), ("4096", 4096), ("2 kib", 2048),
+                                        ("4GB", 4_000_000_000), ("500 MB", 500_000_000), ("2 kB", 2000), ("64B", 64), (1024, 1024)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -40,5 +41,8 @@ def test_config_validation():
         OptimConfig(lr=0)
     with pytest.raises(ValueError):
         MemoryConfig(cpu_mem_bytes=0)
-    assert OptimConfig(lr=1.0, warmup_steps=4).lr_at(2) == 0.5
-    assert OptimConfig(lr=1.0, warmup_steps=4).lr_at(10) == 1.0
+    from fuyou.optim.schedule import lr_schedule
+
+    # transformers' constant_with_warmup: optimizer step t runs at lr * min(1, (t - 1) / warmup).
+    warm = lr_schedule(OptimConfig(lr=1.0, warmup_steps=4))
+    assert [warm(t) for t in (1, 2, 5, 10)] == [0.0, 0.25, 1.0, 1.0]

@@ -123,3 +123,14 @@ def test_plan_explain_prints_the_chosen_plans_schedule(capsys):
     assert [line.split()[1] for line in lines] == (["fwd:embed"] + [f"fwd:layer{i:04d}" for i in range(4)] + ["head:head"]
                                                  + [f"bwd:layer{i:04d}" for i in range(3, -1, -1)] + ["bwd:embed"])
     assert "commit" in out.splitlines()[-1]
+
+
+def test_plan_warns_when_its_host_memory_exceeds_the_ram(capsys, monkeypatch):
+    import psutil
+
+    class Tiny:
+        total = 1 << 20  # a 1 MiB machine: any plan's host memory exceeds it
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "0"]) == 0
+    assert "exceeds this machine's RAM" in " ".join(capsys.readouterr().out.split())  # rich wraps long lines

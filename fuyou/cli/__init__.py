@@ -7,8 +7,8 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from ..config import ExportCommand, FinetuneCommand, PlanCommand, ProbeCommand, ProfileCommand
-from . import plan, run
+from .commands import ExportCommand, FinetuneCommand, PlanCommand, ProbeCommand, ProfileCommand
+from . import config_file, plan, run
 from .args import Parser, add_command, build, given_settings
 
 EXIT_USAGE = 2
@@ -25,14 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fuyou", description="Fine-tune models far larger than GPU memory, with the training state on SSD.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, _handler) in COMMANDS.items():
-        add_command(sub, name, cls)
+    parser.commands = {name: add_command(sub, name, cls) for name, (cls, _handler) in COMMANDS.items()}
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # answered with the subcommand's usage: what it does take
+        command = parser.commands.get(args.command, parser)
+        command.print_usage(sys.stderr)
+        print(f"fuyou: error: unrecognized arguments: {' '.join(unknown)}; see `fuyou {args.command or ''} --help`".replace("  ", " "),
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -41,6 +46,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cls, handler = COMMANDS[args.command]
     given = given_settings(cls, sys.argv[1:] if argv is None else argv)
     try:
+        if getattr(args, "config_file", None):
+            given |= config_file.apply(cls, args, args.config_file, given)  # the file's settings count as given
         return handler(build(cls, args), given)
     except KeyboardInterrupt:
         print("fuyou: interrupted; the store keeps its last committed step", file=sys.stderr)

@@ -5,7 +5,10 @@ import dataclasses
 import os
 from typing import Optional
 
-from ..config import PlanCommand, ProbeCommand, ProfileCommand, RatesConfig, flag_of
+import psutil
+
+from ..config import RatesConfig, flag_of
+from .commands import PlanCommand, ProbeCommand, ProfileCommand
 
 RATE_FIELDS = {  # RatesConfig field -> (Rates field, scale from the flag's unit)
     "read_gbps": ("read_Bps", 1e9),
@@ -178,6 +181,11 @@ def render_plan(plan, console) -> None:
                       + (f" --weights {cfg.state.weights}" if cfg.state.weights != "fp32" else "")
                       + (f" --master {cfg.state.master}" if cfg.state.master != "fp32" else "")
                       + (f" --optim-states {cfg.state.states}" if cfg.state.states != "fp32" else ""))
+        host = m.cpu_mem_bytes + (cfg.cache_mem_bytes or 0)
+        ram = psutil.virtual_memory().total
+        if host > ram:
+            console.print(f"[bold yellow]warning[/]: the plan's host memory ({format_bytes(host)}: --cpu-mem and --cache-mem) exceeds this "
+                          f"machine's RAM ({format_bytes(ram)}); it is a plan for a larger machine, or lower --batch-size / --seq-len")
     r = Table(title=f"rates: {plan.rates_source}")
     r.add_column("resource")
     r.add_column("rate")

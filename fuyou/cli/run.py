@@ -5,17 +5,26 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from ..config import ExportCommand, FinetuneCommand, FinetuneConfig, PlanConfig
+from ..config import FinetuneConfig, PlanConfig
+from .commands import ExportCommand, FinetuneCommand
 
 
 def finetune_command(cmd: FinetuneCommand, given: set) -> int:
     """`given`: the settings the command line names (a resumed run refuses those that differ from its own)."""
     from rich.console import Console
 
+    from .. import train
+    from ..lora import job as lora
     from ..progress import print_summary
-    from ..train import finetune, prepare
 
+    # Adapters on a frozen base are a run of their own kind.
+    finetune, prepare = (lora.finetune_lora, lora.prepare) if cmd.job.peft.method is not None else (train.finetune, train.prepare)
     job = {path[len("job."):] for path in given if path.startswith("job.")}
+    if cmd.print_config:
+        from .config_file import to_toml
+
+        print(to_toml(prepare(cmd.job, job).cfg), end="")
+        return 0
     cfg = cmd.job
     if cmd.plan == "auto":  # the planner's budgets count as given: a resumed run takes them
         cfg = _planned(prepare(cmd.job, job).cfg)
@@ -50,6 +59,11 @@ def _planned(cfg: FinetuneConfig) -> FinetuneConfig:
 def export_command(cmd: ExportCommand, _given: set) -> int:
     from ..export import export_store
 
-    out = export_store(cmd.store, cmd.to)
-    print(f"exported {cmd.store} to {out}", file=sys.stderr)
+    if cmd.run_dir is not None:
+        from ..lora.export import export_run
+
+        out = export_run(cmd.run_dir, cmd.to, cmd.dtype, merge=cmd.merge)
+    else:
+        out = export_store(cmd.store, cmd.to, cmd.dtype)
+    print(f"exported {cmd.run_dir or cmd.store} to {out}", file=sys.stderr)
     return 0

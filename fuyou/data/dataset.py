@@ -125,6 +125,32 @@ class TokenDataset:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def _rows(self, rows: torch.Tensor) -> "TokenDataset":
+        out = object.__new__(TokenDataset)
+        out.path, out.seq_len, out.seed = self.path, self.seq_len, self.seed
+        out.input_ids, out.labels = self.input_ids[rows], self.labels[rows]
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
+        out.attention_mask = None if mask is None or bool(mask.all()) else mask
+        return out
+
+    def split(self, fraction: float) -> tuple:
+        """(training rows, held-out rows): a seeded `fraction` of the rows held out for validation."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed * 1_000_003 - 1))
+        n_eval = max(1, round(fraction * len(self)))
+        if n_eval >= len(self):
+            raise DataError(f"data file {self.path} has {len(self)} rows of seq-len={self.seq_len}: too few to hold out {fraction:g} of them; "
+                            "add data or lower --eval-split")
+        return self._rows(order[n_eval:].sort().values), self._rows(order[:n_eval].sort().values)
+
+    def in_order(self, size: int) -> List[Batch]:
+        """Every row once, in file order, in batches of at most `size` rows (validation)."""
+        out = []
+        for start in range(0, len(self), size):
+            s = slice(start, start + size)
+            mask = None if self.attention_mask is None else self.attention_mask[s]
+            out.append(Batch(self.input_ids[s], self.labels[s], None if mask is None or bool(mask.all()) else mask))
+        return out
+
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self), generator=g)

@@ -2,8 +2,8 @@
 
 Each block's parameters come from the checkpoint (streamed tensor by tensor with plain reads, no
 memory map) or, for a preset, from the architecture's own initialisation run on that block alone.
-They are encoded into every kind of state and written as version-0 files; the manifest is written
-last, so an interrupted import leaves no store behind (the directory is removed). Peak memory is one
+They are encoded into every kind of state and written as version-0 files; the buffers the checkpoint
+stores go, unchanged, into one file beside the config. The manifest is written last, so an interrupted import leaves no store behind (the directory is removed). Peak memory is one
 block's tensors plus its four encoded files.
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..config import StateConfig
-from ..optim.state import KINDS, StateCodecs, init_state_
+from ..optim.state import StateCodecs, init_state_, init_weights_
 from ..store.directio import aligned_empty
 from ..store.store import Store, create_store, finalize_import
 from ..store.manifest import IMPORTING, fingerprint_config, new_manifest
-from .skeleton import Skeleton
+from .skeleton import BUFFERS_FILE, Skeleton
 from .source import ModelSource
 
 TOKENIZER_FILES = (
@@ -67,26 +67,33 @@ def import_model(
     backend=None,
     on_block: Optional[Callable[[str, int], None]] = None,
     train: Optional[dict] = None,
+    weights_only: bool = False,
 ) -> Store:
     """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs; `train`:
     the manifest's training entry from the start (the run's settings)."""
     skeleton = Skeleton(source.config)
-    source.bind(skeleton.model)
-    state = StateCodecs(state_cfg)
+    if source.preset is None:
+        source.bind(skeleton.model)
+    state = StateCodecs(state_cfg, weights_only=weights_only)  # weights_only: a frozen base for LoRA runs
     manifest = new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks(), train)
     existed = os.path.exists(store_path)
     store = create_store(store_path, manifest, state, backend)
     try:
         _copy_model_files(source, store)
+        buffers: Dict[str, torch.Tensor] = {}
         for block in skeleton.blocks:
+            stored = skeleton.block_buffers[block.name]
             if source.preset is not None:
                 values = _block_values_from_init(skeleton, block, seed)
+                buffers.update({n: skeleton.model.get_buffer(n) for n in stored})
             else:
-                values = dict(source.iter_tensors(block.params))
+                values = source.block_tensors(block.params + stored)
+                buffers.update({n: values.pop(n) for n in stored})
             _write_block(store, block.name, values)
             if on_block is not None:
                 on_block(block.name, sum(v.numel() for v in values.values()))
             del values
+        _write_buffers(store, buffers)
         finalize_import(store)
     except BaseException:
         # Nothing half-written: without a manifest the directory is not a store; remove what we made.
@@ -104,13 +111,25 @@ def import_model(
 
 def _write_block(store: Store, block: str, values: Dict[str, torch.Tensor]) -> None:
     layout = store.layouts[block]
-    bufs = {kind: aligned_empty(layout.kinds[kind].file_bytes).zero_() for kind in KINDS}  # zero padding: files are deterministic
-    views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in KINDS}
+    bufs = {kind: aligned_empty(layout.kinds[kind].file_bytes).zero_() for kind in store.kinds}  # zero padding: files are deterministic
+    views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in store.kinds}
     for name, _numel in layout.params:
-        parts = {kind: views[kind][name] for kind in KINDS}
-        init_state_(store.state.cfg, values[name], parts)
-    for kind in KINDS:
+        parts = {kind: views[kind][name] for kind in store.kinds}
+        if store.state.weights_only:
+            init_weights_(store.state.cfg, values[name], parts["weights"])
+        else:
+            init_state_(store.state.cfg, values[name], parts)
+    for kind in store.kinds:
         store.write(block, kind, bufs[kind], version=0)
+
+
+def _write_buffers(store: Store, buffers: Dict[str, torch.Tensor]) -> None:
+    """The checkpoint's buffers (e.g. DeepSeek-V3's e_score_correction_bias) beside the config:
+    not trained, loaded into the skeleton by the runtime and written back by the export."""
+    if buffers:
+        from safetensors.torch import save_file
+
+        save_file({n: t.detach().contiguous() for n, t in buffers.items()}, os.path.join(store.model_dir(), BUFFERS_FILE))
 
 
 def _copy_model_files(source: ModelSource, store: Store) -> None:

@@ -1,19 +1,22 @@
 """Where a model comes from: a local Hugging Face directory (config.json + safetensors) or a preset.
 
 Never unpickles: a checkpoint with only .bin/.pt weights is refused. Weights are read tensor by
-tensor with plain reads (no memory map), so importing never holds the whole model in RAM.
+tensor with plain reads (no memory map), so importing never holds the whole model in RAM; the names
+and layouts a checkpoint stores them in are mapped to the model's by transformers' own conversion
+mapping (`convert.py`).
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
-import re
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
 from ..data.tokenizer import DEFAULT_TOKENIZER_DIR
+from .convert import LoadPlan
+from .errors import ModelError
 from .safetensors_io import SafetensorsError, read_header, read_tensors
 
 # Presets: Llama-shaped configs built in code (no download). "tiny" is the default job's model.
@@ -27,10 +30,6 @@ PRESETS: Dict[str, dict] = {
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
 }
 DEFAULT_PRESET = "llama-tiny"
-
-
-class ModelError(ValueError):
-    """The model source cannot be used (the message names the problem and the fix)."""
 
 
 def preset_config(name: str, vocab_size: Optional[int] = None):
@@ -130,44 +129,30 @@ class ModelSource:
     def describe(self) -> str:
         return f"preset {self.preset}" if self.preset else self.path
 
-    def iter_tensors(self, names) -> Iterator[Tuple[str, torch.Tensor]]:
-        """Yield (name, fp32 tensor) for each requested name, one tensor read at a time."""
-        for n in names:
-            key = self._checkpoint_key(n)
-            fpath = self.index[key]
-            header, offset = self._header(fpath)
-            try:
-                t = read_tensors(fpath, [key], header, offset)[key]
-            except (SafetensorsError, OSError) as exc:
-                raise ModelError(f"{fpath}: cannot read tensor {key!r} ({exc}); re-download the checkpoint") from None
-            yield n, t.to(torch.float32)
-
     def bind(self, model) -> None:
-        """Learn the architecture's checkpoint-key renamings (e.g. GPT-NeoX embed_out -> lm_head)."""
-        self._renamed = {}
+        """Plan how the model's tensors come out of the checkpoint: transformers' own key renamings
+        and fusions (e.g. per-expert tensors -> one tensor per layer), as from_pretrained applies them."""
+        self.arch = type(model).__name__
+        self.plan = LoadPlan(model, self.index)
+
+    def block_tensors(self, names) -> Dict[str, torch.Tensor]:
+        """{name: tensor} for the named model tensors, reading only the checkpoint tensors they come from."""
+        got = self.plan.produce(names, self._read)
+        state = self.plan.state
+        for n in names:
+            if n not in got:
+                raise ModelError(
+                    f"checkpoint {self.path} has no tensor for {n!r}, even through transformers' key mapping of {self.arch}; "
+                    "it does not match its config.json"
+                )
+            if tuple(got[n].shape) != tuple(state[n].shape):
+                raise ModelError(f"checkpoint {self.path}: {n!r} has shape {tuple(got[n].shape)}, the config says {tuple(state[n].shape)}; it does not match its config.json")
+        return {n: got[n] for n in names}
+
+    def _read(self, key: str) -> torch.Tensor:
+        fpath = self.index[key]
+        header, offset = self._header(fpath)
         try:
-            from transformers.conversion_mapping import get_model_conversion_mapping
-            from transformers.core_model_loading import WeightRenaming
-
-            rules = [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
-        except (ImportError, AttributeError, TypeError):  # older transformers: names are saved as-is
-            rules = []
-        for key in self.index:
-            new = key
-            for rule in rules:
-                for src, dst in zip(rule.source_patterns, rule.target_patterns * len(rule.source_patterns)):
-                    new = re.sub(src, dst, new)
-            if new != key:
-                self._renamed[new] = key
-
-    def _checkpoint_key(self, name: str) -> str:
-        if name in self.index:
-            return name
-        renamed = getattr(self, "_renamed", {})
-        if name in renamed:
-            return renamed[name]
-        # Checkpoints saved from the bare base model lack the causal-LM prefix.
-        tail = name.split(".", 1)[1] if "." in name else name
-        if tail in self.index:
-            return tail
-        raise ModelError(f"checkpoint {self.path} has no tensor {name!r}; it does not match its config.json")
+            return read_tensors(fpath, [key], header, offset)[key]
+        except (SafetensorsError, OSError) as exc:
+            raise ModelError(f"{fpath}: cannot read tensor {key!r} ({exc}); re-download the checkpoint") from None

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -55,17 +55,26 @@ __all__ = [
 @dataclass(frozen=True)
 class StateCodecs:
     """A StateConfig as the store's StateLayout: the kinds of state, the parts each kind of a
-    parameter is stored as, and the manifest's "state" entry."""
+    parameter is stored as, and the manifest's "state" entry. `weights_only`: a frozen base's store
+    (LoRA), which keeps the compute weights alone."""
 
     cfg: StateConfig
-    kinds: ClassVar[tuple[str, ...]] = KINDS
+    weights_only: bool = False
+
+    @property
+    def kinds(self) -> tuple:
+        return ("weights",) if self.weights_only else KINDS
 
     @classmethod
     def from_json(cls, entry: dict) -> "StateCodecs":
-        return cls(StateConfig(**entry))
+        entry = dict(entry)
+        kinds = entry.pop("kinds", None)
+        if kinds not in (None, ["weights"]):
+            raise ValueError(f"state kinds {kinds!r}: a store keeps every kind or the weights alone")
+        return cls(StateConfig(**entry), weights_only=kinds is not None)
 
     def to_json(self) -> dict:
-        return self.cfg.to_json()
+        return {**self.cfg.to_json(), "kinds": ["weights"]} if self.weights_only else self.cfg.to_json()
 
     def parts(self, kind: str, numel: int, shape: Shape = None) -> list[PartSpec]:
         return state_layout(self.cfg, kind, numel, shape)
@@ -145,6 +154,21 @@ def _check_parts(codecs: ParamCodecs, parts: Dict[str, Parts], numel: int, shape
         if sorted(parts[kind]) != sorted(want):
             raise ValueError(f"{kind} parts {sorted(parts[kind])} are not those of codec {_kind_codec(codecs, kind).name!r} "
                              f"for {numel} elements of shape {shape} ({want}); lay them out with state_layout() for that shape")
+
+
+@torch.no_grad()
+def emit_weights_(cfg: StateConfig, parts: Dict[str, Parts], numel: int, shape: Shape = None) -> None:
+    """The compute weights of an unchanged master (a parameter the optimizer skips this step)."""
+    codecs = param_codecs(cfg, numel, shape)
+    codecs.weights.encode_(codecs.master.decode(parts["master"], numel), parts["weights"], shape=shape)
+
+
+@torch.no_grad()
+def init_weights_(cfg: StateConfig, value: torch.Tensor, weights: Parts) -> None:
+    """A frozen base's compute weights from the imported value (its store keeps nothing else)."""
+    shape = tuple(value.shape)
+    flat = value.reshape(-1).float()
+    param_codecs(cfg, flat.numel(), shape).weights.encode_(flat, weights, shape=shape)
 
 
 @torch.no_grad()

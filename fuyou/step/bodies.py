@@ -9,7 +9,8 @@ import contextlib
 import torch
 
 from ..faults import crash_point
-from ..optim.state import OPTIM_KINDS, adamw_update_
+from ..model.errors import UnsupportedModelError
+from ..optim.state import OPTIM_KINDS, adamw_update_, emit_weights_
 from .compute import run_consumer
 from .context import RunContext, StepState
 from .memory_plan import SLOT_KINDS
@@ -20,7 +21,7 @@ class StepBodies:
         self.ctx, self.st = ctx, st
 
     def read_weights(self, consumer: int) -> None:
-        """Consumer consumer's weights files into its staging slot (from the block cache where it holds them)."""
+        """The consumer's weights files into its staging slot (from the block cache where it holds them)."""
         for block, region in self.ctx.slots.staging_regions(consumer):
             self.ctx.cache.read(block, "weights", region)
 
@@ -58,15 +59,31 @@ class StepBodies:
         # the state alone); the update writes every part's bytes.
         ctx.store.layouts[b].kinds["weights"].zero_gaps(ctx.slots.optimizer_region(b, "weights"))
         views, grads, lay, o = ctx.slots.optimizer_views(b), ctx.slots.grad_views(b), ctx.store.layouts[b], ctx.optim
-        for name, _numel in lay.params:
+        for name, numel in lay.params:
             parts = {k: views[k][name] for k in views}
+            if not self._has_grad(name):  # torch.optim.AdamW skips a parameter without a gradient
+                emit_weights_(ctx.store.state.cfg, parts, numel, lay.shapes[name])
+                continue
             adamw_update_(ctx.store.state.cfg, grads[name], parts, step=st.step, lr=st.lr, shape=lay.shapes[name], beta1=o.beta1, beta2=o.beta2,
                           eps=o.eps, weight_decay=o.weight_decay, grad_scale=st.grad_scale)
+
+    def _has_grad(self, name: str) -> bool:
+        """Whether autograd reached the parameter this step. One the forward never uses keeps its
+        value and moments, as in torch.optim.AdamW; one used in some steps only is refused, since
+        AdamW then counts that parameter's steps apart from the others'."""
+        got = name in self.st.received
+        if self.ctx.had_grad.setdefault(name, got) != got:
+            raise UnsupportedModelError(
+                f"parameter {name} got a gradient in one step and none in another (e.g. an expert no token was routed to); "
+                "torch.optim.AdamW then counts its steps apart, which fuyou does not: train on batches that use every parameter"
+            )
+        return got
 
     def _first_pass_checks(self, b: str) -> bool:
         """Record b's gradient norms (and keep its gradient for a clipped redo); False: skip its update."""
         ctx, st = self.ctx, self.st
-        norms = {name: torch.linalg.vector_norm(g) for name, g in ctx.slots.grad_views(b).items()}
+        # Only parameters with a gradient count, as in clip_grad_norm_ (the others have none there).
+        norms = {name: torch.linalg.vector_norm(g) for name, g in ctx.slots.grad_views(b).items() if name in st.received}
         st.add_norms(norms)
         if ctx.max_grad_norm is not None:
             # Kept until the commit: a clipped step is redone from these and the old states.

@@ -25,6 +25,7 @@ class BlockCache:
         # Each block laid out as in an optimizer slot (master, moments, weights).
         self.entries = {b: self.pool.alloc(opt_region_offsets(store, b)["end"]) for b in blocks}
         self._versions: Dict[str, Dict[str, int]] = {b: {} for b in blocks}  # block -> kind -> version held
+        self.hit_bytes = 0  # bytes served from memory instead of the store (only the read lane reads)
         self.bytes_copied = 0  # host memory copies into and out of the cache (the runtime reports them per step)
         self._count = threading.Lock()  # reads run on the read lane's threads, keeps on the write lane's
 
@@ -41,8 +42,10 @@ class BlockCache:
         version, else a store read (which then fills the cache, for the next step)."""
         cached, live = block in self.entries, self.store.version(block, kind)
         if cached and self._versions[block].get(kind) == live:
-            into.copy_(self._region(block, kind))
-            self._copied(into.numel())
+            region = self._region(block, kind)
+            into.copy_(region)
+            self.hit_bytes += region.numel()
+            self._copied(region.numel())
             return
         self.store.read(block, kind, into)
         if cached:

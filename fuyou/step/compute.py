@@ -19,16 +19,21 @@ from typing import Dict
 import torch
 
 from ..model.skeleton import causal_lm_loss_sum
+from . import sides, tied
 from .context import RunContext, StepState
 
 
 def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
     c, sk = ctx.cons[consumer], ctx.skeleton
     index = sk.block(c.block).index
+    if st.evaluating:
+        _evaluate(ctx, consumer, index, st)
+        return
     keep = not ctx.plan.recompute and sk.block(c.block).is_layer
     weights = ctx.slots.weights(consumer)
-    train = c.phase != "fwd"
-    params = sk.attach(weights, requires_grad=train or keep)
+    train = c.phase != "fwd" and not ctx.frozen  # a frozen base's weights get no gradient (its adapters do)
+    sk.on_grad = st.received.add  # which parameters autograd reaches this step (bodies.optim)
+    params = sk.attach(weights, requires_grad=train or (keep and not ctx.frozen))
     if keep and c.phase == "bwd":
         params = st.fwd_params.pop(index)  # the Parameters the kept graph accumulates into
     try:
@@ -40,17 +45,38 @@ def run_consumer(ctx: RunContext, consumer: int, st: StepState) -> None:
             with torch.no_grad():
                 _forward(ctx, index, st)
         elif c.phase == "head":
-            _head(ctx, index, st)
+            _head(ctx, index, params, st)
         elif keep:
             _backward_keep(ctx, consumer, index, st)
         else:
-            _backward(ctx, consumer, index, st)
+            _backward(ctx, consumer, index, params, st)
         if train and ctx.device.type != "cpu":
             _copy_grads_to_host(ctx, c, params, st)
+        elif train:
+            _copy_grads_to_host(ctx, c, {n: params[n] for n in tied.tied_names(ctx) if n in params}, st)
     finally:
         sk.detach(list(weights))
         for p in params.values():
             p.grad = None
+
+
+@torch.no_grad()
+def _evaluate(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
+    """A consumer of the forward-only pass: the forward of its block, or the head's loss; each
+    block input is freed once the block has read it."""
+    sk, c = ctx.skeleton, ctx.cons[consumer]
+    weights = ctx.slots.weights(consumer)
+    sk.attach(weights, requires_grad=False)
+    try:
+        if c.phase == "head":
+            for m, mb in enumerate(st.mbs):
+                buf, x = ctx.acts.take((index, m))
+                st.loss_sums.append(float(causal_lm_loss_sum(sk.head_logits(x), mb.labels)))
+                ctx.acts.release(buf)
+        else:
+            _forward(ctx, index, st)
+    finally:
+        sk.detach(list(weights))
 
 
 class WeightRefs:
@@ -86,10 +112,12 @@ def _grad_views(ctx: RunContext, block: str, st: StepState) -> Dict[str, torch.T
 
 def _bind_grads(ctx: RunContext, c, params, st: StepState) -> None:
     # On the host device autograd accumulates straight into the gradient slot (no copy): an
-    # existing .grad is accumulated into in place.
+    # existing .grad is accumulated into in place. A tied parameter is summed in tied.py's order
+    # and added once the consumer ends.
+    skip = set(tied.tied_names(ctx))
     for b in ctx.grad_blocks(c):
         for name, g in _grad_views(ctx, b, st).items():
-            if name in params:
+            if name in params and name not in skip:
                 params[name].grad = g.view(params[name].shape)
 
 
@@ -113,7 +141,7 @@ def _forward(ctx: RunContext, index: int, st: StepState) -> None:
         else:
             h = sk.layer_forward(index - 1, acts.get((index, m)), st.kwargs[m])
         acts.save((index + 1, m), h)
-        if index in ctx.plan.recomputed_inputs:  # the plan drops this input: its backward recomputes it
+        if index in ctx.plan.recomputed_inputs or (st.evaluating and index > 0):  # dropped: recomputed in the backward, or none
             buf, _t = acts.take((index, m))
             acts.release(buf)
 
@@ -122,9 +150,11 @@ def _forward_keep(ctx: RunContext, consumer: int, index: int, params, st: StepSt
     refs = WeightRefs(ctx.slots.compute_slot(consumer))
     for m in range(len(st.mbs)):
         x = ctx.acts.get((index, m)).detach().requires_grad_(True)
+        got = sides.leaves(ctx.skeleton, index - 1, st.kwargs[m])
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(refs.pack, refs.unpack):
-            y = ctx.skeleton.layer_forward(index - 1, x, st.kwargs[m])
-        st.graphs[(index, m)] = (x, y)
+            y, extra, stored = ctx.skeleton.layer_call(index - 1, x, st.kwargs[m], got, carry=True)
+        ctx.skeleton.carry(index - 1, extra, st.kwargs[m])
+        st.graphs[(index, m)] = (x, y, extra, stored, got)
         ctx.acts.save((index + 1, m), y.detach())
     st.refs[index] = refs
     st.fwd_params[index] = params
@@ -134,40 +164,53 @@ def _backward_keep(ctx: RunContext, consumer: int, index: int, st: StepState) ->
     refs = st.refs.pop(index)
     refs.bwd_slot = ctx.slots.compute_slot(consumer)
     for m in range(len(st.mbs)):
-        x, y = st.graphs.pop((index, m))
-        y.backward(st.out_grads[m])
+        x, y, extra, stored, got = st.graphs.pop((index, m))
+        sides.backward(ctx.skeleton, index - 1, y, extra, stored, st.out_grads[m], st, m)
+        sides.keep(ctx.skeleton, index - 1, got, st.kwargs[m], st, m)
         st.out_grads[m] = x.grad
         buf, _saved = ctx.acts.take((index, m))
         ctx.acts.release(buf)
 
 
-def _head(ctx: RunContext, index: int, st: StepState) -> None:
+def _head(ctx: RunContext, index: int, params, st: StepState) -> None:
     for m, mb in enumerate(st.mbs):
         buf, saved = ctx.acts.take((index, m))
         x = saved.detach().requires_grad_(True)
         loss_sum = causal_lm_loss_sum(ctx.skeleton.head_logits(x), mb.labels)
+        kept = tied.before_backward(params, tied.tied_names(ctx))
         (loss_sum / max(st.targets, 1)).backward()
+        tied.after_head(st, m, params, kept)
         st.out_grads[m] = x.grad
         st.loss_sums.append(float(loss_sum.detach()))
         ctx.acts.release(buf)
 
 
-def _backward(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
+def _backward(ctx: RunContext, consumer: int, index: int, params, st: StepState) -> None:
     if index in ctx.plan.recomputed_inputs:
         _backward_from_below(ctx, consumer, index, st)
         return
     sk = ctx.skeleton
     for m, mb in enumerate(st.mbs):
         if index == 0:
-            h, _ = sk.embed_forward(mb.input_ids, mb.attention_mask)
-            h.backward(st.out_grads.pop(m))
+            h, inputs = sk.embed_forward(mb.input_ids, mb.attention_mask)
+            roots, grads = sides.embed_roots(inputs, st, m)
+            kept = tied.before_backward(params, tied.tied_names(ctx))
+            torch.autograd.backward([h] + roots, [st.out_grads.pop(m)] + grads)
+            tied.after_embed(st, m, params, kept)
             continue
         buf, saved = ctx.acts.take((index, m))
         x = saved.detach().requires_grad_(True)
-        y = sk.layer_forward(index - 1, x, st.kwargs[m])
-        y.backward(st.out_grads[m])
-        st.out_grads[m] = x.grad
+        _layer_backward(sk, index - 1, x, st, m)
         ctx.acts.release(buf)
+
+
+def _layer_backward(sk, layer: int, x: torch.Tensor, st: StepState, m: int) -> None:
+    """Recompute decoder layer `layer` from its input x with autograd, then backpropagate it."""
+    got = sides.leaves(sk, layer, st.kwargs[m])
+    y, extra, stored = sk.layer_call(layer, x, st.kwargs[m], got)
+    sides.backward(sk, layer, y, extra, stored, st.out_grads[m], st, m)
+    sides.keep(sk, layer, got, st.kwargs[m], st, m)
+    st.out_grads[m] = x.grad
 
 
 def _backward_from_below(ctx: RunContext, consumer: int, index: int, st: StepState) -> None:
@@ -180,10 +223,7 @@ def _backward_from_below(ctx: RunContext, consumer: int, index: int, st: StepSta
     try:
         for m in range(len(st.mbs)):
             with torch.no_grad():
-                x = sk.layer_forward(index - 2, ctx.acts.get((index - 1, m)), st.kwargs[m])
-            x = x.detach().requires_grad_(True)
-            y = sk.layer_forward(index - 1, x, st.kwargs[m])
-            y.backward(st.out_grads[m])
-            st.out_grads[m] = x.grad
+                x, _extra, _stored = sk.layer_call(index - 2, ctx.acts.get((index - 1, m)), st.kwargs[m])
+            _layer_backward(sk, index - 1, x.detach().requires_grad_(True), st, m)
     finally:
         sk.detach(list(below))

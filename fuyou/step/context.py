@@ -33,6 +33,10 @@ class RunContext:
     optim: OptimConfig
     max_grad_norm: Optional[float]
     disk_mode: str  # "safe" | "lean"
+    # parameter -> whether it got a gradient in this run's first step: torch.optim.AdamW skips a
+    # parameter without one, and counts its steps apart once that changes (bodies.optim refuses then)
+    had_grad: Dict[str, bool] = field(default_factory=dict)
+    frozen: bool = False  # the base is not trained (LoRA): its weights get no gradient
 
     def grad_blocks(self, c: Consumer) -> List[str]:
         """Blocks whose gradient slot consumer c writes into (none in the forward)."""
@@ -56,7 +60,12 @@ class StepState:
     grad_started: set = field(default_factory=set)  # blocks whose gradient region this step has zeroed
     grad_scale: float = 1.0  # clip factor of a redone optimizer pass
     done_blocks: FrozenSet[str] = frozenset()  # lean mode: blocks already updated by a crashed run
+    evaluating: bool = False  # a forward-only pass (validation): no gradients, inputs freed once read
     norms: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-parameter fp32 gradient norms
+    received: set = field(default_factory=set)  # parameters autograd gave a gradient this step (the others are not updated)
+    tied_rows: Optional[torch.Tensor] = None  # embedding rows the step's tokens touch (tied.py)
+    tied_head: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # (param, micro-batch) -> the head's gradient at those rows
+    side_grads: Dict[int, dict] = field(default_factory=dict)  # micro-batch -> gradients of layer inputs besides the hidden state (sides.py)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_norms(self, norms: Dict[str, torch.Tensor]) -> None:

@@ -34,18 +34,19 @@ class Consumer:
     weight_blocks: tuple  # blocks whose weights files it reads (own first, then borrowed)
 
 
-def consumers(block_names: List[str], borrowed: dict) -> List[Consumer]:
-    """Weight uses in compute order: forward embed..layers, head (fwd+bwd fused), backward layers..embed."""
+def consumers(block_names: List[str], borrowed: dict, frozen: bool = False) -> List[Consumer]:
+    """Weight uses in compute order: forward embed..layers, head (fwd+bwd fused), backward layers..embed
+    (a frozen base has no backward of the embedding: nothing below the layers is trained)."""
     embed, *layers, head = block_names
     out = [Consumer("fwd", b, (b,)) for b in [embed] + layers]
     out.append(Consumer("head", head, (head,) + tuple(borrowed.get(head, ()))))
-    out += [Consumer("bwd", b, (b,)) for b in reversed([embed] + layers)]
+    out += [Consumer("bwd", b, (b,)) for b in reversed(layers if frozen else [embed] + layers)]
     return out
 
 
-def model_consumers(store: Store, skeleton) -> List[Consumer]:
+def model_consumers(store: Store, skeleton, frozen: bool = False) -> List[Consumer]:
     borrowed = {b.name: tuple(owner for owner, _ in b.borrowed) for b in skeleton.blocks}
-    return consumers(store.block_names, borrowed)
+    return consumers(store.block_names, borrowed, frozen)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class StepSpec:
     recomputed_inputs: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see memory_plan.py)
     n_on_ssd: int = 0  # offloaded inputs of layers 1..n_on_ssd go to the store's disk, not host memory
     act_block_bytes: int = 0  # one block's inputs, every micro-batch
+    train_states: bool = True  # False: a frozen base (LoRA): no optimizer, state reads or writes
 
 
 def block_indices(cons: List[Consumer]) -> Dict[str, int]:
@@ -181,6 +183,8 @@ def consumer_flops(
 
 def _optimizer_order(spec: StepSpec) -> List[str]:
     """Blocks with parameters in the order the optimizer lane updates them (backward order)."""
+    if not spec.train_states:
+        return []
     return [c.block for c in spec.cons if c.phase != "fwd" and spec.blocks[c.block].numel]
 
 
@@ -246,7 +250,7 @@ class _StepGraphBuilder:
                                          nbytes=spec.act_block_bytes, block=c.block, role="act_out")
         if c.phase == "bwd":
             self.bwd_done[i] = task
-        if c.phase != "fwd" and spec.blocks[c.block].numel:
+        if c.phase != "fwd" and spec.blocks[c.block].numel and spec.train_states:
             self._optimize(c.block, task)
 
     def _bring_back(self, i: int, block: str):
@@ -280,6 +284,19 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     builder = _StepGraphBuilder(spec, bodies or NoBodies())
     for consumer in range(len(spec.cons)):
         builder.add_consumer(consumer)
+    return builder.g
+
+
+def build_eval_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Graph:
+    """A forward-only pass (validation): the forward consumers and the head's loss, each block's
+    weights read once into the step's own slots; no gradient, optimizer or state I/O."""
+    builder = _StepGraphBuilder(spec, bodies or NoBodies())
+    head = next(k for k, c in enumerate(spec.cons) if c.phase == "head")
+    for consumer in range(head + 1):
+        block = spec.cons[consumer].block
+        deps = [builder.weights_ready(consumer), builder.compute[-1] if builder.compute else None]
+        builder.compute.append(builder.g.add(TaskName.compute("eval", block), "compute", "compute", partial(builder.bodies.compute, consumer), deps,
+                                             flops=spec.flops[consumer] // (3 if consumer == head else 1), block=block, phase="eval", role="compute"))
     return builder.g
 
 
@@ -322,7 +339,8 @@ def bytes_per_step(tasks: Iterable) -> Dict[str, int]:
 def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:
     """Sizes of every task of a step, from the store's layout and the model's shape."""
     blocks = {
-        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS)) for b, lay in store.layouts.items()
+        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS if k in lay.kinds))
+        for b, lay in store.layouts.items()
     }
     cfg = skeleton.config
     tokens = batch.batch_size * batch.seq_len
@@ -341,5 +359,5 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     return StepSpec(
         cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
         n_offloaded=plan.n_offloaded, act_block_bytes=plan.micro_batches * plan.act_bytes, recomputed_inputs=frozenset(plan.recomputed_inputs),
-        n_on_ssd=plan.n_on_ssd,
+        n_on_ssd=plan.n_on_ssd, train_states=plan.opt_slots > 0,
     )

@@ -103,7 +103,7 @@ def opt_region_offsets(store: Store, block: str) -> dict:
     for this block's states to be written."""
     lay = store.layouts[block]
     off, out = 0, {}
-    for kind in SLOT_KINDS:
+    for kind in (k for k in SLOT_KINDS if k in lay.kinds):  # a frozen base's store holds only weights
         out[kind] = off
         off += lay.kinds[kind].file_bytes
     out["end"] = off
@@ -154,10 +154,12 @@ def plan_memory(
     cpu_budget: Optional[int],
     device_budget: Optional[int],
     recompute: str = "always",
+    frozen: bool = False,
 ) -> MemoryPlan:
     """recompute: "always" (the backward recomputes each block from its saved input), "never" (the
     forward keeps each layer's autograd activations; weights are not kept, see compute.py), or
-    "auto" (keep them when they fit the device budget)."""
+    "auto" (keep them when they fit the device budget). `frozen`: the weights are not trained (LoRA
+    adapters beside them are): no optimizer or gradient slots."""
     if recompute not in ("always", "never", "auto"):
         raise ValueError(f"recompute {recompute!r} unknown; choose always, never or auto")
     esize = torch.empty((), dtype=compute_dtype).element_size()
@@ -165,7 +167,8 @@ def plan_memory(
     copy = device.type != "cpu" or stored_dtype != compute_dtype
     stage = max(sum(store.layouts[b].kinds["weights"].file_bytes for b in c.weight_blocks) for c in cons)
     dev_slot = max(sum(aligned_bytes(store.layouts[b].numel * esize) for b in c.weight_blocks) for c in cons) if copy else 0
-    opt_slot = max(opt_region_offsets(store, b)["end"] for b in store.block_names)
+    opt_slot = 0 if frozen else max(opt_region_offsets(store, b)["end"] for b in store.block_names)
+    tied = tied and not frozen
     n_blocks = len(store.block_names)
     act = micro_batch_size * seq_len * hidden_size * esize
     n_acts = (n_blocks - 1) * micro_batches + micro_batches  # block inputs (layers + head) + output grads
@@ -173,7 +176,7 @@ def plan_memory(
     # Workspace of one block's recompute+backward for one micro-batch (measured shape of a decoder
     # layer: ~12 hidden-sized and ~4 intermediate-sized activations) or of the head (logits, their
     # fp32 copy and gradient), plus the block's gradients on the device when it is not the host.
-    grad_dev = max(store.layouts[b].numel for b in store.block_names) * esize if device.type != "cpu" else 0
+    grad_dev = max(store.layouts[b].numel for b in store.block_names) * esize if device.type != "cpu" and not frozen else 0
     workspace = max(tokens * (12 * hidden_size + 4 * intermediate_size) * esize, tokens * vocab_size * (esize + 8)) + 2 * grad_dev
     # Autograd activations of every decoder layer and micro-batch, when the backward does not
     # recompute: measured 24 (Llama) and 17 (GPT-NeoX) hidden-sized fp32 values per token per layer
@@ -181,7 +184,7 @@ def plan_memory(
     kept = (n_blocks - 2) * micro_batches * tokens * (10 * hidden_size + 6 * intermediate_size) * esize
     ram = psutil.virtual_memory().total
     depth = prefetch_depth + 1
-    grad_slot = grad_slot_bytes(store)
+    grad_slot = 0 if frozen else grad_slot_bytes(store)
     auto_cpu = cpu_budget is None
     if cpu_budget is None:
         cpu_budget = min(depth * stage + (MAX_OPT_SLOTS + tied) * opt_slot + (MAX_GRAD_SLOTS + tied) * grad_slot, ram // 2)
@@ -192,8 +195,9 @@ def plan_memory(
         else:
             want_kept = 0 if recompute == "always" else kept
             device_budget = min(depth * dev_slot + n_acts * aligned_bytes(act) + workspace + want_kept, ram // 2)
-    plan = MemoryPlan(1, 1 if copy else 0, 1, tied, stage, dev_slot, opt_slot, act, n_acts, workspace, cpu_budget, device_budget)
+    plan = MemoryPlan(1, 1 if copy else 0, 0 if frozen else 1, tied, stage, dev_slot, opt_slot, act, n_acts, workspace, cpu_budget, device_budget)
     plan.grad_slot_bytes = grad_slot
+    plan.grad_slots = 0 if frozen else 1
     plan.micro_batches = micro_batches
     if recompute != "always":
         plan.kept_bytes = kept
@@ -204,18 +208,23 @@ def plan_memory(
         if auto_cpu:  # the host budget was not given: it includes the offloaded inputs
             cpu_budget = plan.cpu_budget_bytes = min(cpu_budget + plan.offloaded_act_bytes(), ram // 2)
     _check_minimum(plan)
-    # Grow from the minimum while the budgets allow: a second gradient slot first (the backward of
-    # the next block then runs while this block's optimizer does), then optimizer slots (they
-    # decouple state I/O from the optimizer), then prefetch depth.
-    if plan.cpu_bytes() + grad_slot <= cpu_budget:
-        plan.grad_slots += 1
-    while plan.opt_slots < MAX_OPT_SLOTS and plan.cpu_bytes() + opt_slot <= cpu_budget:
-        plan.opt_slots += 1
-    while plan.weight_slots < depth and plan.cpu_bytes() + stage <= cpu_budget:
-        plan.weight_slots += 1
-    while copy and plan.device_slots < depth and plan.device_bytes() + dev_slot <= device_budget:
-        plan.device_slots += 1
+    _grow(plan, depth, copy, frozen)
     return plan
+
+
+def _grow(plan: MemoryPlan, depth: int, copy: bool, frozen: bool) -> None:
+    """Grow a plan from its minimum while the budgets allow: a second gradient slot first (the
+    backward of the next block then runs while this block's optimizer does), then optimizer slots
+    (they decouple state I/O from the optimizer), then prefetch depth."""
+    cpu_budget, device_budget = plan.cpu_budget_bytes, plan.device_budget_bytes
+    if not frozen and plan.cpu_bytes() + plan.grad_slot_bytes <= cpu_budget:
+        plan.grad_slots += 1
+    while not frozen and plan.opt_slots < MAX_OPT_SLOTS and plan.cpu_bytes() + plan.opt_slot_bytes <= cpu_budget:
+        plan.opt_slots += 1
+    while plan.weight_slots < depth and plan.cpu_bytes() + plan.stage_slot_bytes <= cpu_budget:
+        plan.weight_slots += 1
+    while copy and plan.device_slots < depth and plan.device_bytes() + plan.device_slot_bytes <= device_budget:
+        plan.device_slots += 1
 
 
 def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> MemoryPlan:
@@ -252,7 +261,7 @@ def compute_dtype_for(device: torch.device, stored: torch.dtype) -> torch.dtype:
     return stored if stored.is_floating_point and stored.itemsize >= 2 else torch.bfloat16
 
 
-def plan_for_model(store: Store, skeleton, *, device, batch: BatchConfig, memory: MemoryConfig, compute_dtype=None) -> MemoryPlan:
+def plan_for_model(store: Store, skeleton, *, device, batch: BatchConfig, memory: MemoryConfig, compute_dtype=None, frozen: bool = False) -> MemoryPlan:
     """The memory plan of a run: plan_memory for a Skeleton-like model (`.config`, `.tied`,
     `.blocks`) with the budgets, prefetch depth and recompute mode of `memory`, plus its block cache
     (see plan_cache). Raises BudgetError, naming the minimum, when the budgets cannot hold one block."""
@@ -262,12 +271,12 @@ def plan_for_model(store: Store, skeleton, *, device, batch: BatchConfig, memory
         compute_dtype = compute_dtype_for(device, store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype)
     plan = plan_memory(
         store,
-        model_consumers(store, skeleton),
+        model_consumers(store, skeleton, frozen=frozen),
         tied=skeleton.tied,
         device=device,
         compute_dtype=compute_dtype,
-        hidden_size=hf.hidden_size,
-        intermediate_size=getattr(hf, "intermediate_size", 4 * hf.hidden_size),
+        hidden_size=getattr(skeleton, "hidden_width", hf.hidden_size),  # a block input's values per token
+        intermediate_size=getattr(skeleton, "intermediate_width", None) or getattr(hf, "intermediate_size", 4 * hf.hidden_size),
         vocab_size=hf.vocab_size,
         micro_batch_size=batch.micro_batch_size,
         micro_batches=batch.micro_batches,
@@ -276,6 +285,7 @@ def plan_for_model(store: Store, skeleton, *, device, batch: BatchConfig, memory
         cpu_budget=memory.cpu_mem_bytes,
         device_budget=memory.gpu_mem_bytes,
         recompute=memory.recompute,
+        frozen=frozen,
     )
     plan.cache_blocks, plan.cache_bytes = plan_cache(store, memory.cache_mem_bytes)
     return plan

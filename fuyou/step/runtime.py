@@ -27,12 +27,13 @@ from ..config import BatchConfig, MemoryConfig, OptimConfig
 from ..data.dataset import Batch
 from ..memory import Pool
 from ..model.skeleton import Skeleton, count_targets
+from ..optim.schedule import lr_schedule
 from ..store.store import Store
 from .activations import Activations
 from .bodies import StepBodies
 from .cache import BlockCache
 from .context import RunContext, StepState
-from .graph import LANES, build_redo_graph, build_step_graph, model_consumers, step_spec
+from .graph import LANES, build_eval_graph, build_redo_graph, build_step_graph, model_consumers, step_spec
 from .memory_plan import SLOT_KINDS, MemoryPlan, compute_dtype_for, plan_for_model
 from .slots import Slots
 
@@ -58,14 +59,16 @@ class Runtime:
 
     def __init__(self, store: Store, skeleton: Skeleton, *, device: torch.device, batch: BatchConfig, optim: OptimConfig,
                  memory: Optional[MemoryConfig] = None, plan: Optional[MemoryPlan] = None, trace: Optional[Trace] = None,
-                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe"):
+                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe", total_steps: Optional[int] = None, frozen: bool = False):
         _check_settings(max_grad_norm, disk_mode)
         device = torch.device(device)
         self.store, self.batch_cfg, self.optim_cfg = store, batch, optim
+        self.lr_at = lr_schedule(optim, total_steps)  # total_steps: the run's target (schedules that decay need it)
         self.compute_dtype = compute_dtype_for(device, store.layouts[store.block_names[0]].kinds["weights"].parts[0].dtype)
-        self.cons = model_consumers(store, skeleton)
+        self.cons = model_consumers(store, skeleton, frozen=frozen)
         if plan is None:
-            plan = plan_for_model(store, skeleton, device=device, batch=batch, memory=memory or MemoryConfig(), compute_dtype=self.compute_dtype)
+            plan = plan_for_model(store, skeleton, device=device, batch=batch, memory=memory or MemoryConfig(), compute_dtype=self.compute_dtype,
+                                  frozen=frozen)
         self.plan = plan
         self.cpu_pool = Pool("cpu", plan.cpu_budget_bytes, torch.device("cpu"), pin=device.type == "cuda")
         self.dev_pool = Pool("gpu" if device.type == "cuda" else "device", plan.device_budget_bytes, device)
@@ -74,10 +77,13 @@ class Runtime:
         self.cache = BlockCache(store, plan.cache_blocks, plan.cache_bytes)
         streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if device.type == "cuda" else {}
         acts = Activations(store, plan, dev_pool=self.dev_pool, cpu_pool=self.cpu_pool, streams=streams, device=device)
+        skeleton.load_stored_buffers(store.model_dir())  # the checkpoint's buffers, as imported
         skeleton.move_buffers(device)
-        self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode)
+        self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode,
+                              frozen=frozen)
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
+        self._eval_executor = Executor(LANES, Trace())  # validation passes stay out of the steps' trace
         self.spec = step_spec(store, self.cons, plan, self.slots.opt_owner, skeleton, batch)
 
     @property
@@ -90,24 +96,16 @@ class Runtime:
 
     def close(self) -> None:
         self.executor.shutdown()
+        self._eval_executor.shutdown()
 
     def step(self, batch: Batch, train_meta: Optional[dict] = None) -> StepResult:
         """Train one optimizer step on `batch`; commit it (or skip it) in the store."""
         t0, store = time.perf_counter(), self.store
         step = store.step + 1
-        mbs = batch.split(self.batch_cfg.micro_batches)
-        if self.device.type != "cpu":
-            mbs = [m.to(self.device) for m in mbs]
-        st = StepState(step, self.optim_cfg.lr_at(step), mbs, count_targets(batch.labels))
-        st.done_blocks = frozenset(b for b, j in store.journal.items() if j["step"] == step)
         read0, written0, n_events = store.bytes_read, store.bytes_written, len(self.trace.events)
         copied0 = self.ctx.cache.bytes_copied
         try:
-            try:
-                self.executor.run(build_step_graph(self.spec, StepBodies(self.ctx, st)), step=step)
-            finally:
-                self.ctx.acts.clear()
-                st.clear_kept_forward()
+            st = self.forward_backward(batch, step)
             norm = st.total_norm(list(self.ctx.skeleton.params))
             status = self._finish(st, norm)
         except BaseException:
@@ -120,6 +118,36 @@ class Runtime:
             seconds=time.perf_counter() - t0, events=self.trace.events[n_events:], status=status,
             bytes_copied=self.ctx.cache.bytes_copied - copied0,
         )
+
+    def forward_backward(self, batch: Batch, step: int) -> StepState:
+        """The step graph of optimizer step `step` on `batch` (with the optimizer tasks unless the base
+        is frozen); its shared state (losses, norms) returned."""
+        mbs = batch.split(self.batch_cfg.micro_batches)
+        if self.device.type != "cpu":
+            mbs = [m.to(self.device) for m in mbs]
+        st = StepState(step, self.lr_at(step), mbs, count_targets(batch.labels))
+        st.done_blocks = frozenset(b for b, j in self.store.journal.items() if j["step"] == step)
+        try:
+            self.executor.run(build_step_graph(self.spec, StepBodies(self.ctx, st)), step=step)
+        finally:
+            self.ctx.acts.clear()
+            st.clear_kept_forward()
+        return st
+
+    def evaluate(self, batch: Batch) -> tuple:
+        """(loss summed over the batch's label tokens, their count): a forward-only pass of the
+        committed weights, micro-batch by micro-batch as in a step; nothing is written."""
+        size = self.batch_cfg.micro_batch_size
+        mbs = [Batch(batch.input_ids[i:i + size], batch.labels[i:i + size], None if batch.attention_mask is None else batch.attention_mask[i:i + size])
+               for i in range(0, batch.input_ids.shape[0], size)]
+        if self.device.type != "cpu":
+            mbs = [m.to(self.device) for m in mbs]
+        st = StepState(self.store.step, 0.0, mbs, count_targets(batch.labels), evaluating=True)
+        try:
+            self._eval_executor.run(build_eval_graph(self.spec, StepBodies(self.ctx, st)), step=self.store.step)
+        finally:
+            self.ctx.acts.clear()
+        return sum(st.loss_sums), st.targets
 
     def _finish(self, st: StepState, norm: float) -> str:
         """Decide the step once the global gradient norm is known: commit, clip (redo), or skip.

@@ -34,8 +34,9 @@ class Slots:
         self.tied_optimizer: Optional[torch.Tensor] = cpu_pool.alloc(plan.opt_slot_bytes) if plan.tied_slot else None
         self.grads = [cpu_pool.alloc(plan.grad_slot_bytes) for _ in range(plan.grad_slots)]
         self.tied_grads: Optional[torch.Tensor] = cpu_pool.alloc(plan.grad_slot_bytes) if plan.tied_slot else None
-        self.opt_owner = assign_opt_slots(cons, tied, len(self.optimizer), EMBED)
-        self.grad_owner = assign_opt_slots(cons, tied, len(self.grads), EMBED)
+        # A frozen base (no optimizer slots) trains nothing of its own: no block owns a slot.
+        self.opt_owner = assign_opt_slots(cons, tied, len(self.optimizer), EMBED) if self.optimizer else {}
+        self.grad_owner = assign_opt_slots(cons, tied, len(self.grads), EMBED) if self.grads else {}
 
     # -- optimizer and gradient slots --------------------------------------------------------
     def optimizer_slot(self, block: str) -> torch.Tensor:
@@ -72,7 +73,7 @@ class Slots:
 
     # -- weight slots ---------------------------------------------------------------------------
     def staged_weights(self, consumer: int) -> Dict[str, torch.Tensor]:
-        """Consumer consumer's parameters decoded from its staging slot (views, or dequantized fp8)."""
+        """The consumer's parameters decoded from its staging slot (views, or dequantized fp8)."""
         stage, off, out = self.staging[consumer % len(self.staging)], 0, {}
         for b in self.cons[consumer].weight_blocks:
             kl = self.store.layouts[b].kinds["weights"]
@@ -91,7 +92,7 @@ class Slots:
         return out
 
     def device_weights(self, consumer: int) -> Dict[str, torch.Tensor]:
-        """Consumer consumer's parameters in its device slot (compute dtype), flat."""
+        """The consumer's parameters in its device slot (compute dtype), flat."""
         dslot, off, out = self.device[consumer % len(self.device)], 0, {}
         esize = torch.empty((), dtype=self.compute_dtype).element_size()
         for b in self.cons[consumer].weight_blocks:

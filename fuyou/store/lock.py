@@ -17,7 +17,11 @@ LOCK_FILE = ".fuyou-lock"
 
 
 class StoreLock:
-    def __init__(self, store: str):
+    """`shared`: a reader that only needs the store unchanged (LoRA runs on a frozen base): many
+    shared holders at once, none beside a writer."""
+
+    def __init__(self, store: str, shared: bool = False):
+        self.shared = shared
         self.store = os.path.abspath(store)
         self.path = os.path.join(self.store, LOCK_FILE)
         self._fd: Optional[int] = None
@@ -30,13 +34,14 @@ class StoreLock:
         os.makedirs(self.store, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise StoreError(f"store {self.store} is in use by process {holder}; wait for it to finish (or stop it), then run again") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not self.shared:  # the PID names the writer; readers leave it alone
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
         return self
 

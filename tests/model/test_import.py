@@ -4,12 +4,11 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from fuyou.config import StateConfig
 from fuyou.model.importer import import_model
-from fuyou.model.skeleton import EMBED, HEAD, Skeleton, UnsupportedModelError
+from fuyou.model.skeleton import EMBED, HEAD, Skeleton
 from fuyou.model.source import ModelSource
 from tests.helpers import save_checkpoint, store_master_weights, tiny_config
 
@@ -100,10 +99,3 @@ def test_block_partition_tied_and_untied():
     owned = [p for b in untied.blocks for p in b.params]
     assert sorted(owned) == sorted(untied.params)
     assert all(p.device.type == "meta" for p in untied.model.parameters())
-
-
-def test_logit_softcapping_is_refused():
-    cfg = tiny_config("llama")
-    cfg.final_logit_softcapping = 30.0
-    with pytest.raises(UnsupportedModelError, match="final_logit_softcapping"):
-        Skeleton(cfg)
