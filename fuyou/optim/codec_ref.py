@@ -89,10 +89,7 @@ def de8_bucket_table(signed: bool) -> torch.Tensor:
     _, mids = dynamic_map(signed)
     keys = torch.arange(65536, dtype=torch.int64)
 
-    def as_float(bits):
-        return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
-
-    lower, upper = as_float(keys << 16), as_float((keys << 16) | 0xFFFF)
+    lower, upper = f32_from_bits(keys << 16), f32_from_bits((keys << 16) | 0xFFFF)
     bmin, bmax = torch.minimum(lower, upper), torch.maximum(lower, upper)
     lo = torch.searchsorted(mids, bmin.contiguous(), side="left")
     inside = torch.searchsorted(mids, bmax.contiguous(), side="right") - lo
@@ -230,7 +227,7 @@ def log8_encode_ref(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, tor
     q = torch.where(A == 0, 0, q.clamp(min=0 if signed else 1))
     if signed:
         q = torch.where((g >= 2**31) & (q != 0), q | 0x80, q)  # the sign bit, never on a zero code
-    return q.reshape(-1)[:n].to(torch.uint8), _as_f32(M), k16.to(torch.uint8)
+    return q.reshape(-1)[:n].to(torch.uint8), f32_from_bits(M), k16.to(torch.uint8)
 
 
 def log8_step(k16: torch.Tensor) -> torch.Tensor:
@@ -247,7 +244,7 @@ def log8_decode_ref(codes: torch.Tensor, absmax: torch.Tensor, k16: torch.Tensor
     A = torch.where(q == 0, 0, (M - (_log8_levels(signed) - q) * step).clamp(min=0))
     if signed:
         A = A | ((c & 0x80) << 24)
-    return _as_f32(A)
+    return f32_from_bits(A)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +255,7 @@ def _u32(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
-def _as_f32(u: torch.Tensor) -> torch.Tensor:
+def f32_from_bits(u: torch.Tensor) -> torch.Tensor:
     """Unsigned 32-bit patterns (int64) as the fp32 values they are the bits of."""
     return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32)
 
@@ -276,6 +273,4 @@ def bf16_rem_split_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bf16_rem_join_ref(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """The exact fp32 values back from (hi, lo)."""
     hi = hi.view(torch.int16).to(torch.int64) & 0xFFFF
-    u = ((hi << 16) + lo.to(torch.int64)) & 0xFFFFFFFF
-    u = torch.where(u >= 2**31, u - 2**32, u)
-    return u.to(torch.int32).view(torch.float32)
+    return f32_from_bits(((hi << 16) + lo.to(torch.int64)) & 0xFFFFFFFF)

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .codec_ref import de8_bucket_table, de8_padded_mids, dynamic_map, fp8_root_table
+from .codec_ref import de8_bucket_table, de8_padded_mids, dynamic_map, f32_from_bits, fp8_root_table
 from .codecs import Codec, ParamCodecs
 
 try:  # the extension is optional: without it fuyou runs the torch reference path
@@ -123,7 +123,7 @@ def _sqrt_probe() -> torch.Tensor:
     tiny = torch.randint(0, 1 << 23, (4096,), generator=gen, dtype=torch.int64)
     special = torch.tensor([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x3F800000, 0x7F7FFFFF, 0x7F7FF000, 0x7F7FF001, 1])
     u = torch.cat([normal, patterns, tiny, special])
-    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32).contiguous()
+    return f32_from_bits(u).contiguous()
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
