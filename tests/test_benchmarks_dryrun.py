@@ -111,7 +111,7 @@ def test_bench_step_render_reports_failure_and_ratio():
     a = bench_step.parse_args(["--steps", "3"])
     fu = _steps([2.0, 1.9, 1.8], [9.0, 3.0, 3.3], io=(20 * 100, 16 * 100))
     for s in fu:
-        s.update(store_read_bytes=2000, store_written_bytes=1600, lanes={"compute": 2.0, "read": 1.0}, kinds={"compute": 2.0})
+        s.update(store_read_bytes=2000, store_written_bytes=1600, host_copied_bytes=300, lanes={"compute": 2.0, "read": 1.0}, kinds={"compute": 2.0})
     results = {
         "plain": {"numel": 100, "steps": _steps([2.0, 1.9, 1.8], [5.0, 2.0, 2.2])},
         "deepspeed": {"error": "exit 1: RuntimeError: boom"},
@@ -119,7 +119,7 @@ def test_bench_step_render_reports_failure_and_ratio():
     }
     text = bench_step.render(a, {"cpu": "x", "date": "d"}, results)
     assert "failed: exit 1: RuntimeError: boom" in text
-    assert "| fuyou (store) | 3.15 | 1.50x | 20.0 / 16.0 (36.0) | 20.0 / 16.0 |" in text  # medians of steps 2..3
+    assert "| fuyou (store) | 3.15 | 1.50x | 20.0 / 16.0 (36.0) | 20.0 / 16.0 (copied 3.0) |" in text  # medians of steps 2..3
     assert "NOT met" in text and "| compute | 2.00 |" in text
 
 
