@@ -55,6 +55,8 @@ OVERRIDES = {
     "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 2,
                          laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4),
     "xlstm": dict(num_heads=HEADS),
+    # its keys and values are rounded to NVFP4 in blocks of 16
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2, index_topk=4, index_pool_size=16, index_compression=4),
     "blt": dict(patcher_config=dict(hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64, head_dim=8),
                 encoder_config=dict(hidden_size=H, num_attention_heads=HEADS, intermediate_size=64, hidden_size_global=H),
                 decoder_config=dict(hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64, hidden_size_global=H, head_dim=8),
