@@ -5,6 +5,7 @@ a task becomes ready when its last dependency ends; each lane starts its ready t
 they became ready (ties: graph order), one per free thread. A task's duration comes from `Rates`:
 
     read / write / h2d / d2h   latency + nbytes / lane bandwidth
+    collective                 latency + nbytes / collective bandwidth (what one rank sends)
     compute                    latency + calls * call overhead + flops / FLOP rate
     optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel)
     commit                     latency + files deleted * per-file cost
@@ -24,7 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 from .graph import KINDS, Graph, Task
 from .trace import Trace, TraceEvent
 
-_BANDWIDTH_FIELD = {"read": "read_Bps", "write": "write_Bps", "h2d": "h2d_Bps", "d2h": "d2h_Bps"}
+_BANDWIDTH_FIELD = {"read": "read_Bps", "write": "write_Bps", "h2d": "h2d_Bps", "d2h": "d2h_Bps", "collective": "collective_Bps"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +45,9 @@ class Rates:
     # Optimizer params/s of the compressed codecs, by "<moments>/<master>" (e.g. "fp8/bf16+rem");
     # optim_params_per_s is the fp32 one. See for_codec.
     optim_by_codec: Mapping[str, float] = field(default_factory=dict)
+    # Bytes per second one rank moves through a collective (a reduce or a broadcast between ranks).
+    # The default is a 10 Gbit/s network; `fuyou profile` fits it from a traced data-parallel step.
+    collective_Bps: float = 1.25e9
 
     def __post_init__(self):
         for f in fields(self):

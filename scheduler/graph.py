@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-# Task kinds, as the trace and the cost model know them.
-KINDS = ("read", "h2d", "compute", "d2h", "optim", "write", "commit")
+# Task kinds, as the trace and the cost model know them ("collective": a communication every rank of a
+# data-parallel run takes part in).
+KINDS = ("read", "h2d", "compute", "d2h", "optim", "write", "commit", "collective")
 
 
 @dataclass(eq=False)

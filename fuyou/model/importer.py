@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Dict, Optional
+from typing import Callable, Collection, Dict, Optional
 
 import torch
 
@@ -68,14 +68,17 @@ def import_model(
     on_block: Optional[Callable[[str, int], None]] = None,
     train: Optional[dict] = None,
     weights_only: bool = False,
+    weights_only_blocks: Collection[str] = (),
 ) -> Store:
     """Create a store at `store_path` holding `source`'s weights in `state_cfg`'s codecs; `train`:
-    the manifest's training entry from the start (the run's settings)."""
+    the manifest's training entry from the start (the run's settings). `weights_only`: a frozen
+    base (LoRA) keeps its compute weights alone; `weights_only_blocks`: these blocks do (a
+    data-parallel rank's store: another rank's holds their master and moments)."""
     skeleton = Skeleton(source.config)
     if source.preset is None:
         source.bind(skeleton.model)
-    state = StateCodecs(state_cfg, weights_only=weights_only)  # weights_only: a frozen base for LoRA runs
-    manifest = new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks(), train)
+    state = StateCodecs(state_cfg, weights_only=weights_only)
+    manifest = new_manifest(model_info(source, skeleton), state, skeleton.manifest_blocks(), train, weights_only=weights_only_blocks)
     existed = os.path.exists(store_path)
     store = create_store(store_path, manifest, state, backend)
     try:
@@ -111,15 +114,15 @@ def import_model(
 
 def _write_block(store: Store, block: str, values: Dict[str, torch.Tensor]) -> None:
     layout = store.layouts[block]
-    bufs = {kind: aligned_empty(layout.kinds[kind].file_bytes).zero_() for kind in store.kinds}  # zero padding: files are deterministic
-    views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in store.kinds}
+    bufs = {kind: aligned_empty(kl.file_bytes).zero_() for kind, kl in layout.kinds.items()}  # zero padding: files are deterministic
+    views = {kind: layout.kinds[kind].views(bufs[kind]) for kind in layout.kinds}
     for name, _numel in layout.params:
-        parts = {kind: views[kind][name] for kind in store.kinds}
-        if store.state.weights_only:
+        parts = {kind: views[kind][name] for kind in layout.kinds}
+        if list(layout.kinds) == ["weights"]:
             init_weights_(store.state.cfg, values[name], parts["weights"])
         else:
             init_state_(store.state.cfg, values[name], parts)
-    for kind in store.kinds:
+    for kind in layout.kinds:
         store.write(block, kind, bufs[kind], version=0)
 
 

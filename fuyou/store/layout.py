@@ -96,13 +96,14 @@ class KindLayout:
 
 
 class BlockLayout:
-    """Every kind's layout for one block."""
+    """Every kind's layout for one block (`kinds`: the block's own, when it holds fewer than the
+    state's: a block whose optimizer state another rank's store holds keeps its weights alone)."""
 
-    def __init__(self, name: str, params: List[tuple], state: StateLayout):
+    def __init__(self, name: str, params: List[tuple], state: StateLayout, kinds: Optional[Sequence[str]] = None):
         self.name = name
         self.params = [(n, numel) for n, numel, _shape in params]  # [(param name, numel)]
         self.shapes = {n: shape for n, _numel, shape in params}
-        self.kinds = {kind: KindLayout(params, kind, state) for kind in state.kinds}
+        self.kinds = {kind: KindLayout(params, kind, state) for kind in (state.kinds if kinds is None else kinds)}
 
     @property
     def numel(self) -> int:

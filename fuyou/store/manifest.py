@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from typing import List, Optional
+from typing import Collection, List, Optional
 
 from ..faults import crash_point
 from .checksum import CHECKSUMS, LEGACY, default_checksum
@@ -26,6 +26,7 @@ FORMAT = "fuyou-store"
 FORMAT_VERSION = 2  # what new stores are
 READ_VERSIONS = (1, 2)  # 1: no "checksum" entry, zlib CRC-32
 MANIFEST = "manifest.json"
+PREPARED = "manifest.prepared.json"  # a step every rank of a data-parallel run must have durable before any commits it
 IMPORTING = ".fuyou-importing"  # present while an import runs; with no manifest, the directory is a dead import
 
 
@@ -40,10 +41,14 @@ def fingerprint_config(config_dict: dict) -> str:
 
 
 def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict], train: Optional[dict] = None,
-                 checksum: Optional[str] = None) -> dict:
+                 checksum: Optional[str] = None, weights_only: Collection[str] = ()) -> dict:
     """blocks: [{"name", "params": [{"name", "shape", "numel"}]}]; every kind of `state` starts at
     version 0. `train`: what the training loop keeps with each step (the run's settings, its data
-    position), from the start. `checksum`: of the files (default: CRC-32C where this fuyou has it)."""
+    position), from the start. `checksum`: of the files (default: CRC-32C where this fuyou has it).
+    `weights_only`: blocks that keep their compute weights alone (another rank's store holds the rest)."""
+    def kinds(name: str) -> tuple:
+        return ("weights",) if name in weights_only else tuple(state.kinds)
+
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -51,7 +56,7 @@ def new_manifest(model_info: dict, state: StateLayout, blocks: List[dict], train
         "model": model_info,
         "state": state.to_json(),
         "step": 0,
-        "blocks": [dict(b, versions={k: 0 for k in state.kinds}) for b in blocks],
+        "blocks": [dict(b, versions={k: 0 for k in kinds(b["name"])}) for b in blocks],
         "train": dict(train or {}),
     }
 
@@ -83,6 +88,22 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+def read_prepared(path: str) -> Optional[dict]:
+    """The manifest a data-parallel step prepared but has not committed yet (store/prepared.py), or
+    None; a torn or malformed one is None too (it was never durable, so no rank committed from it)."""
+    ppath = os.path.join(path, PREPARED)
+    try:
+        with open(ppath) as f:
+            prepared = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(prepared, dict) or prepared.get("format") != FORMAT or _manifest_problem(prepared):
+        return None
+    return prepared
+
+
 def manifest_checksum(manifest: dict) -> str:
     """The checksum a (validated) manifest's per-file values are."""
     return manifest.get("checksum", LEGACY)
@@ -96,17 +117,18 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_manifest(root: str, manifest: dict) -> None:
-    """Replace root's manifest atomically: write a temporary file, fsync, rename over, fsync the directory."""
-    tmp = os.path.join(root, MANIFEST + ".tmp")
+def write_manifest(root: str, manifest: dict, name: str = MANIFEST) -> None:
+    """Replace root's manifest (or the prepared one) atomically: write a temporary file, fsync,
+    rename over, fsync the directory."""
+    tmp = os.path.join(root, name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    crash_point("commit")
-    os.replace(tmp, os.path.join(root, MANIFEST))
+    crash_point("commit" if name == MANIFEST else "prepare")
+    os.replace(tmp, os.path.join(root, name))
     fsync_dir(root)
-    crash_point("committed")
+    crash_point("committed" if name == MANIFEST else "prepared")
 
 
 # What a manifest may hold. Names end up in file names: a fixed pattern, so no manifest can point a

@@ -30,7 +30,7 @@ from .checksum import checksum_fn
 from .directio import DirectFile
 from .layout import BlockLayout, StateLayout
 from .paths import check_confined, check_store_target
-from .manifest import IMPORTING, MANIFEST, StoreError, fsync_dir, is_dead_import, manifest_checksum, read_manifest, write_manifest
+from .manifest import IMPORTING, MANIFEST, PREPARED, StoreError, fsync_dir, is_dead_import, manifest_checksum, read_manifest, read_prepared, write_manifest
 
 GRAD = "grad"  # the store's own kind: a block's fp32 gradient, kept across a clipped step's redo
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")  # a kind names files: no '/', no '..', no '.' (the separator in them)
@@ -59,10 +59,12 @@ class Store:
         self._file_re = re.compile(rf"^[A-Za-z0-9_]+\.({'|'.join(self.kinds + (GRAD,))})\.[0-9]+\.bin$")
         self.layouts: Dict[str, BlockLayout] = {}
         for b in manifest["blocks"]:
-            if set(b["versions"]) != set(self.kinds):
+            # Every kind, or (a data-parallel rank's store) the weights alone of a block another rank updates.
+            if set(b["versions"]) != set(self.kinds) and not (set(b["versions"]) == {"weights"} and "weights" in self.kinds):
                 raise StoreError(f"{self.root}/{MANIFEST}: block {b['name']} has versions of {sorted(b['versions'])}, not of the store's kinds "
                                  f"{sorted(self.kinds)}; the store is damaged")
-            self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"], tuple(p["shape"])) for p in b["params"]], state)
+            kinds = [k for k in self.kinds if k in b["versions"]]
+            self.layouts[b["name"]] = BlockLayout(b["name"], [(p["name"], p["numel"], tuple(p["shape"])) for p in b["params"]], state, kinds)
         self.checksum = manifest_checksum(manifest)
         try:
             self._sum = checksum_fn(self.checksum)
@@ -77,6 +79,8 @@ class Store:
         self._pending_crc: Dict[tuple, int] = {}  # (block, kind, version) -> crc of a written file
         # Lean disk mode: blocks whose new master/moments became live ahead of the manifest.
         self.journal: Dict[str, dict] = self._load_journal()
+        # A data-parallel step durable here, waiting for every rank's (store/prepared.py); its files are live.
+        self.prepared: Optional[dict] = read_prepared(self.root)
 
     # -- paths -------------------------------------------------------------------------------
     @property
@@ -195,13 +199,14 @@ class Store:
 
     def commit(self, step: int, versions: Dict[str, Dict[str, int]], train_meta: Optional[dict] = None) -> None:
         """Atomically make `versions` ({block: {kind: version}}) and `step` the live state."""
+        self.install(self.next_manifest(step, versions, train_meta))
+
+    def next_manifest(self, step: int, versions: Dict[str, Dict[str, int]], train_meta: Optional[dict] = None) -> dict:
+        """The manifest that makes `versions` and `step` live (with the written files' checksums)."""
         new = json.loads(json.dumps(self.manifest))
-        superseded = []
         for b in new["blocks"]:
             for kind, v in versions.get(b["name"], {}).items():
                 old = b["versions"][kind]
-                if old != v:
-                    superseded.append(self.file_path(b["name"], kind, old))
                 crc = self._crc_of(b["name"], kind, v)
                 self._pending_crc.pop((b["name"], kind, v), None)
                 b["versions"][kind] = v
@@ -212,6 +217,13 @@ class Store:
         new["step"] = int(step)
         if train_meta is not None:
             new["train"] = train_meta
+        return new
+
+    def install(self, new: dict) -> None:
+        """Replace the manifest with `new` (atomically), then delete the files it no longer points at."""
+        after = {b["name"]: b["versions"] for b in new["blocks"]}
+        superseded = [self.file_path(b["name"], kind, v) for b in self.manifest["blocks"] for kind, v in b["versions"].items()
+                      if after.get(b["name"], {}).get(kind) != v]
         write_manifest(self.root, new)
         self.manifest = new
         self._clear_journal()
@@ -230,9 +242,10 @@ class Store:
             if name not in live and self._file_re.match(name):
                 os.unlink(os.path.join(bdir, name))
                 removed += 1
-        tmp = os.path.join(self.root, MANIFEST + ".tmp")
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for name in (MANIFEST, PREPARED):
+            tmp = os.path.join(self.root, name + ".tmp")
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         jdir = self._journal_dir()
         if os.path.isdir(jdir):
             for name in os.listdir(jdir):  # torn, stale (their step was committed) or foreign entries
@@ -241,7 +254,8 @@ class Store:
         return removed
 
     def _live_files(self) -> set:
-        live = {f"{b['name']}.{k}.{v}.bin" for b in self.manifest["blocks"] for k, v in b["versions"].items()}
+        manifests = [self.manifest] + ([self.prepared] if self.prepared is not None else [])
+        live = {f"{b['name']}.{k}.{v}.bin" for m in manifests for b in m["blocks"] for k, v in b["versions"].items()}
         live |= {f"{b}.{k}.{v}.bin" for b, j in self.journal.items() for k, v in j["versions"].items()}
         return live
 
@@ -311,7 +325,7 @@ class Store:
     def check_files(self) -> None:
         """Every live file exists with the size its layout gives (the store is damaged otherwise)."""
         for b in self.block_names:
-            for kind in self.kinds:
+            for kind in self.layouts[b].kinds:
                 path = self.file_path(b, kind, self.version(b, kind))
                 try:
                     size = os.lstat(path).st_size
@@ -325,7 +339,7 @@ class Store:
     # -- accounting ----------------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of live state on disk (one version of everything)."""
-        return sum(lay.kinds[k].file_bytes for lay in self.layouts.values() for k in self.kinds)
+        return sum(kl.file_bytes for lay in self.layouts.values() for kl in lay.kinds.values())
 
     def numel(self) -> int:
         return sum(lay.numel for lay in self.layouts.values())
