@@ -259,7 +259,7 @@ def probe_compute(
     background: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Model FLOP/s of a decoder layer's forward + (recompute + backward), counted as the step graph
-    counts them (stepgraph.consumer_flops), at the given micro-batch and at a near-empty call: the
+    counts them (spec.consumer_flops), at the given micro-batch and at a near-empty call: the
     line through both gives the fixed cost of one call and the rate. `background` runs meanwhile
     (see _Busy)."""
     layer = LayerRunner(device, hidden, intermediate, heads, kv_heads)

@@ -41,16 +41,19 @@ class StepBodies:
             torch.cuda.current_stream(self.ctx.device).synchronize()  # slots are reused once this task ends
 
     def read_states(self, b: str) -> None:
-        """Block b's live master and moments into its optimizer slot."""
+        """Block b's live master and moments into its optimizer slot (none: another rank updates b)."""
         if b in self.st.done_blocks:
             return  # lean mode, resumed step: this block's update is live already
         for k in OPTIM_KINDS:
-            self.ctx.cache.read(b, k, self.ctx.slots.optimizer_region(b, k))
+            if k in self.ctx.store.layouts[b].kinds:
+                self.ctx.cache.read(b, k, self.ctx.slots.optimizer_region(b, k))
 
     def optim(self, b: str) -> None:
         """AdamW on block b from its gradient slot; the first pass also measures the gradient norms."""
         crash_point("optim")
         ctx, st = self.ctx, self.st
+        if not ctx.owns(b):
+            return  # another rank updates b; its new weights arrive by broadcast_weights
         if st.grad_scale == 1.0:  # a redo (clipping) reuses the first pass's norms
             if not self._first_pass_checks(b):
                 return
@@ -99,19 +102,41 @@ class StepBodies:
         return True
 
     def write(self, b: str) -> None:
-        """Block b's new master, moments and weights as version-`step` files (then into the cache)."""
+        """Block b's new master, moments and weights (only weights: another rank updates b) as
+        version-`step` files, then into the cache."""
         ctx, step = self.ctx, self.st.step
         if b in self.st.done_blocks:
             return
-        for k in SLOT_KINDS:
+        kinds = [k for k in SLOT_KINDS if k in ctx.store.layouts[b].kinds]
+        for k in kinds:
             ctx.store.write(b, k, ctx.slots.optimizer_region(b, k), version=step)
         ctx.cache.keep(b, ctx.slots.slot_bytes(b), step)
         if ctx.disk_mode == "lean":
-            ctx.store.commit_block(b, step, SLOT_KINDS)
+            ctx.store.commit_block(b, step, kinds)
 
     def read_grad(self, b: str) -> None:
         """Block b's kept gradient back into its gradient slot (a clipped step's redo)."""
-        self.ctx.store.read(b, "grad", self.ctx.slots.grad(b).view(torch.uint8), version=self.st.step)
+        if self.ctx.owns(b):  # only the owner kept it: the others do not update b
+            self.ctx.store.read(b, "grad", self.ctx.slots.grad(b).view(torch.uint8), version=self.st.step)
+
+    def reduce_grad(self, b: str) -> None:
+        """Ranks: block b's gradient summed over the ranks into its owner's gradient slot; the
+        parameters any rank's autograd reached count as received on every rank (so every rank
+        agrees on which parameters have a gradient, as one process accumulating every row would)."""
+        ctx, st = self.ctx, self.st
+        grad = ctx.slots.grad(b)
+        if b not in st.grad_started:  # this rank's rows reached nothing in b: it adds zeros
+            grad.zero_()
+            st.grad_started.add(b)
+        ctx.group.reduce_(grad, ctx.owners[b])
+        names = [name for name, _numel in ctx.store.layouts[b].params]
+        got = ctx.group.all_reduce_(torch.tensor([name in st.received for name in names], dtype=torch.int64), "max")
+        st.received.update(name for name, g in zip(names, got.tolist()) if g)
+
+    def broadcast_weights(self, b: str) -> None:
+        """Ranks: block b's new compute weights, as its file holds them, from its owner's optimizer
+        slot into every other rank's (whose write then stores them)."""
+        self.ctx.group.broadcast_(self.ctx.slots.optimizer_region(b, "weights"), self.ctx.owners[b])
 
     def act_out(self, i: int) -> None:
         self.ctx.acts.offload(i, len(self.st.mbs))

@@ -61,4 +61,4 @@ class BlockCache:
         self._versions[block] = {}  # invalid while the copy is under way
         self.entries[block].copy_(slot_bytes)
         self._copied(slot_bytes.numel())
-        self._versions[block] = {k: version for k in SLOT_KINDS}
+        self._versions[block] = {k: version for k in SLOT_KINDS if k in self.store.layouts[block].kinds}

@@ -10,11 +10,12 @@ import torch
 
 from ..config import OptimConfig
 from ..data.dataset import Batch
+from ..dist.group import RankGroup
 from ..model.skeleton import Skeleton
 from ..store.store import Store
 from .activations import Activations
 from .cache import BlockCache
-from .graph import Consumer
+from .spec import Consumer
 from .memory_plan import MemoryPlan
 from .slots import Slots
 
@@ -37,6 +38,12 @@ class RunContext:
     # parameter without one, and counts its steps apart once that changes (bodies.optim refuses then)
     had_grad: Dict[str, bool] = field(default_factory=dict)
     frozen: bool = False  # the base is not trained (LoRA): its weights get no gradient
+    group: Optional[RankGroup] = None  # the ranks of a data-parallel run (None: one process)
+    owners: Dict[str, int] = field(default_factory=dict)  # ranks: block -> the rank that updates it (fuyou.dist.partition)
+
+    def owns(self, block: str) -> bool:
+        """Whether this process updates the block (its store holds the block's master and moments)."""
+        return "master" in self.store.layouts[block].kinds
 
     def grad_blocks(self, c: Consumer) -> List[str]:
         """Blocks whose gradient slot consumer c writes into (none in the forward)."""

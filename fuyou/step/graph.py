@@ -1,6 +1,6 @@
 """The task graph of one training step, built from sizes alone.
 
-The runtime builds it with real task bodies (bodies.py) and runs it; the planner builds the very
+Built from a StepSpec (spec.py). The runtime builds it with real task bodies (bodies.py) and runs it; the planner builds the very
 same graph with no bodies and feeds it to the cost model (scheduler.costmodel) to predict a step
 before running it; the profiler rebuilds it from a trace. Slot reuse is expressed as dependencies
 (a task starts only once the task that last used its slot has finished), so what the cost model
@@ -9,75 +9,17 @@ simulates is exactly what the executor will be allowed to do, and no task ever w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterable, List, Optional, Protocol
 
 from scheduler import Graph
 
-from ..config import BatchConfig
-from ..model.skeleton import Skeleton
-from ..optim.state import OPTIM_KINDS
-from ..store.store import Store
+from .spec import BlockSizes, StepSpec, block_indices
 
 
-# One thread per lane: the executor and the cost model both run the step graph with these.
-LANES = {"read": 1, "write": 1, "h2d": 1, "d2h": 1, "compute": 1, "optim": 1, "commit": 1}
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """One use of weights by the compute lane: phase 'fwd', 'head' (forward+backward) or 'bwd'."""
-
-    phase: str
-    block: str
-    weight_blocks: tuple  # blocks whose weights files it reads (own first, then borrowed)
-
-
-def consumers(block_names: List[str], borrowed: dict, frozen: bool = False) -> List[Consumer]:
-    """Weight uses in compute order: forward embed..layers, head (fwd+bwd fused), backward layers..embed
-    (a frozen base has no backward of the embedding: nothing below the layers is trained)."""
-    embed, *layers, head = block_names
-    out = [Consumer("fwd", b, (b,)) for b in [embed] + layers]
-    out.append(Consumer("head", head, (head,) + tuple(borrowed.get(head, ()))))
-    out += [Consumer("bwd", b, (b,)) for b in reversed(layers if frozen else [embed] + layers)]
-    return out
-
-
-def model_consumers(store: Store, skeleton, frozen: bool = False) -> List[Consumer]:
-    borrowed = {b.name: tuple(owner for owner, _ in b.borrowed) for b in skeleton.blocks}
-    return consumers(store.block_names, borrowed, frozen)
-
-
-@dataclass(frozen=True)
-class BlockSizes:
-    numel: int
-    weights_bytes: int  # one read of the stored compute weights
-    states_bytes: int  # master + moments, read once and written once per step
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    cons: List[Consumer]
-    blocks: Dict[str, BlockSizes]
-    weight_slots: int
-    device_slots: int
-    opt_slots: int
-    opt_owner: Dict[str, int]  # block -> optimizer slot index (-1: a dedicated slot)
-    flops: List[int]  # per consumer
-    grad_slots: int  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
-    cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
-    n_offloaded: int = 0  # inputs of layers 1..n_offloaded go to the host after their forward (see memory_plan.py)
-    recomputed_inputs: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see memory_plan.py)
-    n_on_ssd: int = 0  # offloaded inputs of layers 1..n_on_ssd go to the store's disk, not host memory
-    act_block_bytes: int = 0  # one block's inputs, every micro-batch
-    train_states: bool = True  # False: a frozen base (LoRA): no optimizer, state reads or writes
-
-
-def block_indices(cons: List[Consumer]) -> Dict[str, int]:
-    """Block index of each block in the forward (0 = embedding, 1..L = layers), as the saved
-    inputs (i, micro-batch) and the plan's activation placement count them."""
-    return {c.block: i for i, c in enumerate(c for c in cons if c.phase == "fwd")}
+# One thread per lane: the executor and the cost model both run the step graph with these. `comm`:
+# a data-parallel run's collectives, one at a time in graph order (every rank issues them alike).
+LANES = {"read": 1, "write": 1, "h2d": 1, "d2h": 1, "compute": 1, "optim": 1, "commit": 1, "comm": 1}
 
 
 def _previous_holders(order: List[str], owner: Dict[str, int], slots: int) -> Dict[str, str]:
@@ -127,6 +69,14 @@ class TaskName:
     def write(block: str, redo: bool = False) -> str:
         return f"{'redo_' if redo else ''}write:{block}"
 
+    @staticmethod
+    def reduce(block: str) -> str:
+        return f"reduce:{block}"
+
+    @staticmethod
+    def broadcast(block: str, redo: bool = False) -> str:
+        return f"{'redo_' if redo else ''}bcast:{block}"
+
 
 class TaskBodies(Protocol):
     """What each task runs (bodies.StepBodies); the graph binds the argument."""
@@ -140,6 +90,8 @@ class TaskBodies(Protocol):
     def read_grad(self, b: str) -> None: ...
     def act_out(self, i: int) -> None: ...
     def act_in(self, i: int) -> None: ...
+    def reduce_grad(self, b: str) -> None: ...
+    def broadcast_weights(self, b: str) -> None: ...
 
 
 class NoBodies:
@@ -151,34 +103,6 @@ class NoBodies:
 
 def _noop(*_args) -> None:
     return None
-
-
-def assign_opt_slots(cons: List[Consumer], tied: bool, opt_slots: int, embed: str) -> Dict[str, int]:
-    """Blocks in backward order cycle through the optimizer slots; a tied embedding keeps its own
-    (the head's backward writes into its gradient long before the embedding's backward does)."""
-    out, i = {}, 0
-    for c in cons:
-        if c.phase == "fwd":
-            continue
-        if tied and c.block == embed:
-            out[c.block] = -1
-            continue
-        out[c.block] = i % opt_slots
-        i += 1
-    return out
-
-
-def consumer_flops(
-    c: Consumer, blocks: Dict[str, BlockSizes], *, tokens: int, seq_len: int, hidden: int, is_layer: bool, recompute: bool = True
-) -> int:
-    """Model FLOPs of a consumer: 2·params·tokens per matmul pass, plus causal attention for layers;
-    a backward is twice the forward, plus a recompute of the forward unless the forward kept its
-    activations; the head runs forward and backward."""
-    numel = sum(blocks[b].numel for b in c.weight_blocks)
-    if not is_layer and c.phase != "head":
-        return 0  # the embedding is a gather
-    fwd = 2 * numel * tokens + (2 * seq_len * hidden * tokens if is_layer else 0)
-    return {"fwd": fwd, "head": 3 * fwd, "bwd": (3 if recompute or not is_layer else 2) * fwd}[c.phase]
 
 
 def _optimizer_order(spec: StepSpec) -> List[str]:
@@ -204,6 +128,8 @@ class _StepGraphBuilder:
         self.writes: dict = {}
         self.act_out: dict = {}  # layer -> its offload task
         self.bwd_done: dict = {}  # layer -> its backward's compute task
+        self.collectives = _Collectives(self.g, spec.ranks)
+        self.unsent: Optional[str] = None  # ranks: the block whose new weights are broadcast after the next reduce
 
     def weights_ready(self, consumer: int):
         """The task after which the consumer's weights sit in its slot (added once)."""
@@ -261,16 +187,51 @@ class _StepGraphBuilder:
                           nbytes=self.spec.act_block_bytes, block=block, role="act_in")
 
     def _optimize(self, b: str, backward) -> None:
-        """Block b's state read (once its optimizer slot is free), AdamW after its backward, write."""
+        """Block b's state read (once its optimizer slot is free), AdamW after its backward, write.
+        With ranks: b's gradient is reduced to its owner first, and its new weights are broadcast
+        from the owner before the write, after the next block's reduce (the collectives alternate)."""
         g, size = self.g, self.spec.blocks[b]
+        grad_ready = backward
+        if self.spec.ranks > 1:
+            grad_ready = self.collectives.add(TaskName.reduce(b), partial(self.bodies.reduce_grad, b), [backward], nbytes=4 * size.numel, block=b,
+                                              role="reduce")
+            self.send_weights()
         prev = self.writes[self.opt_free[b]] if b in self.opt_free else None
         hit = b in self.spec.cached
         rs = g.add(TaskName.read_states(b), "read", "read", partial(self.bodies.read_states, b), [prev], nbytes=0 if hit else size.states_bytes,
                    block=b, copy_bytes=size.states_bytes if hit else 0, role="read_states")
-        self.optims[b] = g.add(TaskName.optim(b), "optim", "optim", partial(self.bodies.optim, b), [backward, rs], nbytes=_optim_bytes(size),
+        self.optims[b] = g.add(TaskName.optim(b), "optim", "optim", partial(self.bodies.optim, b), [grad_ready, rs], nbytes=_optim_bytes(size),
                                block=b, numel=size.numel, role="optim")
-        self.writes[b] = g.add(TaskName.write(b), "write", "write", partial(self.bodies.write, b), [self.optims[b]],
-                               nbytes=size.states_bytes + size.weights_bytes, block=b, role="write")
+        if self.spec.ranks > 1:
+            self.unsent = b
+        else:
+            self.writes[b] = _write(g, self.bodies, b, size, [self.optims[b]])
+
+    def send_weights(self) -> None:
+        """The broadcast of the last optimized block's new weights, then its write."""
+        b, self.unsent = self.unsent, None
+        if b is not None:
+            size = self.spec.blocks[b]
+            sent = self.collectives.add(TaskName.broadcast(b), partial(self.bodies.broadcast_weights, b), [self.optims[b]],
+                                        nbytes=size.weights_bytes, block=b, role="broadcast")
+            self.writes[b] = _write(self.g, self.bodies, b, size, [self.optims[b], sent])
+
+
+class _Collectives:
+    """The comm lane's tasks, chained in the order they are added: every rank then issues the same
+    collectives in the same order, whatever order their dependencies finish in."""
+
+    def __init__(self, g: Graph, ranks: int):
+        self.g, self.ranks, self.last = g, ranks, None
+
+    def add(self, name: str, fn, deps: list, **meta):
+        self.last = self.g.add(name, "collective", "comm", fn, deps + [self.last], ranks=self.ranks, **meta)
+        return self.last
+
+
+def _write(g: Graph, bodies, b: str, size: BlockSizes, deps: list, redo: bool = False):
+    return g.add(TaskName.write(b, redo), "write", "write", partial(bodies.write, b), deps, nbytes=size.states_bytes + size.weights_bytes,
+                 block=b, role="write")
 
 
 def _optim_bytes(size: BlockSizes) -> int:
@@ -284,6 +245,7 @@ def build_step_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     builder = _StepGraphBuilder(spec, bodies or NoBodies())
     for consumer in range(len(spec.cons)):
         builder.add_consumer(consumer)
+    builder.send_weights()
     return builder.g
 
 
@@ -307,21 +269,26 @@ def build_redo_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
     order = _optimizer_order(spec)
     opt_free = _previous_holders(order, spec.opt_owner, spec.opt_slots)
     grad_free = _previous_holders(order, spec.opt_owner, spec.grad_slots)
-    writes, optims = {}, {}
+    writes, optims, collectives = {}, {}, _Collectives(g, spec.ranks)
     for b in order:
         size = spec.blocks[b]
         rs = g.add(TaskName.read_states(b, redo=True), "read", "read", partial(bodies.read_states, b), [writes.get(opt_free.get(b))],
                    nbytes=size.states_bytes, block=b, role="read_states")
-        rg = g.add(TaskName.read_grad(b), "read", "read", partial(bodies.read_grad, b), [optims.get(grad_free.get(b))], nbytes=4 * size.numel,
+        # A block another rank owns: its owner kept the reduced gradient, this rank has none to read.
+        grad_bytes = 4 * size.numel if size.states_bytes else 0
+        rg = g.add(TaskName.read_grad(b), "read", "read", partial(bodies.read_grad, b), [optims.get(grad_free.get(b))], nbytes=grad_bytes,
                    block=b, role="read_grad")
         optims[b] = g.add(TaskName.optim(b, redo=True), "optim", "optim", partial(bodies.optim, b), [rs, rg], nbytes=_optim_bytes(size), block=b,
                           numel=size.numel, role="optim")
-        writes[b] = g.add(TaskName.write(b, redo=True), "write", "write", partial(bodies.write, b), [optims[b]],
-                          nbytes=size.states_bytes + size.weights_bytes, block=b, role="write")
+        deps = [optims[b]]
+        if spec.ranks > 1:
+            deps.append(collectives.add(TaskName.broadcast(b, redo=True), partial(bodies.broadcast_weights, b), [optims[b]],
+                                        nbytes=size.weights_bytes, block=b, role="broadcast"))
+        writes[b] = _write(g, bodies, b, size, deps, redo=True)
     return g
 
 
-STORE_LANES = {"read": "ssd read", "write": "ssd written", "h2d": "cpu->gpu", "d2h": "gpu->cpu"}
+STORE_LANES = {"read": "ssd read", "write": "ssd written", "h2d": "cpu->gpu", "d2h": "gpu->cpu", "collective": "between ranks"}
 
 
 def bytes_per_step(tasks: Iterable) -> Dict[str, int]:
@@ -334,30 +301,3 @@ def bytes_per_step(tasks: Iterable) -> Dict[str, int]:
             out[STORE_LANES[t.kind]] += t.nbytes
         out["block cache read"] += int(t.meta.get("copy_bytes", 0))
     return out
-
-
-def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig) -> StepSpec:
-    """Sizes of every task of a step, from the store's layout and the model's shape."""
-    blocks = {
-        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS if k in lay.kinds))
-        for b, lay in store.layouts.items()
-    }
-    cfg = skeleton.config
-    tokens = batch.batch_size * batch.seq_len
-    flops = [
-        consumer_flops(
-            c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer, recompute=plan.recompute
-        )
-        for c in cons
-    ]
-    # A layer whose input is recomputed also runs the forward of the layer below (block index i - 1,
-    # the i-1-th consumer) in its backward.
-    index = block_indices(cons)
-    for consumer, c in enumerate(cons):
-        if c.phase == "bwd" and index[c.block] in plan.recomputed_inputs:
-            flops[consumer] += flops[index[c.block] - 1]
-    return StepSpec(
-        cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
-        n_offloaded=plan.n_offloaded, act_block_bytes=plan.micro_batches * plan.act_bytes, recomputed_inputs=frozenset(plan.recomputed_inputs),
-        n_on_ssd=plan.n_on_ssd, train_states=plan.opt_slots > 0,
-    )

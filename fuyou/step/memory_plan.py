@@ -22,7 +22,7 @@ from ..memory import format_bytes
 from ..optim.state import OPTIM_KINDS
 from ..store.directio import aligned_bytes
 from ..store.store import Store
-from .graph import Consumer, model_consumers
+from .spec import Consumer, model_consumers
 
 MAX_OPT_SLOTS = 3  # more only adds optimizer run-ahead the backward cannot use (one block per backward)
 MAX_GRAD_SLOTS = 2  # one filled by the backward while the optimizer consumes the other

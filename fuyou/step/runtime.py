@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Optional
+from functools import partial
+from typing import Dict, Optional
 
 import torch
 
@@ -25,6 +26,8 @@ from scheduler import Executor, Trace
 
 from ..config import BatchConfig, MemoryConfig, OptimConfig
 from ..data.dataset import Batch
+from ..dist.commit import commit_step
+from ..dist.group import RankGroup
 from ..memory import Pool
 from ..model.skeleton import Skeleton, count_targets
 from ..optim.schedule import lr_schedule
@@ -33,7 +36,8 @@ from .activations import Activations
 from .bodies import StepBodies
 from .cache import BlockCache
 from .context import RunContext, StepState
-from .graph import LANES, build_eval_graph, build_redo_graph, build_step_graph, model_consumers, step_spec
+from .graph import LANES, build_eval_graph, build_redo_graph, build_step_graph
+from .spec import model_consumers, step_spec
 from .memory_plan import SLOT_KINDS, MemoryPlan, compute_dtype_for, plan_for_model
 from .slots import Slots
 
@@ -59,8 +63,11 @@ class Runtime:
 
     def __init__(self, store: Store, skeleton: Skeleton, *, device: torch.device, batch: BatchConfig, optim: OptimConfig,
                  memory: Optional[MemoryConfig] = None, plan: Optional[MemoryPlan] = None, trace: Optional[Trace] = None,
-                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe", total_steps: Optional[int] = None, frozen: bool = False):
+                 max_grad_norm: Optional[float] = None, disk_mode: str = "safe", total_steps: Optional[int] = None, frozen: bool = False,
+                 group: Optional[RankGroup] = None, owners: Optional[Dict[str, int]] = None):
         _check_settings(max_grad_norm, disk_mode)
+        if group is not None and (disk_mode != "safe" or frozen):
+            raise ValueError("a data-parallel run needs --disk-mode safe and full fine-tuning (lean mode and --peft run on one process)")
         device = torch.device(device)
         self.store, self.batch_cfg, self.optim_cfg = store, batch, optim
         self.lr_at = lr_schedule(optim, total_steps)  # total_steps: the run's target (schedules that decay need it)
@@ -80,11 +87,11 @@ class Runtime:
         skeleton.load_stored_buffers(store.model_dir())  # the checkpoint's buffers, as imported
         skeleton.move_buffers(device)
         self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode,
-                              frozen=frozen)
+                              frozen=frozen, group=group, owners=dict(owners or {}))
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
         self._eval_executor = Executor(LANES, Trace())  # validation passes stay out of the steps' trace
-        self.spec = step_spec(store, self.cons, plan, self.slots.opt_owner, skeleton, batch)
+        self.spec = step_spec(store, self.cons, plan, self.slots.opt_owner, skeleton, batch, ranks=group.size if group is not None else 1)
 
     @property
     def device(self) -> torch.device:
@@ -98,34 +105,36 @@ class Runtime:
         self.executor.shutdown()
         self._eval_executor.shutdown()
 
-    def step(self, batch: Batch, train_meta: Optional[dict] = None) -> StepResult:
-        """Train one optimizer step on `batch`; commit it (or skip it) in the store."""
-        t0, store = time.perf_counter(), self.store
+    def step(self, batch: Batch, train_meta: Optional[dict] = None, targets: Optional[int] = None) -> StepResult:
+        """Train one optimizer step on `batch`; commit it (or skip it) in the store. Ranks: `batch` is
+        this rank's rows and `targets` the label tokens of every rank's (the loss is their mean)."""
+        t0, store, group = time.perf_counter(), self.store, self.ctx.group
         step = store.step + 1
         read0, written0, n_events = store.bytes_read, store.bytes_written, len(self.trace.events)
         copied0 = self.ctx.cache.bytes_copied
         try:
-            st = self.forward_backward(batch, step)
-            norm = st.total_norm(list(self.ctx.skeleton.params))
+            st = self.forward_backward(batch, step, targets)
+            norm = self._global_norm(st)
             status = self._finish(st, norm)
         except BaseException:
             store.discard(step)  # nothing of this step is live; its files are garbage now
             raise
         self._commit(st, status, train_meta if train_meta is not None else store.manifest.get("train"))
+        loss_sum = sum(st.loss_sums) if group is None else group.sum(sum(st.loss_sums))
         return StepResult(
-            step=step if status != "skipped" else step - 1, loss=sum(st.loss_sums) / max(st.targets, 1), tokens=int(batch.input_ids.numel()),
+            step=step if status != "skipped" else step - 1, loss=loss_sum / max(st.targets, 1), tokens=int(batch.input_ids.numel()),
             grad_norm=norm, lr=st.lr, bytes_read=store.bytes_read - read0, bytes_written=store.bytes_written - written0,
             seconds=time.perf_counter() - t0, events=self.trace.events[n_events:], status=status,
             bytes_copied=self.ctx.cache.bytes_copied - copied0,
         )
 
-    def forward_backward(self, batch: Batch, step: int) -> StepState:
+    def forward_backward(self, batch: Batch, step: int, targets: Optional[int] = None) -> StepState:
         """The step graph of optimizer step `step` on `batch` (with the optimizer tasks unless the base
         is frozen); its shared state (losses, norms) returned."""
         mbs = batch.split(self.batch_cfg.micro_batches)
         if self.device.type != "cpu":
             mbs = [m.to(self.device) for m in mbs]
-        st = StepState(step, self.lr_at(step), mbs, count_targets(batch.labels))
+        st = StepState(step, self.lr_at(step), mbs, count_targets(batch.labels) if targets is None else targets)
         st.done_blocks = frozenset(b for b, j in self.store.journal.items() if j["step"] == step)
         try:
             self.executor.run(build_step_graph(self.spec, StepBodies(self.ctx, st)), step=step)
@@ -149,6 +158,20 @@ class Runtime:
             self.ctx.acts.clear()
         return sum(st.loss_sums), st.targets
 
+    def _global_norm(self, st: StepState) -> float:
+        """The global gradient norm as clip_grad_norm_ computes it. Ranks: each parameter's norm is
+        known to the rank that updates it; summed with the others' zeros it is exact on every rank."""
+        order = list(self.ctx.skeleton.params)
+        if self.ctx.group is None:
+            return st.total_norm(order)
+        norms = torch.zeros(len(order), dtype=torch.float32)
+        for i, name in enumerate(order):
+            if name in st.norms:
+                norms[i] = st.norms[name]
+        self.ctx.group.all_reduce_(norms)
+        got = [norms[i] for i, name in enumerate(order) if name in st.received]
+        return float(torch.linalg.vector_norm(torch.stack(got))) if got else 0.0
+
     def _finish(self, st: StepState, norm: float) -> str:
         """Decide the step once the global gradient norm is known: commit, clip (redo), or skip.
 
@@ -171,13 +194,14 @@ class Runtime:
         return "clipped"
 
     def _commit(self, st: StepState, status: str, train_meta: Optional[dict]) -> None:
-        store, step = self.store, st.step
+        store, step, group = self.store, st.step, self.ctx.group
+        commit = store.commit if group is None else partial(commit_step, store, group)  # ranks: all commit, or none
         if status == "skipped":
             store.discard(step)
-            store.commit(step - 1, {}, train_meta)  # advance past the batch, no state change
+            commit(step - 1, {}, train_meta)  # advance past the batch, no state change
             return
-        versions = {b: {k: step for k in SLOT_KINDS} for b in store.block_names if store.layouts[b].numel > 0}
-        store.commit(step, versions, train_meta)
+        versions = {b: {k: step for k in SLOT_KINDS if k in store.layouts[b].kinds} for b in store.block_names if store.layouts[b].numel > 0}
+        commit(step, versions, train_meta)
         store.discard(step, kinds=("grad",))
 
 

@@ -15,7 +15,8 @@ from typing import Dict, List, Set
 
 from scheduler import Graph, Task
 
-from .graph import StepSpec, build_step_graph
+from .graph import build_step_graph
+from .spec import StepSpec
 
 _WORDS = {
     "read_weights": "read w[{n}] {block}",
@@ -25,6 +26,8 @@ _WORDS = {
     "read_states": "read states {block}",
     "optim": "optim {block}",
     "write": "write {block}",
+    "reduce": "reduce grad {block}",
+    "broadcast": "broadcast w {block}",
 }
 _NUMBER = re.compile(r"^[a-z_]+?(\d+):")  # the consumer (w[u]) or layer (in[i]) number of a task name
 
@@ -85,8 +88,12 @@ def schedule_rows(spec: StepSpec) -> List[Row]:
     before_first = _waited_for(compute[0])
     rows = [Row("", "(before the first)", [], [t for t in during.get(0, []) if t.name in before_first])]
     for k, c in enumerate(compute):
-        must_finish = _waited_for(c) | before_first
-        rows.append(Row(str(k), c.name, [d for d in c.deps if d.kind != "compute"], [t for t in during.get(k, []) if t.name not in must_finish]))
+        waited = _waited_for(c)
+        direct = [d for d in c.deps if d.kind != "compute"]
+        # What it waits for through another task (a gradient slot freed by an optimizer that waits
+        # for a collective) is a wait too: it runs between the consumer before and this one.
+        through = [t for t in during.get(k, []) if t.name in waited and t not in direct and t.name not in before_first]
+        rows.append(Row(str(k), c.name, direct + through, [t for t in during.get(k, []) if t.name not in waited | before_first]))
     rows.append(Row("", "(after the last)", [], during.get(len(compute), [])))
     return rows
 
@@ -97,7 +104,7 @@ def describe(spec: StepSpec) -> str:
     lines = [
         f"one step: {n_layers} layers; slots: {spec.weight_slots} weight staging, {spec.device_slots} device, {spec.opt_slots} optimizer, "
         f"{spec.grad_slots} gradient; {spec.n_offloaded} layers' inputs offloaded ({spec.n_on_ssd} of them to the SSD), "
-        f"{len(spec.recomputed_inputs)} recomputed; {len(spec.cached)} blocks cached",
+        f"{len(spec.recomputed_inputs)} recomputed; {len(spec.cached)} blocks cached" + (f"; {spec.ranks} ranks" if spec.ranks > 1 else ""),
         f"{'#':>3}  {'compute':<18} {'waits for':<44} while it runs",
     ]
     for row in schedule_rows(spec):

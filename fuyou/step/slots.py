@@ -20,7 +20,7 @@ from ..model.skeleton import EMBED
 from ..optim.state import decode_weights
 from ..store.directio import aligned_bytes
 from ..store.store import Store
-from .graph import Consumer, assign_opt_slots
+from .spec import Consumer, assign_opt_slots
 from .memory_plan import SLOT_KINDS, MemoryPlan, opt_region_offsets
 
 

@@ -1,18 +1,19 @@
 """describe(): the schedule of one step, read off the step graph the runtime runs."""
 import pytest
 
-from fuyou.step.graph import BlockSizes, StepSpec, assign_opt_slots, build_step_graph, consumers
+from fuyou.step.graph import build_step_graph
+from fuyou.step.spec import BlockSizes, StepSpec, assign_opt_slots, consumers
 from fuyou.step.schedule import describe, schedule_rows
 
 LAYERS = 6
 
 
-def _spec(*, weight_slots=3, device_slots=0, opt_slots=2, grad_slots=2, n_offloaded=0, n_on_ssd=0, recomputed=(), tied=False) -> StepSpec:
+def _spec(*, weight_slots=3, device_slots=0, opt_slots=2, grad_slots=2, n_offloaded=0, n_on_ssd=0, recomputed=(), tied=False, ranks=1) -> StepSpec:
     names = ["embed"] + [f"layer{i:04d}" for i in range(LAYERS)] + ["head"]
     cons = consumers(names, {"head": ("embed",)} if tied else {})
     blocks = {b: BlockSizes(1000, 4000, 12000) for b in names}
     return StepSpec(cons, blocks, weight_slots, device_slots, opt_slots, assign_opt_slots(cons, tied, opt_slots, "embed"), [10] * len(cons),
-                    grad_slots, n_offloaded=n_offloaded, n_on_ssd=n_on_ssd, recomputed_inputs=frozenset(recomputed), act_block_bytes=100)
+                    grad_slots, n_offloaded=n_offloaded, n_on_ssd=n_on_ssd, recomputed_inputs=frozenset(recomputed), act_block_bytes=100, ranks=ranks)
 
 
 def _ancestors(task) -> set:
@@ -32,6 +33,7 @@ SPECS = {
     "offloaded inputs": _spec(device_slots=2, n_offloaded=4, n_on_ssd=2),
     "recomputed inputs": _spec(device_slots=2, recomputed=(5, 3)),
     "tied": _spec(tied=True),
+    "ranks": _spec(ranks=2, opt_slots=1, grad_slots=1),
 }
 
 
