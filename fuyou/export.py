@@ -8,15 +8,17 @@ name is touched. The store is locked (one writer or exporter at a time).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from .dist.ranks import RANK, store_of
 from .faults import crash_point
 from .model.convert import to_checkpoint
 from .model.skeleton import BUFFERS_FILE, Skeleton
@@ -24,19 +26,44 @@ from .optim.state import StateCodecs, decode_master, decode_weights
 from .store.directio import aligned_empty
 from .store.store import open_store
 from .store.lock import StoreLock
-from .store.manifest import StoreError, is_store
+from .store.manifest import StoreError, is_store, read_manifest
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export_store(store_path: str, out: str, dtype: str = "fp32", on_block: Optional[Callable[[str], None]] = None) -> str:
-    """`fuyou export`: lock the store, then write_checkpoint its committed step."""
+    """`fuyou export`: lock the store, then write_checkpoint its committed step. A path with
+    `{rank}` names the stores of a data-parallel run: every rank's, each block from the store that
+    updates it."""
+    if RANK in store_path:
+        return _export_ranks(store_path, out, dtype, on_block)
     if not is_store(store_path):
         raise StoreError(f"{os.path.abspath(store_path)} is not a fuyou store; pass the directory `fuyou finetune --store` created")
     _check_target(os.path.abspath(out))
     with StoreLock(store_path):
         return write_checkpoint(open_store(store_path, StateCodecs.from_json), out, dtype, on_block)
+
+
+def _export_ranks(pattern: str, out: str, dtype: str, on_block) -> str:
+    first = store_of(pattern, 0)
+    if not is_store(first):
+        raise StoreError(f"{os.path.abspath(first)} is not a fuyou store; pass the stores of a data-parallel run as `fuyou finetune --store` "
+                         f"named them ({RANK} for the rank)")
+    ranks = read_manifest(first)["train"].get("run", {}).get("ranks")
+    if not ranks:
+        raise StoreError(f"{os.path.abspath(first)} is the store of a one-process run; export it by its own path")
+    _check_target(os.path.abspath(out))
+    paths = [store_of(pattern, r) for r in range(int(ranks["world_size"]))]
+    with contextlib.ExitStack() as locks:
+        for path in paths:
+            locks.enter_context(StoreLock(path))
+        stores = [open_store(path, StateCodecs.from_json) for path in paths]
+        steps = {s.root: s.step for s in stores}
+        if len(set(steps.values())) != 1:
+            raise StoreError(f"the ranks' stores are at different steps ({', '.join(f'{p}: {n}' for p, n in steps.items())}): resume the run "
+                             "with torchrun (it brings every rank to one step), then export")
+        return write_checkpoint(stores[0], out, dtype, on_block, others=stores[1:])
 
 
 def _check_target(out: str) -> None:
@@ -45,10 +72,11 @@ def _check_target(out: str) -> None:
 
 
 def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Callable[[str], None]] = None,
-                     deltas: Optional[Dict[str, torch.Tensor]] = None) -> str:
+                     deltas: Optional[Dict[str, torch.Tensor]] = None, others: Sequence = ()) -> str:
     """A Hugging Face checkpoint of the open `store`'s committed master weights (a frozen base's:
     its weights) in `dtype`, made in a new directory beside `out` and renamed to it when complete.
-    `deltas`: parameter name -> an fp32 tensor added to it first (merged LoRA adapters)."""
+    `deltas`: parameter name -> an fp32 tensor added to it first (merged LoRA adapters). `others`:
+    the other ranks' stores of a data-parallel run (each block's master from the one holding it)."""
     out = os.path.abspath(out)
     _check_target(out)
     if dtype not in DTYPES:
@@ -59,7 +87,7 @@ def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Ca
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a directory's usual mode
     try:
-        _write(store, tmp, DTYPES[dtype], on_block, deltas or {})
+        _write(store, tmp, DTYPES[dtype], on_block, deltas or {}, list(others))
         crash_point("export")  # complete but not yet renamed: a crash here must leave nothing that looks complete
         if os.path.isdir(out):
             os.rmdir(out)
@@ -70,7 +98,7 @@ def write_checkpoint(store, out: str, dtype: str = "fp32", on_block: Optional[Ca
     return out
 
 
-def _write(store, tmp: str, dtype: torch.dtype, on_block, deltas: Dict[str, torch.Tensor]) -> None:
+def _write(store, tmp: str, dtype: torch.dtype, on_block, deltas: Dict[str, torch.Tensor], others: list) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -82,7 +110,8 @@ def _write(store, tmp: str, dtype: torch.dtype, on_block, deltas: Dict[str, torc
     for i, block in enumerate(names):
         tensors = {n: stored[n] for n in skeleton.block_buffers.get(block, [])}
         if store.layouts[block].numel:
-            tensors.update({n: (t + deltas[n] if n in deltas else t).to(dtype) for n, t in _master_tensors(store, block).items()})
+            holder = next((s for s in [store] + others if "master" in s.layouts[block].kinds), store)
+            tensors.update({n: (t + deltas[n] if n in deltas else t).to(dtype) for n, t in _master_tensors(holder, block).items()})
         # The names and layout save_pretrained writes (per-expert tensors, legacy names), so the
         # export loads in transformers like any checkpoint.
         tensors = {n: t.clone(memory_format=torch.contiguous_format) for n, t in to_checkpoint(skeleton.model, tensors).items()}
@@ -114,7 +143,7 @@ def _set_config_dtype(path: str, dtype: torch.dtype) -> None:
 
 def _master_tensors(store, block: str) -> dict:
     """The block's exact fp32 master values; a frozen base's store (weights only): its weights."""
-    kind = "master" if "master" in store.kinds else "weights"
+    kind = "master" if "master" in store.layouts[block].kinds else "weights"
     lay = store.layouts[block].kinds[kind]
     buf = aligned_empty(lay.file_bytes)
     store.read(block, kind, buf)

@@ -2,6 +2,7 @@
 and writing checkpoints on the way; stop cleanly on SIGINT/SIGTERM after the step in flight."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -16,6 +17,9 @@ from . import checkpoints
 from .config import FinetuneConfig
 from .export import write_checkpoint
 from .data.dataset import TokenDataset
+from .dist.group import RankGroup
+from .dist.ranks import rows_of
+from .model.skeleton import count_targets
 from .metrics import MetricsLog, step_row
 from .progress import Progress
 from .step.runtime import Runtime, StepResult
@@ -58,9 +62,19 @@ class StopFlag:
     """SIGINT/SIGTERM ask the loop to stop after the step in flight (a second SIGINT interrupts it;
     the store stays at its last committed step either way)."""
 
+    SIGNALS = ("SIGTERM", "SIGINT")  # what stops a run (a later one wins where ranks got different ones)
+
     def __init__(self):
         self.requested: Optional[str] = None
         self._old = {}
+
+    def agree(self, trainer) -> Optional[str]:
+        """The signal the trainer's processes stop for now (a rank may stop for another's); one that
+        arrives while they agree is kept for the next time."""
+        agreed = trainer.stopping(self.requested)
+        if agreed:
+            self.requested = agreed
+        return agreed
 
     def _handle(self, signum, _frame):
         name = signal.Signals(signum).name
@@ -81,10 +95,11 @@ class StopFlag:
 
 
 class StoreTrainer:
-    """A full fine-tune: the runtime trains every weight and commits each step in the store."""
+    """A full fine-tune: the runtime trains every weight and commits each step in the store.
+    `group`: the ranks of a data-parallel run; each trains on its rows of every batch."""
 
-    def __init__(self, rt: Runtime, store: Store):
-        self.rt, self.store = rt, store
+    def __init__(self, rt: Runtime, store: Store, group: Optional[RankGroup] = None):
+        self.rt, self.store, self.group = rt, store, group
 
     @property
     def step_count(self) -> int:
@@ -103,13 +118,29 @@ class StoreTrainer:
 
     def step(self, batch, meta: dict) -> StepResult:
         try:
-            return self.rt.step(batch, train_meta=meta)
+            if self.group is None:
+                return self.rt.step(batch, train_meta=meta)
+            res = self.rt.step(rows_of(batch, self.group), train_meta=meta, targets=count_targets(batch.labels))
+            return dataclasses.replace(res, tokens=int(batch.input_ids.numel()))
         except OSError as exc:
             raise StoreIOError(f"{exc}; the store {self.store.root} still holds step {self.store.step}: fix the cause (free space, check the "
                                "disk), then rerun with --resume") from exc
 
     def save(self, out: str, dtype: str) -> None:
         write_checkpoint(self.store, out, dtype)
+
+    def evaluate(self, batch) -> tuple:
+        """(loss summed over the batch's label tokens, their count); ranks: over every rank's rows."""
+        if self.group is None:
+            return self.rt.evaluate(batch)
+        rows = rows_of(batch, self.group)
+        loss_sum, targets = self.rt.evaluate(rows) if rows.input_ids.shape[0] else (0.0, 0)
+        return self.group.sum(loss_sum), int(self.group.sum(targets))
+
+    def stopping(self, requested: Optional[str]) -> Optional[str]:
+        """The signal that stops the run before its next step, if any (ranks: one any rank got, so
+        every rank stops after the same step)."""
+        return requested if self.group is None else self.group.first(requested, StopFlag.SIGNALS)
 
 
 @dataclass
@@ -135,7 +166,7 @@ def run(loop: Loop, import_s: float) -> FinetuneResult:
     stop, skipped, t0, hits = StopFlag(), 0, time.perf_counter(), rt.cache.hit_bytes
     try:
         with stop, Progress(loop.console, trainer.step_count, cfg.steps, trainer.numel(), cfg.output.log_every) as bar:
-            while trainer.step_count < cfg.steps and not stop.requested:
+            while trainer.step_count < cfg.steps and not stop.agree(trainer):
                 batch = loop.dataset.batch(position, cfg.batch.batch_size)
                 position += cfg.batch.batch_size
                 # Rows consumed: the data order is a function of (seed, position).
@@ -171,7 +202,7 @@ def _after_commit(loop: Loop, res: FinetuneResult, metrics: MetricsLog, bar: Pro
     """Validation and checkpoints that fall due at the step just committed."""
     cfg, step = loop.cfg, loop.trainer.step_count
     if loop.eval_set is not None and (final or (cfg.eval.every and step % cfg.eval.every == 0)):
-        row = evaluate(loop.trainer.rt, loop.eval_set, cfg.batch.batch_size, step)
+        row = evaluate(loop.trainer, loop.eval_set, cfg.batch.batch_size, step)
         res.evals.append(row)
         metrics.write(row)
         bar.note(f"step {step}: validation loss {row['eval_loss']:.4f}, perplexity {row['eval_perplexity']:.2f}")
@@ -180,12 +211,12 @@ def _after_commit(loop: Loop, res: FinetuneResult, metrics: MetricsLog, bar: Pro
         bar.note(f"step {step}: checkpoint {res.checkpoints[-1]}")
 
 
-def evaluate(rt: Runtime, eval_set: TokenDataset, batch_size: int, step: int) -> dict:
+def evaluate(trainer, eval_set: TokenDataset, batch_size: int, step: int) -> dict:
     """Mean loss over every validation row (forward only, through the streaming runtime)."""
     t0 = time.perf_counter()
     loss_sum, targets = 0.0, 0
     for batch in eval_set.in_order(batch_size):
-        s, n = rt.evaluate(batch)
+        s, n = trainer.evaluate(batch)
         loss_sum, targets = loss_sum + s, targets + n
     loss = loss_sum / max(targets, 1)
     return {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": targets,

@@ -15,7 +15,8 @@ def step_row(res, *, numel: int, tokens_per_s: float, cache_read_bytes: int, pea
         "step": res.step, "status": res.status, "loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "tokens": res.tokens,
         "tokens_per_s": tokens_per_s, "step_s": res.seconds, "bytes_read": res.bytes_read, "bytes_written": res.bytes_written,
         "store_bytes_per_param": (res.bytes_read + res.bytes_written) / max(numel, 1), "cache_read_bytes": cache_read_bytes,
-        "peak_rss_bytes": peak_rss_bytes, "device_peak_bytes": device_peak_bytes, "time": time.time(),
+        "peak_rss_bytes": peak_rss_bytes, "device_peak_bytes": device_peak_bytes, "bytes_between_ranks": res.bytes_between_ranks,
+        "time": time.time(),
     }
 
 

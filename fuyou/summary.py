@@ -42,4 +42,10 @@ def summary_lines(job, store, rt, dataset, eval_set, run_root: str = "") -> List
         f"{(moved['ssd read'] + moved['ssd written']) / max(numel, 1):.1f} B/param/step",
         f"store: {store.root}; metrics: {run_root or store.root}/metrics.jsonl" + (f"; checkpoints: {cfg.output.dir}" if cfg.output.dir else ""),
     ]
+    group = rt.ctx.group
+    if group is not None:
+        owned = [blk for blk, r in rt.ctx.owners.items() if r == group.rank]
+        lines.append(f"ranks: {group.size} (this is rank {group.rank}: {rt.batch_cfg.batch_size} rows in {rt.batch_cfg.micro_batches} micro-batches "
+                     f"per step; updates {len(owned)} of {len(rt.ctx.owners)} blocks); between ranks "
+                     f"{moved['between ranks'] / max(numel, 1):.1f} B/param/step; the figures above are this rank's")
     return lines

@@ -7,6 +7,7 @@ then is anything written. `steps` is a total: the run trains until its store rea
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -15,9 +16,12 @@ from typing import Optional, Set
 
 import torch
 
-from .config import BUILTIN_DATA, FinetuneConfig
+from .config import BUILTIN_DATA, BatchConfig, FinetuneConfig
 from .data.dataset import TokenDataset, check_data_file
 from .data.tokenizer import DEFAULT_CORPUS, load_tokenizer
+from .dist.commit import reconcile
+from .dist.group import RankGroup
+from .dist.ranks import check_ranks, owners_of, rank_batch, rank_config, ranks_record, weights_only_blocks
 from .memory import format_bytes
 from .model.importer import TOKENIZER_FILES, import_model, model_info
 from .model.skeleton import Skeleton
@@ -154,7 +158,21 @@ def read_existing(path: str) -> dict:
     return manifest
 
 
-def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=None, trace=None) -> FinetuneResult:
+@dataclass
+class CheckedRun:
+    """A run after every check, before its first byte: the job, its model, data and memory plan."""
+
+    job: Job
+    device: torch.device
+    skeleton: Skeleton
+    datasets: tuple  # (training rows, validation rows or None)
+    plan: MemoryPlan
+    dry: Store  # the store as it will be (nothing of it written yet)
+    batch: BatchConfig  # this process's share of a step (the whole batch unless ranks share it)
+
+
+def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=None, trace=None, group: Optional[RankGroup] = None) -> FinetuneResult:
+    """`group`: the ranks of a data-parallel run (fuyou.dist; torchrun launches one process per rank)."""
     from rich.console import Console
 
     if cfg.peft.method is not None:
@@ -164,36 +182,77 @@ def finetune(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, console=N
 
     set_default_backend(cfg.io_backend)
     console = console or Console(stderr=True)
-    check_store_target(os.path.abspath(cfg.store))  # before the lock file is made in it
-    with StoreLock(cfg.store):
-        job = prepare(cfg, given)
-        cfg = job.cfg
-        device = resolve_device(cfg.device)
-        skeleton = Skeleton(job.config, linear=cfg.linear)
-        dataset, eval_set = datasets_of(job)
-        # The run's memory plan, made on the store's layout before anything is written (a budget that
-        # cannot hold one block is refused here), and handed to the runtime.
-        state = StateCodecs(cfg.state)
-        manifest = job.existing or new_manifest(model_info(job.source, skeleton), state, skeleton.manifest_blocks())
-        dry = Store(cfg.store, manifest, state)
-        plan = plan_for_model(dry, skeleton, device=device, batch=cfg.batch, memory=cfg.memory)
-        _check_free_disk(dry, plan, cfg, resuming=job.existing is not None)
-        if cfg.output.tensorboard:
-            tensorboard_writer()  # refused before the import if the package is missing
+    if group is not None:
+        cfg = group.agree(lambda: rank_config(cfg, group))
+    with _locked(cfg.store, group):
+        if group is not None:
+            reconcile(cfg.store, group, StateCodecs.from_json)  # a step some rank committed before a crash: every rank has it
+        run = _agreed(group, lambda: check_run(cfg, given, group))
+        cfg, job = run.job.cfg, run.job
         if job.existing is not None and job.existing["step"] >= cfg.steps:
-            return _finished(cfg, job.existing, dry, console)
+            return _finished(cfg, job.existing, run.dry, console)
         t0 = time.perf_counter()
-        store = _open_or_import(job, console)
+        store = _agreed(group, lambda: _open_or_import(job, console, weights_only_blocks(job.record, group)))
         import_s = time.perf_counter() - t0
         store.unverified = frozenset() if cfg.verify_reads else frozenset({"weights"})  # the optimizer's states are always checked
-        rt = Runtime(store, skeleton, device=device, plan=plan, batch=cfg.batch, optim=cfg.optim, trace=trace, max_grad_norm=cfg.max_grad_norm,
-                     disk_mode=cfg.disk_mode, total_steps=cfg.steps)
+        rt = _agreed(group, lambda: Runtime(store, run.skeleton, device=run.device, plan=run.plan, batch=run.batch, optim=cfg.optim, trace=trace,
+                                            max_grad_norm=cfg.max_grad_norm, disk_mode=cfg.disk_mode, total_steps=cfg.steps, group=group,
+                                            owners=owners_of(job.record)))
+        dataset, eval_set = run.datasets
         try:
             run_summary(summary_lines(job, store, rt, dataset, eval_set), console)
-            return loop.run(loop.Loop(cfg, job.record, loop.StoreTrainer(rt, store), dataset, eval_set, console), import_s)
+            trainer = loop.StoreTrainer(rt, store, group)
+            return loop.run(loop.Loop(cfg, job.record, trainer, dataset, eval_set, console), import_s)
         finally:
             rt.close()
             loop.save_trace(trace, cfg.trace_dir)
+
+
+def _agreed(group: Optional[RankGroup], fn):
+    """fn() here; with ranks, on every rank, failing on all when it fails on one (RankGroup.agree)."""
+    return fn() if group is None else group.agree(fn)
+
+
+@contextlib.contextmanager
+def _locked(store: str, group: Optional[RankGroup]):
+    """The store checked as a target, then locked (with ranks: every rank's, or none)."""
+    lock = StoreLock(store)
+
+    def take():
+        check_store_target(os.path.abspath(store))  # before the lock file is made in it
+        lock.__enter__()
+
+    try:
+        _agreed(group, take)
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)  # a no-op when this rank never took it
+
+
+def check_run(cfg: FinetuneConfig, given: Optional[Set[str]], group: Optional[RankGroup] = None) -> CheckedRun:
+    """Resolve and check the run (settings, model, data, memory plan, free disk), writing nothing."""
+    job = prepare(cfg, given)
+    cfg = job.cfg
+    stored_ranks = job.existing["train"]["run"].get("ranks") if job.existing is not None else None
+    if job.existing is not None:
+        check_ranks(stored_ranks, group, cfg.store)
+    device = resolve_device(cfg.device)
+    skeleton = Skeleton(job.config, linear=cfg.linear)
+    datasets = datasets_of(job)
+    # The run's memory plan, made on the store's layout before anything is written (a budget that
+    # cannot hold one block is refused here), and handed to the runtime.
+    state = StateCodecs(cfg.state)
+    if stored_ranks is not None or group is not None:  # which rank updates which block, as the run began
+        job.record["ranks"] = stored_ranks or ranks_record(skeleton.manifest_blocks(), group)
+    manifest = job.existing or new_manifest(model_info(job.source, skeleton), state, skeleton.manifest_blocks(),
+                                            weights_only=weights_only_blocks(job.record, group))
+    dry = Store(cfg.store, manifest, state)
+    batch = rank_batch(cfg.batch, group)
+    plan = plan_for_model(dry, skeleton, device=device, batch=batch, memory=cfg.memory)
+    _check_free_disk(dry, plan, cfg, resuming=job.existing is not None)
+    if cfg.output.tensorboard:
+        tensorboard_writer()  # refused before the import if the package is missing
+    return CheckedRun(job, device, skeleton, datasets, plan, dry, batch)
 
 
 def datasets_of(job: Job) -> tuple:
@@ -222,7 +281,8 @@ def _finished(cfg: FinetuneConfig, manifest: dict, store: Store, console) -> Fin
     return FinetuneResult([], store.root, store.numel(), 0, {}, 0.0, cfg.steps)
 
 
-def _open_or_import(job: Job, console) -> Store:
+def _open_or_import(job: Job, console, weights_only_blocks=()) -> Store:
+    """The run's store: opened, or imported (`weights_only_blocks`: another rank's store updates them)."""
     cfg = job.cfg
     if job.existing is not None:
         return open_store(cfg.store, StateCodecs.from_json)
@@ -234,7 +294,7 @@ def _open_or_import(job: Job, console) -> Store:
     with Bar(TextColumn("importing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task(job.source.describe(), total=n_blocks)
         return import_model(job.source, cfg.store, cfg.state, seed=cfg.seed, train={"run": job.record, "data_position": 0},
-                            on_block=lambda _b, _n: bar.advance(task))
+                            on_block=lambda _b, _n: bar.advance(task), weights_only_blocks=weights_only_blocks)
 
 
 def _check_free_disk(store: Store, plan: MemoryPlan, cfg: FinetuneConfig, *, resuming: bool) -> None:

@@ -41,7 +41,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from ..store.manifest import StoreError  # imports torch: not before --help and --version are answered
+    from ..dist.group import RankError  # these import torch: not before --help and --version are answered
+    from ..store.manifest import StoreError
 
     cls, handler = COMMANDS[args.command]
     given = given_settings(cls, sys.argv[1:] if argv is None else argv)
@@ -52,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fuyou: interrupted; the store keeps its last committed step", file=sys.stderr)
         return 130
-    except (ValueError, OSError, StoreError, FloatingPointError) as exc:
+    except (ValueError, OSError, StoreError, FloatingPointError, RankError) as exc:
         # Expected failures (bad input, budgets, disk errors): one line naming the fix. Anything
         # else is a bug and keeps its traceback.
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -3,7 +3,9 @@ Heavy modules (torch, the runtime) are imported inside, so `fuyou --help` stays 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from typing import Optional
 
 from ..config import FinetuneConfig, PlanConfig
 from .commands import ExportCommand, FinetuneCommand
@@ -11,9 +13,8 @@ from .commands import ExportCommand, FinetuneCommand
 
 def finetune_command(cmd: FinetuneCommand, given: set) -> int:
     """`given`: the settings the command line names (a resumed run refuses those that differ from its own)."""
-    from rich.console import Console
-
     from .. import train
+    from ..dist.group import launched_by_torchrun
     from ..lora import job as lora
     from ..progress import print_summary
 
@@ -26,19 +27,53 @@ def finetune_command(cmd: FinetuneCommand, given: set) -> int:
         print(to_toml(prepare(cmd.job, job).cfg), end="")
         return 0
     cfg = cmd.job
+    if launched_by_torchrun():  # one process per rank of a data-parallel run
+        return _finetune_ranks(cfg, job, cmd.plan)
     if cmd.plan == "auto":  # the planner's budgets count as given: a resumed run takes them
         cfg = _planned(prepare(cmd.job, job).cfg)
         job |= {f"memory.{f.name}" for f in dataclasses.fields(cfg.memory)}
-    trace = None
-    if cfg.trace_dir:
-        from scheduler import Trace
-
-        trace = Trace()
-    probe = Console(stderr=True)
-    console = probe if probe.is_terminal else Console(stderr=True, width=250)  # logs: one line per report
-    res = finetune(cfg, given=job, console=console, trace=trace)
+    console = _console()
+    res = finetune(cfg, given=job, console=console, trace=_trace(cfg))
     print_summary(res, console)
-    return {None: 0, "SIGINT": 130, "SIGTERM": 143}[res.stopped]  # stopped early: the shell's codes for those signals
+    return EXIT_CODES[res.stopped]
+
+
+EXIT_CODES = {None: 0, "SIGINT": 130, "SIGTERM": 143}  # stopped early: the shell's codes for those signals
+
+
+def _console(quiet: bool = False):
+    from rich.console import Console
+
+    if quiet:  # a rank other than the first: rank 0 reports the run
+        return Console(file=open(os.devnull, "w"), stderr=False)
+    probe = Console(stderr=True)
+    return probe if probe.is_terminal else Console(stderr=True, width=250)  # logs: one line per report
+
+
+def _trace(cfg: FinetuneConfig):
+    if not cfg.trace_dir:
+        return None
+    from scheduler import Trace
+
+    return Trace()
+
+
+def _finetune_ranks(cfg: FinetuneConfig, given: set, plan: Optional[str]) -> int:
+    """`torchrun --nproc-per-node N -m fuyou finetune ...`: this process's rank of the run."""
+    from ..dist.group import RankGroup
+    from ..progress import print_summary
+    from ..train import finetune
+
+    if plan == "auto":
+        raise ValueError("--plan auto plans one process; with ranks, plan one rank's share with fuyou plan --ranks N and pass its budgets")
+    group = RankGroup.from_env()
+    try:
+        console = _console(quiet=not group.is_main)
+        res = finetune(cfg, given=given, console=console, trace=_trace(cfg), group=group)
+        print_summary(res, console)
+        return EXIT_CODES[res.stopped]
+    finally:
+        group.close()
 
 
 def _planned(cfg: FinetuneConfig) -> FinetuneConfig:

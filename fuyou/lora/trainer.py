@@ -62,6 +62,13 @@ class LoraTrainer:
         return StepResult(step=committed, loss=sum(st.loss_sums) / max(st.targets, 1), tokens=int(batch.input_ids.numel()), grad_norm=norm, lr=st.lr,
                           bytes_read=rt.store.bytes_read - read0, bytes_written=0, seconds=time.perf_counter() - t0, status=status)
 
+    def evaluate(self, batch) -> tuple:
+        """(loss summed over the batch's label tokens, their count): the base with its adapters."""
+        return self.rt.evaluate(batch)
+
+    def stopping(self, requested: Optional[str]) -> Optional[str]:
+        return requested
+
     def save(self, out: str, dtype: str = "fp32") -> None:
         """The adapters as a PEFT adapter directory, made beside `out` and renamed to it when complete."""
         parent = os.path.dirname(os.path.abspath(out))

@@ -53,6 +53,7 @@ class StepResult:
     bytes_written: int
     seconds: float
     bytes_copied: int = 0  # host memory copies of state (block cache reads and keeps); store I/O is bytes_read/written
+    bytes_between_ranks: int = 0  # what this rank's collectives moved (reduced gradients, broadcast weights)
     events: list = dataclasses.field(default_factory=list)
     status: str = "ok"  # "ok", "clipped" (optimizer redone with the clip factor) or "skipped" (non-finite)
 
@@ -121,11 +122,12 @@ class Runtime:
             raise
         self._commit(st, status, train_meta if train_meta is not None else store.manifest.get("train"))
         loss_sum = sum(st.loss_sums) if group is None else group.sum(sum(st.loss_sums))
+        events = self.trace.events[n_events:]
         return StepResult(
             step=step if status != "skipped" else step - 1, loss=loss_sum / max(st.targets, 1), tokens=int(batch.input_ids.numel()),
             grad_norm=norm, lr=st.lr, bytes_read=store.bytes_read - read0, bytes_written=store.bytes_written - written0,
-            seconds=time.perf_counter() - t0, events=self.trace.events[n_events:], status=status,
-            bytes_copied=self.ctx.cache.bytes_copied - copied0,
+            seconds=time.perf_counter() - t0, events=events, status=status, bytes_copied=self.ctx.cache.bytes_copied - copied0,
+            bytes_between_ranks=sum(e.nbytes for e in events if e.kind == "collective"),
         )
 
     def forward_backward(self, batch: Batch, step: int, targets: Optional[int] = None) -> StepState:
