@@ -151,7 +151,6 @@ class OptimConfig:
         return dataclasses.replace(self, lr=LR_FROM_SCRATCH if from_scratch else LR_FINETUNE)
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class MemoryConfig:
     """Budgets of the buffers fuyou owns, and the streaming depth."""
@@ -195,9 +194,7 @@ class BatchConfig:
         if self.batch_size < 1 or self.micro_batches < 1 or self.seq_len < 2:
             raise ValueError("batch size and micro-batches must be >= 1 and seq-len >= 2")
         if self.batch_size % self.micro_batches:
-            raise ValueError(
-                f"batch size {self.batch_size} is not divisible by {self.micro_batches} micro-batches; pick a divisor, e.g. --micro-batches 1"
-            )
+            raise ValueError(f"batch size {self.batch_size} is not divisible by {self.micro_batches} micro-batches; pick a divisor, e.g. --micro-batches 1")
 
     @property
     def micro_batch_size(self) -> int:
@@ -360,8 +357,12 @@ class PlanConfig:
     max_prefetch_depth: int = setting(MAX_PREFETCH_DEPTH, "deepest prefetch the planner considers", group=DEVICE_MEMORY)
     search_micro_batches: bool = setting(True, "keep --micro-batches as given instead of trying every divisor of --batch-size",
                                          flag="--fixed-micro-batches", group=OPTIMIZATION)
+    ranks: int = setting(1, "data-parallel ranks (torchrun --nproc-per-node): plan the busiest rank's share of a step", group=OPTIMIZATION)
 
     def __post_init__(self):
+        if self.ranks < 1 or self.batch.batch_size % self.ranks or (not self.search_micro_batches and self.batch.micro_batches % self.ranks):
+            raise ValueError(f"--ranks {self.ranks}: a rank count >= 1 that divides --batch-size {self.batch.batch_size} (and --micro-batches); "
+                             "pass multiples of it")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} unknown; pass --device cuda or --device cpu")
         for name in ("gpu_mem_bytes", "cpu_mem_bytes", "ssd_bytes"):
@@ -386,6 +387,7 @@ class RatesConfig:
     d2h_gbps: Optional[float] = setting(None, "device -> host GB/s", group=RATES)
     compute_tflops: Optional[float] = setting(None, "model TFLOP/s of the compute device", group=RATES)
     optim_mparams: Optional[float] = setting(None, "optimizer M params/s", group=RATES)
+    collective_gbps: Optional[float] = setting(None, "GB/s one rank moves through a collective (data-parallel runs)", group=RATES)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

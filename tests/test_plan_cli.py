@@ -134,3 +134,26 @@ def test_plan_warns_when_its_host_memory_exceeds_the_ram(capsys, monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "0"]) == 0
     assert "exceeds this machine's RAM" in " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+
+
+def test_plan_for_ranks_plans_one_ranks_share(capsys):
+    """--ranks N: the busiest rank's rows, its blocks' optimizer state, the collectives between ranks."""
+    from fuyou.config import BatchConfig, PlanConfig
+    from fuyou.planning.search import make_plan
+    from scheduler.costmodel import Rates
+
+    rates = Rates(read_Bps=2e9, write_Bps=1e9, h2d_Bps=1e10, d2h_Bps=1e10, compute_flops=1e11, optim_params_per_s=1e9, collective_Bps=1e9)
+    cfg = PlanConfig(model="llama-1b", batch=BatchConfig(batch_size=8, micro_batches=4, seq_len=128), max_prefetch_depth=1, search_micro_batches=False)
+    one, two = make_plan(cfg, rates), make_plan(PlanConfig(**{**cfg.__dict__, "ranks": 2}), rates)
+    assert one.fits and two.fits
+    ssd = [p.result.best.candidate.memory_bytes["ssd"] for p in (one, two)]
+    assert ssd[1] < 0.75 * ssd[0]  # its store: every block's weights, half of the optimizer state
+    events = two.result.best.prediction.trace.events
+    assert any(e.lane == "comm" for e in events) and not any(e.lane == "comm" for e in one.result.best.prediction.trace.events)
+    assert two.batch_config() == BatchConfig(batch_size=8, micro_batches=4, seq_len=128)  # the run's batch, every rank's rows
+    assert main(["plan", "--model", "llama-1b", "--ranks", "2", "--collective-gbps", "5", "--max-prefetch-depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks (one rank's share: 4 rows" in out and "between ranks per step" in out and "5.00 GB/s per rank" in out
+    assert "torchrun --nproc-per-node 2 -m fuyou finetune --store 'STORE{rank}'" in " ".join(out.split())
+    assert main(["plan", "--ranks", "3"]) == 2  # the batch of 8 does not divide among 3 ranks
+    assert "--ranks 3" in capsys.readouterr().err

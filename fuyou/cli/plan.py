@@ -17,6 +17,7 @@ RATE_FIELDS = {  # RatesConfig field -> (Rates field, scale from the flag's unit
     "d2h_gbps": ("d2h_Bps", 1e9),
     "compute_tflops": ("compute_flops", 1e12),
     "optim_mparams": ("optim_params_per_s", 1e6),
+    "collective_gbps": ("collective_Bps", 1e9),
 }
 
 
@@ -143,7 +144,8 @@ def render_plan(plan, console) -> None:
     cfg, res = plan.cfg, plan.result
     b = cfg.batch
     head = (f"fuyou plan: {cfg.model} ({plan.shape.numel / 1e9:.3f} B params, {plan.shape.store.state.cfg.weights} weights), "
-            f"batch {b.batch_size} x {b.seq_len} tokens on {cfg.device}")
+            f"batch {b.batch_size} x {b.seq_len} tokens on {cfg.device}"
+            + (f", {cfg.ranks} ranks (one rank's share: {b.batch_size // cfg.ranks} rows, the optimizer state of its blocks)" if cfg.ranks > 1 else ""))
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
     t = Table(title=head)
     t.add_column("")
@@ -165,7 +167,7 @@ def render_plan(plan, console) -> None:
     lanes = sorted({k for e in rows if e for k in e.prediction.busy_s})
     for lane in lanes:
         t.add_row(f"busy {lane}", *[f"{e.prediction.busy_fraction().get(lane, 0) * 100:.0f}%" if e else "-" for e in rows])
-    for tier in ("ssd read", "ssd written", "cpu->gpu"):
+    for tier in ("ssd read", "ssd written", "cpu->gpu") + (("between ranks",) if cfg.ranks > 1 else ()):
         t.add_row(f"{tier} per step", *[f"{bytes_per_step(e.prediction.trace.events)[tier] / 1e9:.3f} GB" if e else "-" for e in rows])
     console.print(t)
     if not res.best:
@@ -174,7 +176,8 @@ def render_plan(plan, console) -> None:
         console.print(f"[bold red]no plan fits[/]: {minimum_message(plan)}")
     else:
         m = plan.memory_config()
-        console.print(f"run it with: fuyou finetune --model {cfg.model} --batch-size {b.batch_size} --seq-len {b.seq_len} "
+        launch = f"torchrun --nproc-per-node {cfg.ranks} -m fuyou finetune --store 'STORE{{rank}}'" if cfg.ranks > 1 else "fuyou finetune"
+        console.print(f"run it with: {launch} --model {cfg.model} --batch-size {b.batch_size} --seq-len {b.seq_len} "
                       f"--micro-batches {plan.batch_config().micro_batches} --prefetch-depth {m.prefetch_depth} "
                       f"--cpu-mem {_mib(m.cpu_mem_bytes)} --gpu-mem {_mib(m.gpu_mem_bytes)}"
                       + (f" --cache-mem {_mib(cfg.cache_mem_bytes)}" if cfg.cache_mem_bytes is not None else "")

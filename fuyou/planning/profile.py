@@ -17,10 +17,11 @@ from typing import Dict, List, Optional, Tuple
 from scheduler.costmodel import Prediction, Rates, fit_rates, predict
 from scheduler.trace import TraceEvent
 
-from ..step.graph import BlockSizes, Consumer, StepSpec, TaskName, assign_opt_slots, block_indices, build_step_graph, bytes_per_step
+from ..step.graph import TaskName, build_step_graph, bytes_per_step
+from ..step.spec import BlockSizes, Consumer, StepSpec, assign_opt_slots, block_indices
 
 IO_KINDS = ("read", "write", "h2d", "d2h")
-LANE_ORDER = ("read", "h2d", "compute", "d2h", "optim", "write", "commit")
+LANE_ORDER = ("read", "h2d", "compute", "d2h", "optim", "write", "comm", "commit")
 
 
 def load_chrome_trace(path: str) -> List[TraceEvent]:
@@ -201,9 +202,11 @@ def graph_from_events(events: List[TraceEvent]):
     index = block_indices(cons)
     recomputed_inputs = frozenset(index[c.meta.get("block")] for c in comp if c.meta.get("from_below") and c.meta.get("block") in index)
     has_h2d = any(e.meta.get("role") == "h2d" for e in events)
+    ranks = max((int(e.meta.get("ranks", 2)) for e in events if e.kind == "collective"), default=1)
     for w, d, o, gs in _slot_counts(has_h2d, bool(recomputed_inputs)):
         g = build_step_graph(StepSpec(cons, blocks, w, d, o, assign_opt_slots(cons, tied, o, embed), flops, gs, frozenset(cached),
-                                      n_offloaded=len(act_out), act_block_bytes=act_bytes, recomputed_inputs=recomputed_inputs, n_on_ssd=n_on_ssd))
+                                      n_offloaded=len(act_out), act_block_bytes=act_bytes, recomputed_inputs=recomputed_inputs, n_on_ssd=n_on_ssd,
+                                      ranks=ranks))
         if _consistent(g, by_name):
             return g, {"weight_slots": w, "device_slots": d, "opt_slots": o}
     return None, {}
@@ -249,7 +252,8 @@ def draw_timeline(events: List[TraceEvent], path: str, predicted: Optional[Predi
     panels = [("measured", events)]
     if predicted is not None:
         panels.append(("predicted", predicted.trace.events))
-    colors = {"read": "tab:blue", "h2d": "tab:cyan", "compute": "tab:green", "d2h": "tab:olive", "optim": "tab:orange", "write": "tab:red", "commit": "tab:gray"}
+    colors = {"read": "tab:blue", "h2d": "tab:cyan", "compute": "tab:green", "d2h": "tab:olive", "optim": "tab:orange", "write": "tab:red",
+              "collective": "tab:pink", "commit": "tab:gray"}
     lanes = [l for l in LANE_ORDER if any(e.lane == l for e in events)] + sorted({e.lane for e in events} - set(LANE_ORDER))
     fig, axes = plt.subplots(len(panels), 1, figsize=(14, 1.2 + 0.45 * len(lanes) * len(panels)), squeeze=False, sharex=True)
     for ax, (label, evs) in zip(axes[:, 0], panels):

@@ -113,4 +113,6 @@ def rates_table(rates: Rates) -> Dict[str, str]:
         "optimizer": f"{rates.optim_params_per_s / 1e6:.0f} M params/s (fp32)"
         + "".join(f", {v / 1e6:.0f} ({k})" for k, v in rates.optim_by_codec.items()),
         "host copy": f"{rates.copy_Bps / 1e9:.2f} GB/s",
+        "between ranks": f"{rates.collective_Bps / 1e9:.2f} GB/s per rank" + (f" + {lat['collective'] * 1e3:.1f} ms/collective"
+                                                                           if lat.get("collective") else ""),
     }

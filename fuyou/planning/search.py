@@ -20,9 +20,11 @@ from scheduler.costmodel import Rates
 from scheduler.planner import Candidate, Choice, choose
 
 from ..config import BatchConfig, MemoryConfig, PlanConfig, StateConfig
-from ..optim.state import KINDS, WEIGHT_DTYPES, StateCodecs
+from ..dist.partition import assign_owners
+from ..optim.state import WEIGHT_DTYPES, StateCodecs
 from .rates import load_rates
-from ..step.graph import LANES, assign_opt_slots, build_step_graph, model_consumers, step_spec
+from ..step.graph import LANES, build_step_graph
+from ..step.spec import assign_opt_slots, model_consumers, step_spec
 from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, plan_for_model
 
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
@@ -63,14 +65,20 @@ def load_model_config(model: str):
         raise ValueError(f"{path}/config.json cannot be read as a transformers config ({exc}); check the file") from None
 
 
-def model_shape(hf_config, state: StateConfig) -> ModelShape:
+def model_shape(hf_config, state: StateConfig, ranks: int = 1) -> ModelShape:
+    """`ranks` > 1: the store of the rank that updates the most parameters (the others hold fewer)."""
     from ..model.skeleton import Skeleton
     from ..store.store import Store
     from ..store.manifest import new_manifest
 
     sk = Skeleton(hf_config)
     info = {"source": "plan", "architecture": type(sk.model).__name__, "fingerprint": "", "numel": sk.numel()}
-    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), new_manifest(info, StateCodecs(state), sk.manifest_blocks()), StateCodecs(state))
+    blocks = sk.manifest_blocks()
+    owners = assign_owners([(b["name"], sum(p["numel"] for p in b["params"])) for b in blocks], ranks)
+    load = {r: sum(sum(p["numel"] for p in b["params"]) for b in blocks if owners[b["name"]] == r) for r in range(ranks)}
+    busiest = max(range(ranks), key=lambda r: (load[r], -r))
+    manifest = new_manifest(info, StateCodecs(state), blocks, weights_only=[b for b, r in owners.items() if r != busiest])
+    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), manifest, StateCodecs(state))
     return ModelShape(hf_config, sk, store, model_consumers(store, sk), sk.tied, sk.numel())
 
 
@@ -99,7 +107,7 @@ def slot_sizes(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int) -> Op
 def ssd_need_bytes(shape: ModelShape) -> int:
     """Store capacity a run needs: every state file, twice (a step writes new versions of all of them
     before its commit deletes the old ones)."""
-    return 2 * sum(lay.kinds[k].file_bytes for lay in shape.store.layouts.values() for k in KINDS)
+    return 2 * sum(kl.file_bytes for lay in shape.store.layouts.values() for kl in lay.kinds.values())
 
 
 def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int, sizes: Optional[MemoryPlan] = None) -> Optional[Candidate]:
@@ -123,9 +131,9 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     if (plan.weight_slots, plan.opt_slots) != (w, opt_slots):
         return None
     owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0])
-    spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch)
+    spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch, ranks=cfg.ranks)
 
-    n_files = len(KINDS) * len(shape.store.block_names)
+    n_files = sum(len(lay.kinds) for lay in shape.store.layouts.values())
 
     def build():
         g = build_step_graph(spec)
@@ -139,7 +147,10 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
     memory = {"gpu": plan.device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape), "cache": plan.cache_bytes}
     pref = (micro != cfg.batch.micro_batches, depth)
-    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1), cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes), "batch": batch}
+    # The run's batch: every rank's rows (cfg.batch here is one rank's share, see make_plan).
+    run_batch = BatchConfig(batch_size=batch.batch_size * cfg.ranks, micro_batches=micro * cfg.ranks, seq_len=batch.seq_len)
+    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1), cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes),
+               "batch": run_batch}
     return Candidate(knobs, memory, build, pref, {"plan": plan, "spec": spec, "run": run_cfg})
 
 
@@ -165,8 +176,15 @@ class RunPlan:
 
 
 def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape: Optional[ModelShape] = None) -> RunPlan:
-    """Enumerate, predict and choose (see module docstring)."""
-    shape = shape or model_shape(load_model_config(cfg.model), cfg.state)
+    """Enumerate, predict and choose (see module docstring). With ranks, one rank's share is
+    planned: its rows in its micro-batches, its store; the plan's batch is the run's again."""
+    asked = cfg
+    if cfg.ranks > 1:
+        b = cfg.batch
+        rows = b.batch_size // cfg.ranks
+        micro = max(d for d in _divisors(rows) if d <= max(b.micro_batches // cfg.ranks, 1))
+        cfg = dataclasses.replace(cfg, batch=BatchConfig(batch_size=rows, micro_batches=micro, seq_len=b.seq_len))
+    shape = shape or model_shape(load_model_config(cfg.model), cfg.state, cfg.ranks)
     micros = _divisors(cfg.batch.batch_size) if cfg.search_micro_batches else [cfg.batch.micro_batches]
     naive = candidate(shape, cfg, cfg.batch.micro_batches, 0, 1)
     cands = [naive] if naive is not None else []
@@ -184,7 +202,7 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
     rates = rates.for_codec(cfg.state.states, cfg.state.master)  # the optimizer rate of the planned codec
     result = choose(cands, budgets, rates, naive=naive, lanes=LANES)
-    return RunPlan(cfg, shape, rates, rates_source, result)
+    return RunPlan(asked, shape, rates, rates_source, result)
 
 
 def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
