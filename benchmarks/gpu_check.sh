@@ -16,6 +16,8 @@
 #   io       benchmarks/bench_io.py with the kvikio backend beside uring/threads
 #   e2e      benchmarks/bench_scale.py --device cuda --gpu-mem 3GiB --plain: an offloaded fine-tune,
 #            tokens/s, TFLOPS (6 x params x tokens), overlap %, plain PyTorch on the same GPU
+#   ranks    the data-parallel path on the GPU: torchrun with 1 rank, then 2 ranks sharing the GPU
+#            (collectives through gloo on host memory), clipping on, then the 2-rank stores exported
 #
 #   bash benchmarks/gpu_check.sh                 # all stages (dry run by itself without nvidia-smi)
 #   bash benchmarks/gpu_check.sh --dry-run       # prints the stages and exits 0
@@ -35,11 +37,11 @@ E2E_WEIGHTS=${E2E_WEIGHTS:-bf16}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
 # Per-stage caps in seconds. The default stages took ~7.5 minutes in all on an H200 (2026-11-26).
 T_ENV=${T_ENV:-15} T_DEPS=${T_DEPS:-30} T_BUILD=${T_BUILD:-60} T_TESTS=${T_TESTS:-120} T_SUITE=${T_SUITE:-240}
-T_FT=${T_FT:-60} T_PROF=${T_PROF:-100} T_GEMM=${T_GEMM:-80} T_IO=${T_IO:-40} T_E2E=${T_E2E:-120}
-ALL_STAGES="env deps build tests finetune suite profile gemm io e2e"
+T_FT=${T_FT:-60} T_PROF=${T_PROF:-100} T_GEMM=${T_GEMM:-80} T_IO=${T_IO:-40} T_E2E=${T_E2E:-120} T_RANKS=${T_RANKS:-60}
+ALL_STAGES="env deps build tests finetune suite profile gemm io e2e ranks"
 # The default leaves out `suite` (the whole suite, ~3 min on 16 cores): `tests` already runs every
 # test whose behaviour changes with a GPU visible.
-DEFAULT_STAGES="env deps build tests finetune profile gemm io e2e"
+DEFAULT_STAGES="env deps build tests finetune ranks profile gemm io e2e"
 STAGES=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -50,7 +52,8 @@ fi
 
 # The CUDA tests, and the CLI tests (their runs default to --device cuda where a GPU is visible).
 CUDA_TESTS="tests/runtime/test_cuda.py tests/kernels tests/store/test_gds.py tests/test_cli.py"
-declare -A LIMIT=([env]=$T_ENV [deps]=$T_DEPS [build]=$T_BUILD [tests]=$T_TESTS [suite]=$T_SUITE [finetune]=$T_FT [profile]=$T_PROF [gemm]=$T_GEMM [io]=$T_IO [e2e]=$T_E2E)
+declare -A LIMIT=([env]=$T_ENV [deps]=$T_DEPS [build]=$T_BUILD [tests]=$T_TESTS [suite]=$T_SUITE [finetune]=$T_FT [profile]=$T_PROF [gemm]=$T_GEMM [io]=$T_IO [e2e]=$T_E2E
+                  [ranks]=$T_RANKS)
 declare -A DESC=(
     [env]="env: nvidia-smi, CPU, memory, disk, torch/triton versions"
     [deps]="deps: pip install --no-index --no-deps --target /tmp/fuyou-site .gpu/whl/*.whl; .gpu/uring -> /usr/local"
@@ -61,6 +64,7 @@ declare -A DESC=(
     [profile]="profile: fuyou probe; fuyou finetune --model ${PROF_MODEL:-llama-1b} --weights bf16 --optim-states fp8 --master bf16+rem --disk-mode lean --trace; fuyou profile"
     [gemm]="gemm: benchmarks/bench_gemm.py --quick"
     [io]="io: benchmarks/bench_io.py --backends kvikio,uring,threads --size-gib 2 --no-fio --no-deepspeed"
+    [ranks]="ranks: torchrun --nproc-per-node 1, then 2, -m fuyou finetune --device cuda --max-grad-norm 1; fuyou export of the 2-rank stores"
     [e2e]="e2e: benchmarks/bench_scale.py --model ${E2E_MODEL} --weights ${E2E_WEIGHTS} --device cuda --gpu-mem ${E2E_GPU_MEM} --plain: offloaded fine-tune, tokens/s, TFLOPS (6*N*tokens), overlap %, plain PyTorch side by side"
 )
 
@@ -114,6 +118,19 @@ stage_build() {
     $PY -c "from fuyou.store import backends; backends.get_backend(); print('I/O backends:', backends.available_backends(), 'default', backends.default_backend_name())" 
 }
 
+stage_ranks() {
+    local stores="$PWD/.gpu-check-dp" rc=0
+    rm -rf "$stores"
+    for n in 1 2; do
+        $PY -m torch.distributed.run --standalone --nproc-per-node $n -m fuyou finetune --device cuda --store "$stores/n$n-{rank}" \
+            --steps 4 --max-grad-norm 1 --batch-size 8 --micro-batches 4 --trace "$OUTDIR/ranks-n$n" || rc=1
+    done
+    [ $rc = 0 ] && $PY -m fuyou.cli export --store "$stores/n2-{rank}" --to "$stores/export" || rc=1
+    [ $rc = 0 ] && $PY -m fuyou.cli profile --trace "$OUTDIR/ranks-n2/rank0/trace.json" --png "$OUTDIR/ranks-n2/timeline.png" || rc=1
+    rm -rf "$stores"
+    return $rc
+}
+
 stage_profile() {
     local store="$PWD/.gpu-check-prof" model=${PROF_MODEL:-llama-1b}
     $PY -m fuyou.cli probe --store-dir "$PWD" --hidden 2048 --intermediate 5632 --heads 32 --out "$OUTDIR/probe.json" || return 1
@@ -132,7 +149,7 @@ export PYTHONUNBUFFERED=1
 
 export PY JOBS
 export OUTDIR
-export -f stage_env stage_deps stage_build stage_profile  # run under timeout in a child bash
+export -f stage_env stage_deps stage_build stage_profile stage_ranks  # run under timeout in a child bash
 want env && run_stage env bash -c stage_env
 want deps && run_stage deps bash -c stage_deps
 want build && run_stage build bash -c stage_build
@@ -142,6 +159,7 @@ if want finetune; then
     rm -rf "$PWD/.gpu-check-ft"
 fi
 want suite && run_stage suite $PY -m pytest -q --no-header -p no:cacheprovider -n "$JOBS" --timeout 200 tests
+want ranks && run_stage ranks bash -c stage_ranks
 want profile && run_stage profile bash -c stage_profile
 want gemm && run_stage gemm $PY benchmarks/bench_gemm.py --quick
 if want io; then

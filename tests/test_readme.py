@@ -99,3 +99,36 @@ def test_the_readmes_lora_commands_work_as_written(tmp_path):
         adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(input_ids=ids).logits
         merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()(input_ids=ids).logits
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def data_parallel_commands():
+    text = open(README).read().split("## Data parallel over several processes", 1)[1]
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip().startswith(("fuyou ", "torchrun "))]
+
+
+def test_the_readmes_data_parallel_commands_work_as_written(tmp_path):
+    import subprocess
+    import sys
+
+    commands = data_parallel_commands()
+    assert [c.split()[0] for c in commands] == ["torchrun", "torchrun", "fuyou", "fuyou"]
+    ckpt = save_checkpoint(str(tmp_path / "my-hf-model"), tiny_config("llama", vocab_size=640))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"Document {i}. " + "A sentence about a fox and a dog. " * 20}) for i in range(200)))
+    stores = str(tmp_path / "dp{rank}")
+    subst = {"./my-hf-model": ckpt, "train.jsonl": str(data), "/nvme/dp{rank}": stores, "./my-dp-model": str(tmp_path / "out")}
+    root = os.path.dirname(README)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for command in commands:
+        words = [subst.get(w, w) for w in shlex.split(command)]
+        if words[0] == "torchrun":
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            proc = subprocess.run(launcher + words[1:] + ["--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, (command, proc.stderr[-3000:])
+            target = int(words[words.index("--steps") + 1])
+            assert [json.load(open(os.path.join(stores.format(rank=r), "manifest.json")))["step"] for r in (0, 1)] == [target, target], command
+        else:
+            assert main(words[1:]) == 0, command
+    assert os.path.isfile(os.path.join(str(tmp_path / "out"), "model.safetensors.index.json"))
