@@ -58,6 +58,7 @@ def ssd_bytes_table() -> str:
     import fuyou.config as cf
     from fuyou.optim.state import SMALL_NUMEL
     from fuyou.planning.search import candidate, load_model_config, model_shape
+    from fuyou.planning.settings import PlanConfig
     from fuyou.step.graph import bytes_per_step
 
     hf_config = load_model_config("llama-220m")
@@ -67,7 +68,7 @@ def ssd_bytes_table() -> str:
     }
     rows, numel = [], 0
     for w, m, s in [(w, m, s) for w in cf.WEIGHT_CODECS for m in cf.MASTER_CODECS for s in cf.MOMENT_CODECS]:
-        cfg = cf.PlanConfig(model="llama-220m", state=cf.StateConfig(weights=w, master=m, states=s))
+        cfg = PlanConfig(model="llama-220m", state=cf.StateConfig(weights=w, master=m, states=s))
         shape = model_shape(hf_config, cfg.state)
         numel = shape.numel
         b = bytes_per_step(candidate(shape, cfg, cfg.batch.micro_batches, 0, 1).build().tasks)

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, PlanConfig, StateConfig  # noqa: E402
+from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig  # noqa: E402
+from fuyou.planning.settings import PlanConfig  # noqa: E402
 from fuyou.data.dataset import Batch  # noqa: E402
 from fuyou.model.importer import import_model  # noqa: E402
 from fuyou.model.skeleton import Skeleton  # noqa: E402

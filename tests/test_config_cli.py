@@ -13,7 +13,8 @@ import fuyou
 from fuyou import config
 from fuyou.cli import COMMANDS, build_parser, main
 from fuyou.cli.args import build, settings
-from fuyou.config import CLI, SECTION, OptimConfig, PlanConfig, StateConfig
+from fuyou.config import CLI, SECTION, OptimConfig, StateConfig
+from fuyou.planning.settings import PlanConfig
 
 REQUIRED = {"export": {"store": "s", "to": "out"}, "profile": {"trace": "trace.json"}}  # values for the settings each command needs (export: --store or --run-dir)
 # Fields that stay off the command line (library callers set them; the command sets PlanConfig.device from --device).

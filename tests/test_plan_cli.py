@@ -74,7 +74,8 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
     assert "probed" in capsys.readouterr().out
     # A compressed codec is planned with its own probed optimizer rate.
-    from fuyou.config import PlanConfig, StateConfig
+    from fuyou.config import StateConfig
+    from fuyou.planning.settings import PlanConfig
     from fuyou.planning.search import make_plan
     from fuyou.planning.rates import load_rates
 
@@ -88,7 +89,8 @@ def test_auto_memory_config_is_what_the_runtime_builds():
     build the planned slots, within the budgets."""
     import torch
 
-    from fuyou.config import BatchConfig, PlanConfig, StateConfig
+    from fuyou.config import BatchConfig, StateConfig
+    from fuyou.planning.settings import PlanConfig
     from fuyou.step.memory_plan import plan_memory
     from fuyou.planning.search import auto_memory_config, load_model_config, model_shape
 
@@ -138,7 +140,8 @@ def test_plan_warns_when_its_host_memory_exceeds_the_ram(capsys, monkeypatch):
 
 def test_plan_for_ranks_plans_one_ranks_share(capsys):
     """--ranks N: the busiest rank's rows, its blocks' optimizer state, the collectives between ranks."""
-    from fuyou.config import BatchConfig, PlanConfig
+    from fuyou.config import BatchConfig
+    from fuyou.planning.settings import PlanConfig
     from fuyou.planning.search import make_plan
     from scheduler.costmodel import Rates
 
@@ -157,3 +160,34 @@ def test_plan_for_ranks_plans_one_ranks_share(capsys):
     assert "torchrun --nproc-per-node 2 -m fuyou finetune --store 'STORE{rank}'" in " ".join(out.split())
     assert main(["plan", "--ranks", "3"]) == 2  # the batch of 8 does not divide among 3 ranks
     assert "--ranks 3" in capsys.readouterr().err
+
+
+def test_plan_for_lora_streams_a_frozen_base_with_the_adapters_on_the_device(capsys):
+    """--peft lora: the base's weights alone in the store, read twice per step (forward, backward),
+    nothing written, no optimizer; the adapters (sized by peft's rules) and their AdamW state on the device."""
+    from fuyou.config import BatchConfig, PeftConfig, StateConfig
+    from fuyou.planning.search import load_model_config, make_plan
+    from fuyou.planning.settings import PlanConfig
+    from fuyou.step.graph import bytes_per_step
+    from scheduler.costmodel import Rates
+
+    rates = Rates(read_Bps=2e9, write_Bps=1e9, h2d_Bps=1e10, d2h_Bps=1e10, compute_flops=1e11, optim_params_per_s=1e9)
+    cfg = PlanConfig(model="llama-1b", batch=BatchConfig(batch_size=8, micro_batches=2, seq_len=128), state=StateConfig(weights="bf16"),
+                     peft=PeftConfig(method="lora", r=16, target_modules="all-linear"), device="cuda", gpu_mem_bytes=6 << 30, max_prefetch_depth=1)
+    plan = make_plan(cfg, rates)
+    assert plan.fits and plan.shape.frozen
+    hf = load_model_config("llama-1b")
+    h, i, kv = hf.hidden_size, hf.intermediate_size, hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads)
+    per_layer = 16 * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h))  # q, k, v, o, gate, up, down: r x (in + out)
+    assert plan.shape.adapter_numel == per_layer * hf.num_hidden_layers
+    best = plan.result.best
+    assert best.candidate.memory_bytes["gpu"] == best.candidate.extra["plan"].device_bytes() + 16 * plan.shape.adapter_numel
+    assert best.candidate.memory_bytes["gpu"] <= 6 << 30
+    moved = bytes_per_step(best.prediction.trace.events)
+    weights = {b: lay.kinds["weights"].nbytes for b, lay in plan.shape.store.layouts.items()}
+    assert moved["ssd written"] == 0 and moved["ssd read"] == 2 * sum(weights.values()) - weights["embed"] - weights["head"]
+    assert not [e for e in best.prediction.trace.events if e.kind in ("optim", "write")]
+    assert main(["plan", "--model", "llama-70b", "--peft", "lora", "--lora-r", "16", "--gpu-mem", "8GiB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "LoRA r 16 on the frozen base" in out and "of it: adapters" in out and "fuyou finetune --peft lora --lora-r 16 --model llama-70b" in out
+    assert main(["plan", "--peft", "lora", "--ranks", "2"]) == 2

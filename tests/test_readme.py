@@ -80,7 +80,7 @@ def test_the_readmes_lora_commands_work_as_written(tmp_path):
     from transformers import AutoModelForCausalLM
 
     commands = lora_commands()
-    assert len(commands) == 4
+    assert len(commands) == 5 and commands[-1].startswith("fuyou plan --model llama-70b --peft lora")
     ckpt = save_checkpoint(str(tmp_path / "my-hf-model"), tiny_config("llama", vocab_size=640))
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"Document {i}. " + "A sentence about a fox and a dog. " * 20}) for i in range(200)))

@@ -12,7 +12,7 @@ import inspect
 import typing
 from typing import Iterator, NamedTuple, Optional
 
-from ..config import CLI, GROUP_NOTES, GROUPS, SECTION, Flag, flag_of, format_size, parse_size
+from ..config import CLI, GROUP_NOTES, GROUPS, ONLY, SECTION, Flag, flag_of, format_size, parse_size
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,12 +45,15 @@ class Setting(NamedTuple):
         return self.kind is bool
 
 
-def settings(cls, prefix: str = "") -> Iterator[Setting]:
-    """The settings of dataclass `cls` and of its nested sections, in declaration order."""
+def settings(cls, prefix: str = "", only=None) -> Iterator[Setting]:
+    """The settings of dataclass `cls` and of its nested sections, in declaration order (`only`:
+    these fields of `cls`, as its holder's `section(..., only=...)` names them)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         if SECTION in f.metadata:
-            yield from settings(f.metadata[SECTION], f"{prefix}{f.name}.")
+            yield from settings(f.metadata[SECTION], f"{prefix}{f.name}.", f.metadata.get(ONLY))
         elif CLI in f.metadata:
             yield Setting(prefix + f.name, f, f.metadata[CLI], _unwrap_optional(hints[f.name]))
 
@@ -122,13 +125,15 @@ def _argument_type(parse):
     return convert
 
 
-def build(cls, namespace: argparse.Namespace, prefix: str = ""):
-    """The dataclass `cls` from parsed arguments; fields without a flag keep their defaults.
-    Raises the dataclasses' own ValueError for an invalid value or combination."""
+def build(cls, namespace: argparse.Namespace, prefix: str = "", only=None):
+    """The dataclass `cls` from parsed arguments; fields without a flag (or left out by `only`) keep
+    their defaults. Raises the dataclasses' own ValueError for an invalid value or combination."""
     values = {}
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         if SECTION in f.metadata:
-            values[f.name] = build(f.metadata[SECTION], namespace, f"{prefix}{f.name}.")
+            values[f.name] = build(f.metadata[SECTION], namespace, f"{prefix}{f.name}.", f.metadata.get(ONLY))
         elif CLI in f.metadata:
             values[f.name] = getattr(namespace, prefix + f.name)
     return cls(**values)

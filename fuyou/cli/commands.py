@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import (
-    DEVICE_MEMORY, EXPORT_DTYPES, INPUT, OUTPUT, PROBE, STORAGE, FinetuneConfig, PlanConfig, RatesConfig, device_setting, parse_size, section, setting,
+    DEVICE_MEMORY, EXPORT_DTYPES, INPUT, OUTPUT, PROBE, STORAGE, FinetuneConfig, device_setting, parse_size, section, setting,
 )
+from ..planning.settings import PlanConfig, RatesConfig
 
 
 @dataclass(frozen=True, kw_only=True)

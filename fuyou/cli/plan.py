@@ -7,7 +7,8 @@ from typing import Optional
 
 import psutil
 
-from ..config import RatesConfig, flag_of
+from ..config import flag_of
+from ..planning.settings import RatesConfig
 from .commands import PlanCommand, ProbeCommand, ProfileCommand
 
 RATE_FIELDS = {  # RatesConfig field -> (Rates field, scale from the flag's unit)
@@ -145,12 +146,13 @@ def render_plan(plan, console) -> None:
     b = cfg.batch
     head = (f"fuyou plan: {cfg.model} ({plan.shape.numel / 1e9:.3f} B params, {plan.shape.store.state.cfg.weights} weights), "
             f"batch {b.batch_size} x {b.seq_len} tokens on {cfg.device}"
-            + (f", {cfg.ranks} ranks (one rank's share: {b.batch_size // cfg.ranks} rows, the optimizer state of its blocks)" if cfg.ranks > 1 else ""))
+            + (f", {cfg.ranks} ranks (one rank's share: {b.batch_size // cfg.ranks} rows, the optimizer state of its blocks)" if cfg.ranks > 1 else "")
+            + (f", LoRA r {cfg.peft.r} on the frozen base" if plan.shape.frozen else ""))
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
     t = Table(title=head)
     t.add_column("")
     t.add_column("chosen plan" if res.best else "no plan fits")
-    t.add_column("naive plan (depth 0, 1 optimizer slot)")
+    t.add_column("naive plan (depth 0" + (")" if plan.shape.frozen else ", 1 optimizer slot)"))
     rows = [res.best, res.naive]
     knob_names = ("prefetch_depth", "micro_batches", "opt_slots", "weight_slots", "device_slots")
     for k in knob_names:
@@ -158,6 +160,9 @@ def render_plan(plan, console) -> None:
     for tier in ("gpu", "cpu", "ssd"):
         lim = budgets[tier]
         t.add_row(f"{tier} bytes (budget {format_bytes(lim) if lim else 'none'})", *[format_bytes(e.candidate.memory_bytes[tier]) if e else "-" for e in rows])
+        if tier == "gpu" and plan.shape.frozen:
+            t.add_row(f"  of it: adapters ({plan.shape.adapter_numel / 1e6:,.1f} M params; values, grads, AdamW)",
+                      *[format_bytes(plan.shape.adapter_device_bytes()) if e else "-" for e in rows])
     t.add_row(f"block cache (--cache-mem {format_bytes(cfg.cache_mem_bytes) if cfg.cache_mem_bytes is not None else 'auto'})",
               *[format_bytes(e.candidate.memory_bytes.get("cache", 0)) if e else "-" for e in rows])
     t.add_row("predicted step", *[f"{e.step_s:.3f} s" if e else "-" for e in rows])
@@ -177,6 +182,8 @@ def render_plan(plan, console) -> None:
     else:
         m = plan.memory_config()
         launch = f"torchrun --nproc-per-node {cfg.ranks} -m fuyou finetune --store 'STORE{{rank}}'" if cfg.ranks > 1 else "fuyou finetune"
+        if plan.shape.frozen:
+            launch += f" --peft lora --lora-r {cfg.peft.r}" + (f" --target-modules {cfg.peft.target_modules}" if cfg.peft.target_modules else "")
         console.print(f"run it with: {launch} --model {cfg.model} --batch-size {b.batch_size} --seq-len {b.seq_len} "
                       f"--micro-batches {plan.batch_config().micro_batches} --prefetch-depth {m.prefetch_depth} "
                       f"--cpu-mem {_mib(m.cpu_mem_bytes)} --gpu-mem {_mib(m.gpu_mem_bytes)}"

@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Optional
 
-from ..config import FinetuneConfig, PlanConfig
+from ..config import FinetuneConfig
+from ..planning.settings import PlanConfig
 from .commands import ExportCommand, FinetuneCommand
 
 

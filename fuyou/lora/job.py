@@ -33,7 +33,7 @@ from ..store.store import open_store
 from ..summary import summary_lines
 from ..train import Job, StoredModel, datasets_of, new_job, read_existing, resumed_job, resolve_device
 from . import run as run_dir
-from .adapters import Adapters
+from .adapters import Adapters, adapter_numel
 from .trainer import LoraTrainer
 
 
@@ -92,6 +92,23 @@ def finetune_lora(cfg: FinetuneConfig, *, given: Optional[Set[str]] = None, cons
             return _train(job, base, existing_run, console, trace)
 
 
+def _base_memory(cfg: FinetuneConfig, skeleton, device):
+    """The budgets of the base's streaming: the device budget less what the adapters take there
+    (fp32 values, gradients, AdamW's moments: 16 B/param), which live outside the runtime's pool."""
+    adapters = 16 * adapter_numel(skeleton, cfg.peft)
+    budget = cfg.memory.gpu_mem_bytes
+    if budget is None and device.type == "cuda":
+        import torch
+
+        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    if budget is None:
+        return cfg.memory
+    if budget <= adapters:
+        raise ValueError(f"--gpu-mem {budget >> 20}MiB cannot hold the adapters and their AdamW state ({-(-adapters >> 20)}MiB); raise --gpu-mem or "
+                         "lower --lora-r / --target-modules")
+    return dataclasses.replace(cfg.memory, gpu_mem_bytes=budget - adapters)
+
+
 def _import_base(job: Job, console) -> None:
     cfg = job.cfg
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
@@ -113,7 +130,7 @@ def _train(job: Job, base, existing_run: Optional[dict], console, trace) -> Fine
     device = resolve_device(cfg.device)
     skeleton = Skeleton(job.config, linear=cfg.linear)
     dataset, eval_set = datasets_of(job)
-    plan = plan_for_model(base, skeleton, device=device, batch=cfg.batch, memory=cfg.memory, frozen=True)
+    plan = plan_for_model(base, skeleton, device=device, batch=cfg.batch, memory=_base_memory(cfg, skeleton, device), frozen=True)
     adapters = Adapters(skeleton, cfg.peft, device, seed=cfg.seed, base_name=base.manifest["model"]["source"])
     if cfg.peft.init and existing_run is None:
         from safetensors.torch import load_file

@@ -291,5 +291,6 @@ def summary_rows(prof: StepProfile, all_steps_s: Optional[List[float]] = None) -
     for cause, s in prof.stalls_s.items():
         rows.append((f"compute stall: {cause}", f"{s * 1e3:.1f} ms"))
     for tier, n in prof.bytes.items():
-        rows.append((f"moved {tier}", f"{n / 1e9:.3f} GB"))
+        if n or tier != "between ranks":  # a one-process step has no collectives
+            rows.append((f"moved {tier}", f"{n / 1e9:.3f} GB"))
     return rows

@@ -19,7 +19,8 @@ import torch
 from scheduler.costmodel import Rates
 from scheduler.planner import Candidate, Choice, choose
 
-from ..config import BatchConfig, MemoryConfig, PlanConfig, StateConfig
+from ..config import BatchConfig, MemoryConfig, PeftConfig, StateConfig
+from .settings import PlanConfig
 from ..dist.partition import assign_owners
 from ..optim.state import WEIGHT_DTYPES, StateCodecs
 from .rates import load_rates
@@ -46,6 +47,15 @@ class ModelShape:
     cons: list
     tied: bool
     numel: int
+    adapter_numel: int = 0  # a LoRA run: the adapters' parameters (on the device, trained there)
+
+    @property
+    def frozen(self) -> bool:
+        return self.store.state.weights_only
+
+    def adapter_device_bytes(self) -> int:
+        """The adapters on the device: fp32 values, gradients and AdamW's two moments."""
+        return 16 * self.adapter_numel
 
 
 def load_model_config(model: str):
@@ -65,8 +75,9 @@ def load_model_config(model: str):
         raise ValueError(f"{path}/config.json cannot be read as a transformers config ({exc}); check the file") from None
 
 
-def model_shape(hf_config, state: StateConfig, ranks: int = 1) -> ModelShape:
-    """`ranks` > 1: the store of the rank that updates the most parameters (the others hold fewer)."""
+def model_shape(hf_config, state: StateConfig, ranks: int = 1, peft: Optional[PeftConfig] = None) -> ModelShape:
+    """`ranks` > 1: the store of the rank that updates the most parameters (the others hold fewer).
+    `peft` (a LoRA run): the frozen base's store (weights alone) and the adapters' size."""
     from ..model.skeleton import Skeleton
     from ..store.store import Store
     from ..store.manifest import new_manifest
@@ -77,9 +88,16 @@ def model_shape(hf_config, state: StateConfig, ranks: int = 1) -> ModelShape:
     owners = assign_owners([(b["name"], sum(p["numel"] for p in b["params"])) for b in blocks], ranks)
     load = {r: sum(sum(p["numel"] for p in b["params"]) for b in blocks if owners[b["name"]] == r) for r in range(ranks)}
     busiest = max(range(ranks), key=lambda r: (load[r], -r))
-    manifest = new_manifest(info, StateCodecs(state), blocks, weights_only=[b for b, r in owners.items() if r != busiest])
-    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), manifest, StateCodecs(state))
-    return ModelShape(hf_config, sk, store, model_consumers(store, sk), sk.tied, sk.numel())
+    frozen = peft is not None and peft.method is not None
+    codecs = StateCodecs(state, weights_only=frozen)
+    manifest = new_manifest(info, codecs, blocks, weights_only=[b for b, r in owners.items() if r != busiest])
+    store = Store(os.path.join(os.sep, "nonexistent-fuyou-plan"), manifest, codecs)
+    adapters = 0
+    if frozen:
+        from ..lora.adapters import adapter_numel
+
+        adapters = adapter_numel(sk, peft)
+    return ModelShape(hf_config, sk, store, model_consumers(store, sk, frozen=frozen), sk.tied, sk.numel(), adapters)
 
 
 def _divisors(n: int) -> List[int]:
@@ -91,7 +109,7 @@ def _plan_memory(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, depth: 
     device = torch.device(cfg.device)
     memory = MemoryConfig(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, prefetch_depth=depth, recompute="always", cache_mem_bytes=cfg.cache_mem_bytes)
     return plan_for_model(shape.store, shape.skeleton, device=device, batch=batch, memory=memory,
-                          compute_dtype=compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights]))
+                          compute_dtype=compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights]), frozen=shape.frozen)
 
 
 def slot_sizes(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int) -> Optional[MemoryPlan]:
@@ -106,8 +124,9 @@ def slot_sizes(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int) -> Op
 
 def ssd_need_bytes(shape: ModelShape) -> int:
     """Store capacity a run needs: every state file, twice (a step writes new versions of all of them
-    before its commit deletes the old ones)."""
-    return 2 * sum(kl.file_bytes for lay in shape.store.layouts.values() for kl in lay.kinds.values())
+    before its commit deletes the old ones); a frozen base's weights once (nothing is written)."""
+    files = sum(kl.file_bytes for lay in shape.store.layouts.values() for kl in lay.kinds.values())
+    return files if shape.frozen else 2 * files
 
 
 def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int, sizes: Optional[MemoryPlan] = None) -> Optional[Candidate]:
@@ -121,7 +140,8 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     w = depth + 1
     cpu = w * sizes.stage_slot_bytes + (opt_slots + sizes.tied_slot) * sizes.opt_slot_bytes + (MAX_GRAD_SLOTS + sizes.tied_slot) * sizes.grad_slot_bytes
     full_dev = sizes.device_bytes()  # with depth + 1 device slots (or none when no copy is needed)
-    gpu = full_dev if cfg.gpu_mem_bytes is None else min(full_dev, cfg.gpu_mem_bytes)
+    adapters = shape.adapter_device_bytes()  # outside the runtime's pool: its budget is what they leave
+    gpu = full_dev if cfg.gpu_mem_bytes is None else min(full_dev, max(cfg.gpu_mem_bytes - adapters, 1))
     try:
         plan = _plan_memory(shape, cfg, batch, depth, cpu, gpu)
     except BudgetError:
@@ -130,10 +150,10 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         gpu = full_dev
     if (plan.weight_slots, plan.opt_slots) != (w, opt_slots):
         return None
-    owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0])
+    owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0]) if plan.opt_slots else {}
     spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch, ranks=cfg.ranks)
 
-    n_files = sum(len(lay.kinds) for lay in shape.store.layouts.values())
+    n_files = 0 if shape.frozen else sum(len(lay.kinds) for lay in shape.store.layouts.values())
 
     def build():
         g = build_step_graph(spec)
@@ -145,11 +165,11 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         return g
 
     knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
-    memory = {"gpu": plan.device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape), "cache": plan.cache_bytes}
+    memory = {"gpu": plan.device_bytes() + shape.adapter_device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape), "cache": plan.cache_bytes}
     pref = (micro != cfg.batch.micro_batches, depth)
     # The run's batch: every rank's rows (cfg.batch here is one rank's share, see make_plan).
     run_batch = BatchConfig(batch_size=batch.batch_size * cfg.ranks, micro_batches=micro * cfg.ranks, seq_len=batch.seq_len)
-    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1), cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes),
+    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1) + adapters, cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes),
                "batch": run_batch}
     return Candidate(knobs, memory, build, pref, {"plan": plan, "spec": spec, "run": run_cfg})
 
@@ -184,15 +204,16 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
         rows = b.batch_size // cfg.ranks
         micro = max(d for d in _divisors(rows) if d <= max(b.micro_batches // cfg.ranks, 1))
         cfg = dataclasses.replace(cfg, batch=BatchConfig(batch_size=rows, micro_batches=micro, seq_len=b.seq_len))
-    shape = shape or model_shape(load_model_config(cfg.model), cfg.state, cfg.ranks)
+    shape = shape or model_shape(load_model_config(cfg.model), cfg.state, cfg.ranks, cfg.peft)
     micros = _divisors(cfg.batch.batch_size) if cfg.search_micro_batches else [cfg.batch.micro_batches]
-    naive = candidate(shape, cfg, cfg.batch.micro_batches, 0, 1)
+    opt_slots = [0] if shape.frozen else list(range(1, MAX_OPT_SLOTS + 1))  # a frozen base has no optimizer slot
+    naive = candidate(shape, cfg, cfg.batch.micro_batches, 0, opt_slots[0])
     cands = [naive] if naive is not None else []
     for micro in micros:
         for depth in range(cfg.max_prefetch_depth + 1):
             sizes = slot_sizes(shape, cfg, micro, depth)
-            for k in range(1, MAX_OPT_SLOTS + 1):
-                if (micro, depth, k) == (cfg.batch.micro_batches, 0, 1) or sizes is None:
+            for k in opt_slots:
+                if (micro, depth, k) == (cfg.batch.micro_batches, 0, opt_slots[0]) or sizes is None:
                     continue
                 c = candidate(shape, cfg, micro, depth, k, sizes)
                 if c is not None:

@@ -86,16 +86,19 @@ def assign_opt_slots(cons: List[Consumer], tied: bool, opt_slots: int, embed: st
 
 
 def consumer_flops(
-    c: Consumer, blocks: Dict[str, BlockSizes], *, tokens: int, seq_len: int, hidden: int, is_layer: bool, recompute: bool = True
+    c: Consumer, blocks: Dict[str, BlockSizes], *, tokens: int, seq_len: int, hidden: int, is_layer: bool, recompute: bool = True,
+    frozen: bool = False,
 ) -> int:
     """Model FLOPs of a consumer: 2·params·tokens per matmul pass, plus causal attention for layers;
-    a backward is twice the forward, plus a recompute of the forward unless the forward kept its
-    activations; the head runs forward and backward."""
+    a backward is twice the forward (once for a frozen base: the input's gradient, no weights'),
+    plus a recompute of the forward unless the forward kept its activations; the head runs forward
+    and backward."""
     numel = sum(blocks[b].numel for b in c.weight_blocks)
     if not is_layer and c.phase != "head":
         return 0  # the embedding is a gather
     fwd = 2 * numel * tokens + (2 * seq_len * hidden * tokens if is_layer else 0)
-    return {"fwd": fwd, "head": 3 * fwd, "bwd": (3 if recompute or not is_layer else 2) * fwd}[c.phase]
+    back = 1 if frozen else 2
+    return {"fwd": fwd, "head": (1 + back) * fwd, "bwd": (back + (1 if recompute or not is_layer else 0)) * fwd}[c.phase]
 
 
 def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig,
@@ -110,7 +113,8 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     tokens = batch.batch_size * batch.seq_len
     flops = [
         consumer_flops(
-            c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer, recompute=plan.recompute
+            c, blocks, tokens=tokens, seq_len=batch.seq_len, hidden=cfg.hidden_size, is_layer=skeleton.block(c.block).is_layer, recompute=plan.recompute,
+            frozen=plan.opt_slots == 0,
         )
         for c in cons
     ]

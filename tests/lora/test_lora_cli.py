@@ -86,3 +86,24 @@ def test_two_runs_train_on_one_base_and_the_base_is_locked_against_writers(setup
         assert "in use" in capsys.readouterr().err
     finally:
         os.close(fd)
+
+
+def test_the_device_budget_holds_the_adapters_first(setup, tmp_path, capsys):
+    """--gpu-mem counts the adapters and their AdamW state (16 B/param, outside the streaming pool):
+    a budget that cannot hold them is refused before anything is written; one that can leaves the
+    pool what they do not take."""
+    from fuyou.lora.adapters import adapter_numel
+    from fuyou.lora.job import _base_memory
+    from fuyou.config import FinetuneConfig, MemoryConfig, PeftConfig
+    from fuyou.model.skeleton import Skeleton
+    from transformers import AutoConfig
+
+    _tmp, ckpt, data, base = setup
+    peft = PeftConfig(method="lora", r=4, target_modules="q_proj,v_proj")
+    adapters = 16 * adapter_numel(Skeleton(AutoConfig.from_pretrained(ckpt)), peft)
+    cfg = FinetuneConfig(peft=peft, memory=MemoryConfig(gpu_mem_bytes=adapters + 12345))
+    assert _base_memory(cfg, Skeleton(AutoConfig.from_pretrained(ckpt)), torch.device("cpu")).gpu_mem_bytes == 12345
+    run = str(tmp_path / "run")
+    assert main(["finetune", "--model", ckpt, "--data", data, "--store", base, "--run-dir", run, "--steps", "1", *RUN, "--gpu-mem", "1KiB"]) == 2
+    assert "cannot hold the adapters and their AdamW state" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(run, "manifest.json"))

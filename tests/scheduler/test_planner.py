@@ -52,7 +52,8 @@ def test_nothing_fits_reports_minimum():
 
 
 # -- fuyou.planning.search over random model configs ------------------------------------------------------
-from fuyou.config import BatchConfig, PlanConfig, StateConfig  # noqa: E402
+from fuyou.config import BatchConfig, StateConfig  # noqa: E402
+from fuyou.planning.settings import PlanConfig  # noqa: E402
 from fuyou.step.memory_plan import plan_memory  # noqa: E402
 from fuyou.planning.search import make_plan, model_shape  # noqa: E402
 
