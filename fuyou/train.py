@@ -33,7 +33,7 @@ from .metrics import tensorboard_writer
 from .progress import run_summary
 from .summary import summary_lines
 from .resume import ResumeError, file_fingerprint, files_fingerprint, given_settings, record, resumed
-from .step.memory_plan import MemoryPlan, plan_for_model
+from .step.memory_plan import MemoryPlan, disk_peak_bytes, plan_for_model
 from .step.runtime import Runtime
 from .store.lock import StoreLock
 from .store.manifest import StoreError, is_store, new_manifest, read_manifest
@@ -299,16 +299,8 @@ def _open_or_import(job: Job, console, weights_only_blocks=()) -> Store:
 
 def _check_free_disk(store: Store, plan: MemoryPlan, cfg: FinetuneConfig, *, resuming: bool) -> None:
     """Refuse a run whose peak disk footprint does not fit the free space of the store's disk."""
-    state = store.state_bytes()
-    weights = sum(lay.kinds["weights"].file_bytes for lay in store.layouts.values())
-    largest_block = max(lay.kinds[k].file_bytes for lay in store.layouts.values() for k in lay.kinds)
-    grads = 4 * store.numel() if cfg.max_grad_norm is not None else 0  # kept until the commit for a clipped redo
-    scratch = plan.n_on_ssd * plan.micro_batches * plan.act_bytes
-    # safe: every block's new versions beside the old until the commit; lean: the new weights, and
-    # one block's new states before its old ones go.
-    extra = state if cfg.disk_mode == "safe" else weights + largest_block
-    peak = state + extra + grads + scratch
-    have = shutil.disk_usage(_existing_parent(store.root)).free + (state if resuming or cfg.overwrite else 0)
+    peak = disk_peak_bytes(store, plan, disk_mode=cfg.disk_mode, keeps_grads=cfg.max_grad_norm is not None)
+    have = shutil.disk_usage(_existing_parent(store.root)).free + (store.state_bytes() if resuming or cfg.overwrite else 0)
     if peak > have:
         raise StoreError(f"not enough free disk for the run at {store.root}: {format_bytes(have)} free, {format_bytes(peak)} needed at the peak "
                          f"of a step ({cfg.disk_mode} disk mode); free space there, choose another --store"

@@ -7,7 +7,8 @@ they became ready (ties: graph order), one per free thread. A task's duration co
     read / write / h2d / d2h   latency + nbytes / lane bandwidth
     collective                 latency + nbytes / collective bandwidth (what one rank sends)
     compute                    latency + calls * call overhead + flops / FLOP rate
-    optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel)
+    optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel),
+                               + meta write_bytes / write bandwidth (a gradient it keeps on disk)
     commit                     latency + files deleted * per-file cost
 
 Lanes are assumed independent (no shared memory bandwidth or cores between them): where they are
@@ -110,8 +111,9 @@ class Rates:
             return lat + calls * self.compute_call_s + task.flops / self.compute_flops
         if task.kind == "optim":
             numel = task.meta.get("numel")
+            written = int(task.meta.get("write_bytes", 0)) / self.write_Bps  # what the task writes besides updating (a kept gradient)
             if numel is not None:
-                return lat + int(numel) / self.optim_params_per_s
+                return lat + int(numel) / self.optim_params_per_s + written
             # No parameter count: an optimizer pass is bound by the host memory it streams;
             # 16 bytes per parameter (fp32 master, two moments, gradient) turns it into params.
             return lat + task.nbytes / 16 / self.optim_params_per_s

@@ -107,7 +107,8 @@ def test_finetune_and_plan_share_the_batch_and_state_settings():
     fine, plan = by_flag(COMMANDS["finetune"][0]), by_flag(COMMANDS["plan"][0])
     for flag in ("--batch-size", "--micro-batches", "--seq-len", "--weights", "--master", "--optim-states", "--device"):
         assert fine[flag] is plan[flag] or fine[flag].metadata[CLI] == plan[flag].metadata[CLI], flag
-    assert plan["--cache-mem"].default == 0 and fine["--cache-mem"].default is None  # plan: no cache unless asked; a run: auto
+    for flag in ("--cache-mem", "--recompute", "--disk-mode", "--max-grad-norm"):  # the plan is made for the run's own defaults
+        assert plan[flag].default == fine[flag].default, flag
 
 
 def test_plan_with_fp8_weights(capsys, monkeypatch, tmp_path):
@@ -124,7 +125,7 @@ def test_planner_reads_fp8_weights_as_one_byte_codes(monkeypatch, tmp_path):
     from fuyou.step.graph import bytes_per_step
 
     rates, _src = load_rates("cpu")
-    plans = {w: make_plan(PlanConfig(state=StateConfig(weights=w), max_prefetch_depth=1), rates) for w in ("bf16", "fp8")}
+    plans = {w: make_plan(PlanConfig(state=StateConfig(weights=w), max_prefetch_depth=1, cache_mem_bytes=0), rates) for w in ("bf16", "fp8")}
     parts = {p.part for lay in plans["fp8"].shape.store.layouts.values() for p in lay.kinds["weights"].parts}
     assert {"codes", "scales"} <= parts
     read = {w: bytes_per_step(p.result.best.prediction.trace.events)["ssd read"] for w, p in plans.items()}

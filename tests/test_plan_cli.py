@@ -173,7 +173,8 @@ def test_plan_for_lora_streams_a_frozen_base_with_the_adapters_on_the_device(cap
 
     rates = Rates(read_Bps=2e9, write_Bps=1e9, h2d_Bps=1e10, d2h_Bps=1e10, compute_flops=1e11, optim_params_per_s=1e9)
     cfg = PlanConfig(model="llama-1b", batch=BatchConfig(batch_size=8, micro_batches=2, seq_len=128), state=StateConfig(weights="bf16"),
-                     peft=PeftConfig(method="lora", r=16, target_modules="all-linear"), device="cuda", gpu_mem_bytes=6 << 30, max_prefetch_depth=1)
+                     peft=PeftConfig(method="lora", r=16, target_modules="all-linear"), device="cuda", gpu_mem_bytes=6 << 30, max_prefetch_depth=1,
+                     cache_mem_bytes=0)
     plan = make_plan(cfg, rates)
     assert plan.fits and plan.shape.frozen
     hf = load_model_config("llama-1b")

@@ -190,8 +190,12 @@ def render_plan(plan, console) -> None:
                       + (f" --cache-mem {_mib(cfg.cache_mem_bytes)}" if cfg.cache_mem_bytes is not None else "")
                       + (f" --weights {cfg.state.weights}" if cfg.state.weights != "fp32" else "")
                       + (f" --master {cfg.state.master}" if cfg.state.master != "fp32" else "")
-                      + (f" --optim-states {cfg.state.states}" if cfg.state.states != "fp32" else ""))
-        host = m.cpu_mem_bytes + (cfg.cache_mem_bytes or 0)
+                      + (f" --optim-states {cfg.state.states}" if cfg.state.states != "fp32" else "")
+                      + (f" --recompute {cfg.memory.recompute}" if cfg.memory.recompute != "auto" else "")
+                      + (f" --disk-mode {cfg.job.disk_mode}" if cfg.job.disk_mode != "safe" else "")
+                      + (f" --max-grad-norm {cfg.job.max_grad_norm:g}" if cfg.job.max_grad_norm is not None else ""),
+                      soft_wrap=True)  # one line, to copy
+        host = m.cpu_mem_bytes + plan.result.best.candidate.memory_bytes.get("cache", 0)
         ram = psutil.virtual_memory().total
         if host > ram:
             console.print(f"[bold yellow]warning[/]: the plan's host memory ({format_bytes(host)}: --cpu-mem and --cache-mem) exceeds this "

@@ -81,6 +81,10 @@ class Codec(ABC):
         part itself, without a copy)."""
         return self.decode(parts, numel)
 
+    def values_bytes(self, numel: int) -> int:
+        """Bytes of what `values` returns for `numel` elements (what a copy of them moves)."""
+        return 4 * numel
+
     def bytes_per_element(self, numel: int, shape: Shape = None) -> float:
         """Stored bytes per element of a tensor of `numel` elements, scales included."""
         return sum(p.nbytes for p in self.layout(numel, shape)) / numel
@@ -105,6 +109,9 @@ class PlainCodec(Codec):
 
     def values(self, parts: Parts, numel: int) -> torch.Tensor:
         return parts["value"]
+
+    def values_bytes(self, numel: int) -> int:
+        return numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass(frozen=True, kw_only=True)

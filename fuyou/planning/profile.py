@@ -194,6 +194,15 @@ def graph_from_events(events: List[TraceEvent]):
             blocks[b] = BlockSizes(0, rw.nbytes if rw else 0, 0)
     head_read = next((e.nbytes + int(e.meta.get("copy_bytes", 0)) for e in weight_reads if e.meta.get("block") == head), 0)
     tied = head_read > blocks[head].weights_bytes and embed in blocks and head_read >= blocks[head].weights_bytes + blocks[embed].weights_bytes
+    # What the h2d lane copied of each block (decoded weights): from the first consumer of it; the
+    # head's h2d carries the tied embedding's too.
+    copies = {}
+    for e in events:
+        if e.meta.get("role") == "h2d" and e.meta.get("block") not in copies:
+            copies[e.meta["block"]] = e.nbytes
+    if tied and head in copies and embed in copies:
+        copies[head] -= copies[embed]
+    blocks = {b: BlockSizes(s.numel, s.weights_bytes, s.states_bytes, copies.get(b)) for b, s in blocks.items()}
     cons = [Consumer(p, b, (b, embed) if (p == "head" and tied) else (b,)) for p, b in cons_blocks]
     flops = [c.flops for c in comp]
     act_out = [e for e in events if e.meta.get("role") == "act_out"]  # offloaded block inputs

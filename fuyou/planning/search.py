@@ -25,8 +25,8 @@ from ..dist.partition import assign_owners
 from ..optim.state import WEIGHT_DTYPES, StateCodecs
 from .rates import load_rates
 from ..step.graph import LANES, build_step_graph
-from ..step.spec import assign_opt_slots, model_consumers, step_spec
-from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, plan_for_model
+from ..step.spec import StepSpec, assign_opt_slots, model_consumers, step_spec
+from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, disk_peak_bytes, plan_for_model
 
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
 # Knobs the memory plan sets by rule from the budgets, for every candidate alike (not searched).
@@ -105,11 +105,22 @@ def _divisors(n: int) -> List[int]:
 
 
 def _plan_memory(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, depth: int, cpu: int, gpu: int):
-    """The runtime's memory plan of a candidate (recompute always, the candidate's block cache)."""
+    """The runtime's memory plan of a candidate (the run's recompute mode and block cache)."""
+    memory = MemoryConfig(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, prefetch_depth=depth, recompute=cfg.memory.recompute, cache_mem_bytes=cfg.cache_mem_bytes)
+    return run_memory_plan(shape, cfg, batch, memory)
+
+
+def run_memory_plan(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, memory: MemoryConfig) -> MemoryPlan:
+    """The memory plan the runtime makes for a run with these settings (`cfg`: device, codecs)."""
     device = torch.device(cfg.device)
-    memory = MemoryConfig(gpu_mem_bytes=gpu, cpu_mem_bytes=cpu, prefetch_depth=depth, recompute="always", cache_mem_bytes=cfg.cache_mem_bytes)
     return plan_for_model(shape.store, shape.skeleton, device=device, batch=batch, memory=memory,
                           compute_dtype=compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights]), frozen=shape.frozen)
+
+
+def run_step_spec(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, plan: MemoryPlan) -> StepSpec:
+    """The step the runtime runs with that memory plan: what its graph is built from."""
+    owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0]) if plan.opt_slots else {}
+    return step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch, ranks=cfg.ranks, keeps_grads=cfg.job.max_grad_norm is not None)
 
 
 def slot_sizes(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int) -> Optional[MemoryPlan]:
@@ -122,11 +133,9 @@ def slot_sizes(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int) -> Op
         return None
 
 
-def ssd_need_bytes(shape: ModelShape) -> int:
-    """Store capacity a run needs: every state file, twice (a step writes new versions of all of them
-    before its commit deletes the old ones); a frozen base's weights once (nothing is written)."""
-    files = sum(kl.file_bytes for lay in shape.store.layouts.values() for kl in lay.kinds.values())
-    return files if shape.frozen else 2 * files
+def ssd_need_bytes(shape: ModelShape, cfg: PlanConfig, plan: MemoryPlan) -> int:
+    """Store capacity the run needs at the peak of a step (the run checks the same before it starts)."""
+    return disk_peak_bytes(shape.store, plan, disk_mode=cfg.job.disk_mode, keeps_grads=cfg.job.max_grad_norm is not None, frozen=shape.frozen)
 
 
 def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int, sizes: Optional[MemoryPlan] = None) -> Optional[Candidate]:
@@ -150,8 +159,7 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         gpu = full_dev
     if (plan.weight_slots, plan.opt_slots) != (w, opt_slots):
         return None
-    owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0]) if plan.opt_slots else {}
-    spec = step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch, ranks=cfg.ranks)
+    spec = run_step_spec(shape, cfg, batch, plan)
 
     n_files = 0 if shape.frozen else sum(len(lay.kinds) for lay in shape.store.layouts.values())
 
@@ -165,12 +173,12 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         return g
 
     knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
-    memory = {"gpu": plan.device_bytes() + shape.adapter_device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape), "cache": plan.cache_bytes}
+    memory = {"gpu": plan.device_bytes() + shape.adapter_device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape, cfg, plan), "cache": plan.cache_bytes}
     pref = (micro != cfg.batch.micro_batches, depth)
     # The run's batch: every rank's rows (cfg.batch here is one rank's share, see make_plan).
     run_batch = BatchConfig(batch_size=batch.batch_size * cfg.ranks, micro_batches=micro * cfg.ranks, seq_len=batch.seq_len)
-    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1) + adapters, cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes),
-               "batch": run_batch}
+    run_cfg = {"memory": MemoryConfig(gpu_mem_bytes=max(gpu, 1) + adapters, cpu_mem_bytes=cpu, prefetch_depth=depth, cache_mem_bytes=cfg.cache_mem_bytes,
+                                      recompute=cfg.memory.recompute), "batch": run_batch}
     return Candidate(knobs, memory, build, pref, {"plan": plan, "spec": spec, "run": run_cfg})
 
 

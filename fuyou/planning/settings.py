@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import (
-    DEFAULT_MODEL, DEVICE_MEMORY, DEVICES, MAX_PREFETCH_DEPTH, MODEL_DATA, OPTIMIZATION, RATES, BatchConfig, PeftConfig, StateConfig, flag_of,
-    parse_size, section, setting,
+    DEFAULT_MODEL, DEVICE_MEMORY, DEVICES, MAX_PREFETCH_DEPTH, MODEL_DATA, OPTIMIZATION, RATES, BatchConfig, FinetuneConfig, MemoryConfig,
+    PeftConfig, StateConfig, flag_of, parse_size, section, setting,
 )
 
 
@@ -21,14 +21,18 @@ class PlanConfig:
     batch: BatchConfig = section(BatchConfig)
     state: StateConfig = section(StateConfig)
     peft: PeftConfig = section(PeftConfig, only=("method", "r", "target_modules"))  # the adapters' shape, for a LoRA run
+    # The run's own settings that shape its step, with `fuyou finetune`'s defaults and flags.
+    memory: MemoryConfig = section(MemoryConfig, only=("recompute",))
+    job: FinetuneConfig = section(FinetuneConfig, only=("disk_mode", "max_grad_norm"))
     device: str = "cpu"  # "cuda" or "cpu": where the compute runs (`fuyou plan` sets it from PlanCommand.device)
     gpu_mem_bytes: Optional[int] = setting(None, "device memory budget", flag="--gpu-mem", parse=parse_size, group=DEVICE_MEMORY, shown="unconstrained")
     cpu_mem_bytes: Optional[int] = setting(None, "host (pinned) memory budget", flag="--cpu-mem", parse=parse_size, group=DEVICE_MEMORY,
                                            shown="unconstrained")
     ssd_bytes: Optional[int] = setting(None, "store capacity", flag="--ssd-mem", parse=parse_size, group=DEVICE_MEMORY, shown="unconstrained")
-    # 0: no block cache; None: the run's default (a quarter of the RAM), which depends on the machine.
-    cache_mem_bytes: Optional[int] = setting(0, "host RAM of the block cache (cached blocks' reads skip the store; `fuyou finetune` "
-                                             "defaults to a quarter of the RAM)", flag="--cache-mem", parse=parse_size, group=DEVICE_MEMORY)
+    # 0: no block cache; None: the run's default (a quarter of this machine's RAM).
+    cache_mem_bytes: Optional[int] = setting(None, "host RAM of the block cache (cached blocks' reads skip the store); 0 turns it off",
+                                             flag="--cache-mem", parse=parse_size, group=DEVICE_MEMORY,
+                                             shown="as `fuyou finetune`: up to a quarter of this machine's RAM")
     max_prefetch_depth: int = setting(MAX_PREFETCH_DEPTH, "deepest prefetch the planner considers", group=DEVICE_MEMORY)
     search_micro_batches: bool = setting(True, "keep --micro-batches as given instead of trying every divisor of --batch-size",
                                          flag="--fixed-micro-batches", group=OPTIMIZATION)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -27,9 +27,11 @@ Key = Tuple[int, int]  # (block index, micro-batch)
 
 
 class Activations:
+    """`count(link, nbytes)`: told what each offload and bring-back moved (context.LinkBytes.add)."""
+
     def __init__(self, store: Store, plan: MemoryPlan, *, dev_pool: Pool, cpu_pool: Pool, streams: Dict[str, torch.cuda.Stream],
-                 device: torch.device):
-        self.backend, self.plan, self.streams = store.backend, plan, streams
+                 device: torch.device, count: Callable[[str, int], None] = lambda _link, _n: None):
+        self.backend, self.plan, self.streams, self.count = store.backend, plan, streams, count
         self.dev_pool, self.cpu_pool = dev_pool, cpu_pool
         self.scratch = os.path.join(store.root, "scratch")
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -65,16 +67,16 @@ class Activations:
         if i <= self.plan.n_on_ssd:
             self._write_scratch(i, n_micro)
         else:
-            self._move(i, n_micro, self.on_device, self.on_host, self.dev_pool, self.cpu_pool, "d2h")
+            self._move(i, n_micro, self.on_device, self.on_host, self.dev_pool, self.cpu_pool, "d2h", "gpu->cpu")
 
     def bring_back(self, i: int, n_micro: int) -> None:
         """Layer i's inputs back into device buffers, for its backward."""
         if i <= self.plan.n_on_ssd:
             self._read_scratch(i, n_micro)
         else:
-            self._move(i, n_micro, self.on_host, self.on_device, self.cpu_pool, self.dev_pool, "h2d")
+            self._move(i, n_micro, self.on_host, self.on_device, self.cpu_pool, self.dev_pool, "h2d", "cpu->gpu")
 
-    def _move(self, i: int, n_micro: int, src: dict, dst: dict, src_pool: Pool, dst_pool: Pool, lane: str) -> None:
+    def _move(self, i: int, n_micro: int, src: dict, dst: dict, src_pool: Pool, dst_pool: Pool, lane: str, link: str) -> None:
         stream: Optional[torch.cuda.Stream] = self.streams.get(lane)
         for m in range(n_micro):
             buf, t = src.pop((i, m))
@@ -86,6 +88,7 @@ class Activations:
                 stream.synchronize()  # the source buffer is freed right below
             dst[(i, m)] = (out, moved)
             src_pool.free(buf)
+            self.count(link, t.numel() * t.element_size())
 
     def _write_scratch(self, i: int, n_micro: int) -> None:
         staging = self._staging[0] if self._staging else None
@@ -99,6 +102,7 @@ class Activations:
             path = os.path.join(self.scratch, f"act.{i}.{m}.bin")
             with DirectFile(path, "w", self.backend) as f:
                 f.pwrite(src, size=nbytes).get()
+            self.count("ssd written", nbytes)
             self.on_disk[(i, m)] = (path, t.dtype, t.shape, nbytes)
             self.dev_pool.free(buf)
 
@@ -109,6 +113,7 @@ class Activations:
             buf = self.dev_pool.alloc(nbytes)
             with DirectFile(path, "r", self.backend) as f:
                 f.pread(staging if staging is not None else buf, size=nbytes).get()
+            self.count("ssd read", nbytes)
             t = buf.view(dtype).view(shape)
             if staging is not None:
                 t.copy_(staging[:nbytes].view(dtype).view(shape))

@@ -34,6 +34,7 @@ class StepBodies:
                 dst[name].copy_(t, non_blocking=stream is not None)
         if stream is not None:
             stream.synchronize()  # the staging slot is reused as soon as this task ends
+        self.ctx.moved.add("cpu->gpu", sum(t.numel() * t.element_size() for t in src.values()))
 
     def compute(self, consumer: int) -> None:
         run_consumer(self.ctx, consumer, self.st)
@@ -129,14 +130,21 @@ class StepBodies:
             grad.zero_()
             st.grad_started.add(b)
         ctx.group.reduce_(grad, ctx.owners[b])
+        ctx.moved.add("between ranks", grad.numel() * grad.element_size())
         names = [name for name, _numel in ctx.store.layouts[b].params]
         got = ctx.group.all_reduce_(torch.tensor([name in st.received for name in names], dtype=torch.int64), "max")
         st.received.update(name for name, g in zip(names, got.tolist()) if g)
 
     def broadcast_weights(self, b: str) -> None:
         """Ranks: block b's new compute weights, as its file holds them, from its owner's optimizer
-        slot into every other rank's (whose write then stores them)."""
-        self.ctx.group.broadcast_(self.ctx.slots.optimizer_region(b, "weights"), self.ctx.owners[b])
+        slot into every other rank's (whose write then stores them). The alignment gaps are zero on
+        every rank (the owner's optimizer zeroes its own), so the files are alike byte for byte."""
+        ctx = self.ctx
+        region, kind = ctx.slots.optimizer_region(b, "weights"), ctx.store.layouts[b].kinds["weights"]
+        if not ctx.owns(b):
+            kind.zero_gaps(region)
+        ctx.group.broadcast_(region[: kind.nbytes], ctx.owners[b])
+        ctx.moved.add("between ranks", kind.nbytes)
 
     def act_out(self, i: int) -> None:
         self.ctx.acts.offload(i, len(self.st.mbs))

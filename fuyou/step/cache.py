@@ -42,10 +42,10 @@ class BlockCache:
         version, else a store read (which then fills the cache, for the next step)."""
         cached, live = block in self.entries, self.store.version(block, kind)
         if cached and self._versions[block].get(kind) == live:
-            region = self._region(block, kind)
-            into.copy_(region)
-            self.hit_bytes += region.numel()
-            self._copied(region.numel())
+            n = self.store.kind_nbytes(block, kind)  # the file's content, as a store read gives it (not its padding)
+            into[:n].copy_(self._region(block, kind)[:n])
+            self.hit_bytes += n
+            self._copied(n)
             return
         self.store.read(block, kind, into)
         if cached:

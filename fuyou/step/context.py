@@ -20,6 +20,24 @@ from .memory_plan import MemoryPlan
 from .slots import Slots
 
 
+class LinkBytes:
+    """Bytes the step's task bodies moved, per link, counted where they move them (the store counts
+    its block files itself): scratch files of offloaded block inputs ("ssd read" / "ssd written"),
+    host -> device and device -> host copies. graph.bytes_per_step names the same links."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.total: Dict[str, int] = {}
+
+    def add(self, link: str, nbytes: int) -> None:
+        with self._lock:
+            self.total[link] = self.total.get(link, 0) + int(nbytes)
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self.total)
+
+
 @dataclass
 class RunContext:
     store: Store
@@ -40,6 +58,7 @@ class RunContext:
     frozen: bool = False  # the base is not trained (LoRA): its weights get no gradient
     group: Optional[RankGroup] = None  # the ranks of a data-parallel run (None: one process)
     owners: Dict[str, int] = field(default_factory=dict)  # ranks: block -> the rank that updates it (fuyou.dist.partition)
+    moved: LinkBytes = field(default_factory=LinkBytes)  # what the bodies moved besides the store's block files
 
     def owns(self, block: str) -> bool:
         """Whether this process updates the block (its store holds the block's master and moments)."""

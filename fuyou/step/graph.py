@@ -146,7 +146,8 @@ class _StepGraphBuilder:
                      nbytes=stage_bytes - copied, block=c.block, copy_bytes=copied, role="read_weights")
         if D:
             dev_free = self.compute[consumer - D] if consumer >= D else None
-            task = g.add(TaskName.h2d(consumer, c.block), "h2d", "h2d", partial(self.bodies.h2d, consumer), [task, dev_free], nbytes=stage_bytes,
+            copied_bytes = sum(spec.blocks[b].copied_bytes for b in c.weight_blocks)  # decoded on the host, then copied
+            task = g.add(TaskName.h2d(consumer, c.block), "h2d", "h2d", partial(self.bodies.h2d, consumer), [task, dev_free], nbytes=copied_bytes,
                          block=c.block, role="h2d")
         self.ready[consumer] = task
         return task
@@ -200,8 +201,10 @@ class _StepGraphBuilder:
         hit = b in self.spec.cached
         rs = g.add(TaskName.read_states(b), "read", "read", partial(self.bodies.read_states, b), [prev], nbytes=0 if hit else size.states_bytes,
                    block=b, copy_bytes=size.states_bytes if hit else 0, role="read_states")
+        # A clipping run's first pass also writes b's gradient to the store (its owner's, on the optim lane).
+        kept = 4 * size.numel if self.spec.keeps_grads and size.states_bytes else 0
         self.optims[b] = g.add(TaskName.optim(b), "optim", "optim", partial(self.bodies.optim, b), [grad_ready, rs], nbytes=_optim_bytes(size),
-                               block=b, numel=size.numel, role="optim")
+                               block=b, numel=size.numel, role="optim", write_bytes=kept)
         if self.spec.ranks > 1:
             self.unsent = b
         else:
@@ -300,4 +303,5 @@ def bytes_per_step(tasks: Iterable) -> Dict[str, int]:
         if t.kind in STORE_LANES:
             out[STORE_LANES[t.kind]] += t.nbytes
         out["block cache read"] += int(t.meta.get("copy_bytes", 0))
+        out["ssd written"] += int(t.meta.get("write_bytes", 0))  # a kept gradient, written by the optimizer task
     return out

@@ -110,6 +110,20 @@ def opt_region_offsets(store: Store, block: str) -> dict:
     return out
 
 
+def disk_peak_bytes(store: Store, plan: MemoryPlan, *, disk_mode: str = "safe", keeps_grads: bool = False, frozen: bool = False) -> int:
+    """The store's peak footprint during a step: the state, plus (safe mode) a second copy of it until
+    the commit, or (lean) one copy of the weights and one block's states; plus the gradients a
+    clipping run keeps and the block inputs offloaded to scratch files. A frozen base: its weights."""
+    state = store.state_bytes()
+    if frozen:
+        return state
+    weights = sum(lay.kinds["weights"].file_bytes for lay in store.layouts.values())
+    largest_block = max(kl.file_bytes for lay in store.layouts.values() for kl in lay.kinds.values())
+    grads = 4 * store.numel() if keeps_grads else 0
+    scratch = plan.n_on_ssd * plan.micro_batches * plan.act_bytes
+    return state + (state if disk_mode == "safe" else weights + largest_block) + grads + scratch
+
+
 CACHE_AUTO_RAM_FRACTION = 0.25  # default block cache: at most this share of the RAM
 
 

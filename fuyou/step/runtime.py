@@ -35,7 +35,7 @@ from ..store.store import Store
 from .activations import Activations
 from .bodies import StepBodies
 from .cache import BlockCache
-from .context import RunContext, StepState
+from .context import LinkBytes, RunContext, StepState
 from .graph import LANES, build_eval_graph, build_redo_graph, build_step_graph
 from .spec import model_consumers, step_spec
 from .memory_plan import SLOT_KINDS, MemoryPlan, compute_dtype_for, plan_for_model
@@ -54,6 +54,8 @@ class StepResult:
     seconds: float
     bytes_copied: int = 0  # host memory copies of state (block cache reads and keeps); store I/O is bytes_read/written
     bytes_between_ranks: int = 0  # what this rank's collectives moved (reduced gradients, broadcast weights)
+    bytes_h2d: int = 0  # host -> device copies (weights into device slots, offloaded block inputs back)
+    bytes_d2h: int = 0  # device -> host copies (offloaded block inputs)
     events: list = dataclasses.field(default_factory=list)
     status: str = "ok"  # "ok", "clipped" (optimizer redone with the clip factor) or "skipped" (non-finite)
 
@@ -84,15 +86,17 @@ class Runtime:
         self.slots = Slots(plan, store, self.cons, tied=skeleton.tied, cpu_pool=self.cpu_pool, dev_pool=self.dev_pool, compute_dtype=self.compute_dtype)
         self.cache = BlockCache(store, plan.cache_blocks, plan.cache_bytes)
         streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if device.type == "cuda" else {}
-        acts = Activations(store, plan, dev_pool=self.dev_pool, cpu_pool=self.cpu_pool, streams=streams, device=device)
+        moved = LinkBytes()
+        acts = Activations(store, plan, dev_pool=self.dev_pool, cpu_pool=self.cpu_pool, streams=streams, device=device, count=moved.add)
         skeleton.load_stored_buffers(store.model_dir())  # the checkpoint's buffers, as imported
         skeleton.move_buffers(device)
         self.ctx = RunContext(store, skeleton, self.cons, plan, self.slots, self.cache, acts, device, streams, optim, max_grad_norm, disk_mode,
-                              frozen=frozen, group=group, owners=dict(owners or {}))
+                              frozen=frozen, group=group, owners=dict(owners or {}), moved=moved)
         self.trace = trace if trace is not None else Trace()
         self.executor = Executor(LANES, self.trace)
         self._eval_executor = Executor(LANES, Trace())  # validation passes stay out of the steps' trace
-        self.spec = step_spec(store, self.cons, plan, self.slots.opt_owner, skeleton, batch, ranks=group.size if group is not None else 1)
+        self.spec = step_spec(store, self.cons, plan, self.slots.opt_owner, skeleton, batch, ranks=group.size if group is not None else 1,
+                              keeps_grads=max_grad_norm is not None)
 
     @property
     def device(self) -> torch.device:
@@ -112,7 +116,7 @@ class Runtime:
         t0, store, group = time.perf_counter(), self.store, self.ctx.group
         step = store.step + 1
         read0, written0, n_events = store.bytes_read, store.bytes_written, len(self.trace.events)
-        copied0 = self.ctx.cache.bytes_copied
+        copied0, moved0 = self.ctx.cache.bytes_copied, self.ctx.moved.snapshot()
         try:
             st = self.forward_backward(batch, step, targets)
             norm = self._global_norm(st)
@@ -122,12 +126,13 @@ class Runtime:
             raise
         self._commit(st, status, train_meta if train_meta is not None else store.manifest.get("train"))
         loss_sum = sum(st.loss_sums) if group is None else group.sum(sum(st.loss_sums))
-        events = self.trace.events[n_events:]
+        moved = {k: v - moved0.get(k, 0) for k, v in self.ctx.moved.snapshot().items()}  # besides the store's block files
         return StepResult(
             step=step if status != "skipped" else step - 1, loss=loss_sum / max(st.targets, 1), tokens=int(batch.input_ids.numel()),
-            grad_norm=norm, lr=st.lr, bytes_read=store.bytes_read - read0, bytes_written=store.bytes_written - written0,
-            seconds=time.perf_counter() - t0, events=events, status=status, bytes_copied=self.ctx.cache.bytes_copied - copied0,
-            bytes_between_ranks=sum(e.nbytes for e in events if e.kind == "collective"),
+            grad_norm=norm, lr=st.lr, bytes_read=store.bytes_read - read0 + moved.get("ssd read", 0),
+            bytes_written=store.bytes_written - written0 + moved.get("ssd written", 0), seconds=time.perf_counter() - t0,
+            events=self.trace.events[n_events:], status=status, bytes_copied=self.ctx.cache.bytes_copied - copied0,
+            bytes_between_ranks=moved.get("between ranks", 0), bytes_h2d=moved.get("cpu->gpu", 0), bytes_d2h=moved.get("gpu->cpu", 0),
         )
 
     def forward_backward(self, batch: Batch, step: int, targets: Optional[int] = None) -> StepState:

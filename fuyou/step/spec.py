@@ -6,10 +6,11 @@ builds the task graph from it; the planner and the profiler build the same from 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..config import BatchConfig
 from ..model.skeleton import Skeleton
+from ..optim.codecs import weights_codec
 from ..optim.state import OPTIM_KINDS
 from ..store.store import Store
 
@@ -43,6 +44,11 @@ class BlockSizes:
     numel: int
     weights_bytes: int  # one read of the stored compute weights
     states_bytes: int  # master + moments, read once and written once per step
+    values_bytes: Optional[int] = None  # the weights as the h2d lane copies them (decoded); None: as stored
+
+    @property
+    def copied_bytes(self) -> int:
+        return self.weights_bytes if self.values_bytes is None else self.values_bytes
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class StepSpec:
     act_block_bytes: int = 0  # one block's inputs, every micro-batch
     train_states: bool = True  # False: a frozen base (LoRA): no optimizer, state reads or writes
     ranks: int = 1  # data-parallel ranks: above 1, each block's gradient is reduced to its owner and its new weights broadcast
+    keeps_grads: bool = False  # clipping: each block's first optimizer pass writes its gradient to the store for a clipped redo
 
 
 def block_indices(cons: List[Consumer]) -> Dict[str, int]:
@@ -102,11 +109,13 @@ def consumer_flops(
 
 
 def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig,
-              ranks: int = 1) -> StepSpec:
+              ranks: int = 1, keeps_grads: bool = False) -> StepSpec:
     """Sizes of every task of a step, from the store's layout and the model's shape (one rank's:
-    `batch` is its rows, the store its own)."""
+    `batch` is its rows, the store its own). `keeps_grads`: the run clips gradients."""
+    codec = store.state.cfg.weights
     blocks = {
-        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS if k in lay.kinds))
+        b: BlockSizes(lay.numel, lay.kinds["weights"].nbytes, sum(lay.kinds[k].nbytes for k in OPTIM_KINDS if k in lay.kinds),
+                      sum(weights_codec(codec, n, lay.shapes[name]).values_bytes(n) for name, n in lay.params))
         for b, lay in store.layouts.items()
     }
     cfg = skeleton.config
@@ -127,5 +136,5 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     return StepSpec(
         cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
         n_offloaded=plan.n_offloaded, act_block_bytes=plan.micro_batches * plan.act_bytes, recomputed_inputs=frozenset(plan.recomputed_inputs),
-        n_on_ssd=plan.n_on_ssd, train_states=plan.opt_slots > 0, ranks=ranks,
+        n_on_ssd=plan.n_on_ssd, train_states=plan.opt_slots > 0, ranks=ranks, keeps_grads=keeps_grads,
     )

@@ -52,9 +52,9 @@ def test_nothing_fits_reports_minimum():
 
 
 # -- fuyou.planning.search over random model configs ------------------------------------------------------
-from fuyou.config import BatchConfig, StateConfig  # noqa: E402
+from fuyou.config import BatchConfig, MemoryConfig, StateConfig  # noqa: E402
 from fuyou.planning.settings import PlanConfig  # noqa: E402
-from fuyou.step.memory_plan import plan_memory  # noqa: E402
+from fuyou.step.memory_plan import plan_for_model  # noqa: E402
 from fuyou.planning.search import make_plan, model_shape  # noqa: E402
 
 RATES = Rates(read_Bps=1e9, write_Bps=0.8e9, h2d_Bps=5e9, d2h_Bps=5e9, compute_flops=5e10, optim_params_per_s=3e8,
@@ -91,8 +91,8 @@ def _shape(hf, state):
     return _SHAPES[key]
 
 
-def _plan(hf, b, state, device, budgets):
-    cfg = PlanConfig(batch=b, state=state, device=device, max_prefetch_depth=2, **budgets)
+def _plan(hf, b, state, device, budgets, recompute="auto"):
+    cfg = PlanConfig(batch=b, state=state, device=device, max_prefetch_depth=2, memory=MemoryConfig(recompute=recompute), **budgets)
     return make_plan(cfg, RATES, shape=_shape(hf, state))
 
 
@@ -104,18 +104,12 @@ def _budgets(hf, b, state, device, scale):
 
 
 def _runtime_plan(plan):
-    """What the runtime's own slot planner makes of the chosen run settings."""
+    """What the runtime's own slot planner makes of the chosen run settings (the call finetune makes)."""
     shape, cfg = plan.shape, plan.cfg
     mem, batch = plan.memory_config(), plan.batch_config()
     dev = torch.device(cfg.device)
     compute = torch.float32 if cfg.device == "cpu" else {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.state.weights]
-    hf = shape.hf_config
-    return plan_memory(
-        shape.store, shape.cons, tied=shape.tied, device=dev, compute_dtype=compute, hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size, vocab_size=hf.vocab_size, micro_batch_size=batch.micro_batch_size,
-        micro_batches=batch.micro_batches, seq_len=batch.seq_len, prefetch_depth=mem.prefetch_depth,
-        cpu_budget=mem.cpu_mem_bytes, device_budget=mem.gpu_mem_bytes,
-    )
+    return plan_for_model(shape.store, shape.skeleton, device=dev, batch=batch, memory=mem, compute_dtype=compute)
 
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -146,16 +140,18 @@ def test_plan_respects_budgets_and_beats_naive(case):
 @SETTINGS
 @given(configs(), st.floats(0.01, 0.9), st.sampled_from(["cpu", "gpu", "ssd", "all"]))
 def test_impossible_budgets_give_a_minimum_that_fits(case, shrink, which):
+    # The recompute backward: what the unconstrained plan needs is then the least any plan needs
+    # (with `auto`, the unconstrained plans keep activations, and a smaller budget recomputes them).
     hf, b, state, device, _scale = case
-    free = _plan(hf, b, state, device, {})
+    free = _plan(hf, b, state, device, {}, "always")
     low = {t: min(e.candidate.memory_bytes[t] for e in free.result.fitting) for t in ("cpu", "gpu", "ssd")}
     names = {"cpu": "cpu_mem_bytes", "gpu": "gpu_mem_bytes", "ssd": "ssd_bytes"}
     budgets = {names[t]: max(1, int(low[t] * (shrink if which in (t, "all") else 1.0))) for t in low}
-    plan = _plan(hf, b, state, device, budgets)
+    plan = _plan(hf, b, state, device, budgets, "always")
     assert plan.result.best is None
     need = plan.result.minimum_budgets
     assert set(need) == {"cpu", "gpu", "ssd"}
-    again = _plan(hf, b, state, device, {names[t]: v for t, v in need.items()})
+    again = _plan(hf, b, state, device, {names[t]: v for t, v in need.items()}, "always")
     assert again.result.best is not None
     assert all(again.result.best.candidate.memory_bytes[t] <= need[t] for t in need)
 
