@@ -60,6 +60,14 @@ def test_bad_rates_file(tmp_path, capsys):
     assert "rates file" in capsys.readouterr().err
 
 
+def _cpu():
+    import torch
+
+    from fuyou.planning.rates import machine_info
+
+    return machine_info(torch.device("cpu"))["cpu"]
+
+
 def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     code = main(["probe", "--device", "cpu", "--store-dir", str(tmp_path), "--size", "2MiB", "--hidden", "64", "--intermediate", "96", "--heads", "4", "--tokens", "256"])
     assert code == 0
@@ -70,9 +78,22 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     by_backend = doc["details"]["storage_by_backend"]
     assert "python" in by_backend and all(r["read_Bps"] > 0 and r["write_Bps"] > 0 for r in by_backend.values())
     assert [p.name for p in tmp_path.iterdir()] == ["cfg"]  # the probe's files are gone
+    spread = doc["details"]["spread"]  # each rate's slow and fast quartile over the probe's runs
+    for field in ("read_Bps", "write_Bps", "compute_flops", "optim_params_per_s"):
+        slow, fast = spread[field]
+        assert 0 < slow <= doc["rates"][field] <= fast, field
     capsys.readouterr()
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
-    assert "probed" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "probed" in out and "range (the probe's spread)" in out
+    # The saved probe is this machine's only: on another, the plan says so and takes the defaults.
+    doc["machine"]["cpu"] = "Some Other CPU"
+    (config_dir / "rates.json").write_text(json.dumps(doc))
+    assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "conservative defaults for cpu" in out and "another machine" in out and "range" not in out
+    doc["machine"]["cpu"] = _cpu()  # this machine's again
+    (config_dir / "rates.json").write_text(json.dumps(doc))
     # A compressed codec is planned with its own probed optimizer rate.
     from fuyou.config import StateConfig
     from fuyou.planning.settings import PlanConfig
@@ -192,3 +213,14 @@ def test_plan_for_lora_streams_a_frozen_base_with_the_adapters_on_the_device(cap
     out = " ".join(capsys.readouterr().out.split())
     assert "LoRA r 16 on the frozen base" in out and "of it: adapters" in out and "fuyou finetune --peft lora --lora-r 16 --model llama-70b" in out
     assert main(["plan", "--peft", "lora", "--ranks", "2"]) == 2
+
+
+def test_probe_of_a_models_layer_shape(tmp_path, config_dir):
+    """--model: the probed decoder layer has that model's shape (the compute rate is its GEMMs')."""
+    assert main(["probe", "--device", "cpu", "--store-dir", str(tmp_path), "--size", "2MiB", "--model", "llama-tiny", "--tokens", "128"]) == 0
+    from fuyou.planning.search import load_model_config
+
+    hf = load_model_config("llama-tiny")
+    shape = json.loads((config_dir / "rates.json").read_text())["details"]["compute"]["shape"]
+    assert (shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"]) == (
+        hf.hidden_size, hf.intermediate_size, hf.num_attention_heads, hf.num_key_value_heads)

@@ -51,6 +51,8 @@ class ProbeCommand:
     store_dir: str = setting(".", "directory on the disk the store will live on (a temporary file is written there)", group=STORAGE)
     device: Optional[str] = device_setting()
     size: int = setting(512 << 20, "bytes written and read back by the storage probe", parse=parse_size, group=PROBE)
+    model: Optional[str] = setting(None, "probe a decoder layer of this model's shape (a preset or a directory with config.json) instead of "
+                                   "--hidden/--intermediate/--heads", group=PROBE, shown="the shape those give")
     hidden: int = setting(1024, "hidden size of the probed decoder layer", group=PROBE)
     intermediate: int = setting(2816, "MLP size of the probed decoder layer", group=PROBE)
     heads: int = setting(16, "attention heads of the probed layer", group=PROBE)

@@ -55,6 +55,18 @@ def resolve_rates(given: RatesConfig, device: str):
     return rates, source
 
 
+def resolve_spread(given: RatesConfig, source: str) -> dict:
+    """The probe's spread of the rates the plan uses ({} for defaults); a rate given by hand has none."""
+    from ..planning.rates import load_spread, rates_path
+
+    path = given.path or (rates_path() if source.startswith("probed") else None)
+    spread = load_spread(path) if path else {}
+    fixed = {RATE_FIELDS[name][0] for name in given.given() if name in RATE_FIELDS}
+    if given.ssd_gbps is not None:
+        fixed |= {"read_Bps", "write_Bps"}
+    return {k: v for k, v in spread.items() if k not in fixed and not (k == "optim_by_codec" and "optim_params_per_s" in fixed)}
+
+
 def plan_command(cmd: PlanCommand, _given: set) -> int:
     from rich.console import Console
 
@@ -62,7 +74,7 @@ def plan_command(cmd: PlanCommand, _given: set) -> int:
 
     device = cmd.device or _device(None)
     rates, source = resolve_rates(cmd.rates, device)
-    planned = make_plan(dataclasses.replace(cmd.plan, device=device), rates, source)
+    planned = make_plan(dataclasses.replace(cmd.plan, device=device), rates, source, spread=resolve_spread(cmd.rates, source))
     console = Console()
     render_plan(planned, console)
     if cmd.explain and planned.fits:
@@ -85,6 +97,11 @@ def probe_command(cmd: ProbeCommand, _given: set) -> int:
     device = torch.device(_device(cmd.device))
     console = Console()
     layer = {"hidden": cmd.hidden, "intermediate": cmd.intermediate, "heads": cmd.heads, "kv_heads": cmd.heads, "batch": max(1, cmd.tokens // 128), "seq_len": 128}
+    if cmd.model is not None:
+        from ..planning.probe_compute import layer_shape_of
+        from ..planning.search import load_model_config
+
+        layer.update(layer_shape_of(load_model_config(cmd.model)))
     rates, details = probe_rates(device, cmd.store_dir, file_bytes=cmd.size, layer=layer, loaded=not cmd.isolated, log=lambda s: console.print(s, style="dim"))
     path = save_rates(rates, details, device, cmd.out)
     info = machine_info(device)
@@ -137,10 +154,38 @@ def render_plan(plan, console) -> None:
     """The plan as rich tables: the choice beside the naive plan, tiers, rates, knobs not yet built."""
     from rich.table import Table
 
-    from ..memory import format_bytes
-    from ..planning.search import RULE_KNOBS
-    from ..step.graph import bytes_per_step
     from ..planning.rates import rates_table
+    from ..planning.search import RULE_KNOBS
+
+    console.print(_plan_table(plan))
+    if not plan.result.best:
+        from ..planning.search import minimum_message
+
+        console.print(f"[bold red]no plan fits[/]: {minimum_message(plan)}")
+    else:
+        console.print(f"run it with: {suggested_command(plan)}", soft_wrap=True)  # one line, to copy
+        for line in memory_warnings(plan):
+            console.print(f"[bold yellow]warning[/]: {line}")
+    r = Table(title=f"rates: {plan.rates_source}")
+    r.add_column("resource")
+    r.add_column("rate")
+    for k, v in rates_table(plan.rates).items():
+        r.add_row(k, v)
+    console.print(r)
+    n = Table(title="knobs the memory plan sets by rule (not searched)")
+    n.add_column("knob")
+    n.add_column("rule")
+    for k, v in RULE_KNOBS:
+        n.add_row(k, v)
+    console.print(n)
+
+
+def _plan_table(plan):
+    """The chosen plan beside the naive one: knobs, bytes per tier, predicted step, lanes, traffic."""
+    from rich.table import Table
+
+    from ..memory import format_bytes
+    from ..step.graph import bytes_per_step
 
     cfg, res = plan.cfg, plan.result
     b = cfg.batch
@@ -154,8 +199,7 @@ def render_plan(plan, console) -> None:
     t.add_column("chosen plan" if res.best else "no plan fits")
     t.add_column("naive plan (depth 0" + (")" if plan.shape.frozen else ", 1 optimizer slot)"))
     rows = [res.best, res.naive]
-    knob_names = ("prefetch_depth", "micro_batches", "opt_slots", "weight_slots", "device_slots")
-    for k in knob_names:
+    for k in ("prefetch_depth", "micro_batches", "opt_slots", "weight_slots", "device_slots"):
         t.add_row(k.replace("_", " "), *[str(e.candidate.knobs[k]) if e else "-" for e in rows])
     for tier in ("gpu", "cpu", "ssd"):
         lim = budgets[tier]
@@ -166,52 +210,52 @@ def render_plan(plan, console) -> None:
     t.add_row(f"block cache (--cache-mem {format_bytes(cfg.cache_mem_bytes) if cfg.cache_mem_bytes is not None else 'auto'})",
               *[format_bytes(e.candidate.memory_bytes.get("cache", 0)) if e else "-" for e in rows])
     t.add_row("predicted step", *[f"{e.step_s:.3f} s" if e else "-" for e in rows])
+    if plan.range_s:
+        t.add_row("  range (the probe's spread)", f"{plan.range_s[0]:.3f} - {plan.range_s[1]:.3f} s", "")
+    if plan.clipped_s:
+        t.add_row("  a clipped step (redone optimizer)", f"{plan.clipped_s:.3f} s", "")
     tokens = b.batch_size * b.seq_len
     t.add_row("predicted tokens/s", *[f"{tokens / e.step_s:,.1f}" if e and e.step_s else "-" for e in rows])
     t.add_row("bottleneck", *[e.prediction.bottleneck if e else "-" for e in rows])
-    lanes = sorted({k for e in rows if e for k in e.prediction.busy_s})
-    for lane in lanes:
+    for lane in sorted({k for e in rows if e for k in e.prediction.busy_s}):
         t.add_row(f"busy {lane}", *[f"{e.prediction.busy_fraction().get(lane, 0) * 100:.0f}%" if e else "-" for e in rows])
     for tier in ("ssd read", "ssd written", "cpu->gpu") + (("between ranks",) if cfg.ranks > 1 else ()):
         t.add_row(f"{tier} per step", *[f"{bytes_per_step(e.prediction.trace.events)[tier] / 1e9:.3f} GB" if e else "-" for e in rows])
-    console.print(t)
-    if not res.best:
-        from ..planning.search import minimum_message
+    return t
 
-        console.print(f"[bold red]no plan fits[/]: {minimum_message(plan)}")
-    else:
-        m = plan.memory_config()
-        launch = f"torchrun --nproc-per-node {cfg.ranks} -m fuyou finetune --store 'STORE{{rank}}'" if cfg.ranks > 1 else "fuyou finetune"
-        if plan.shape.frozen:
-            launch += f" --peft lora --lora-r {cfg.peft.r}" + (f" --target-modules {cfg.peft.target_modules}" if cfg.peft.target_modules else "")
-        console.print(f"run it with: {launch} --model {cfg.model} --batch-size {b.batch_size} --seq-len {b.seq_len} "
-                      f"--micro-batches {plan.batch_config().micro_batches} --prefetch-depth {m.prefetch_depth} "
-                      f"--cpu-mem {_mib(m.cpu_mem_bytes)} --gpu-mem {_mib(m.gpu_mem_bytes)}"
-                      + (f" --cache-mem {_mib(cfg.cache_mem_bytes)}" if cfg.cache_mem_bytes is not None else "")
-                      + (f" --weights {cfg.state.weights}" if cfg.state.weights != "fp32" else "")
-                      + (f" --master {cfg.state.master}" if cfg.state.master != "fp32" else "")
-                      + (f" --optim-states {cfg.state.states}" if cfg.state.states != "fp32" else "")
-                      + (f" --recompute {cfg.memory.recompute}" if cfg.memory.recompute != "auto" else "")
-                      + (f" --disk-mode {cfg.job.disk_mode}" if cfg.job.disk_mode != "safe" else "")
-                      + (f" --max-grad-norm {cfg.job.max_grad_norm:g}" if cfg.job.max_grad_norm is not None else ""),
-                      soft_wrap=True)  # one line, to copy
-        host = m.cpu_mem_bytes + plan.result.best.candidate.memory_bytes.get("cache", 0)
-        ram = psutil.virtual_memory().total
-        if host > ram:
-            console.print(f"[bold yellow]warning[/]: the plan's host memory ({format_bytes(host)}: --cpu-mem and --cache-mem) exceeds this "
-                          f"machine's RAM ({format_bytes(ram)}); it is a plan for a larger machine, or lower --batch-size / --seq-len")
-    r = Table(title=f"rates: {plan.rates_source}")
-    r.add_column("resource")
-    r.add_column("rate")
-    for k, v in rates_table(plan.rates).items():
-        r.add_row(k, v)
-    console.print(r)
-    n = Table(title="knobs the memory plan sets by rule (not searched)")
-    n.add_column("knob")
-    n.add_column("rule")
-    for k, v in RULE_KNOBS:
-        n.add_row(k, v)
-    console.print(n)
+
+def suggested_command(plan) -> str:
+    """The command that runs the chosen plan: its knobs and the settings the plan was made for."""
+    cfg, b, m = plan.cfg, plan.cfg.batch, plan.memory_config()
+    launch = f"torchrun --nproc-per-node {cfg.ranks} -m fuyou finetune --store 'STORE{{rank}}'" if cfg.ranks > 1 else "fuyou finetune"
+    if plan.shape.frozen:
+        launch += f" --peft lora --lora-r {cfg.peft.r}" + (f" --target-modules {cfg.peft.target_modules}" if cfg.peft.target_modules else "")
+    flags = [("--cache-mem", cfg.cache_mem_bytes is not None and _mib(cfg.cache_mem_bytes)), ("--weights", cfg.state.weights != "fp32" and cfg.state.weights),
+             ("--master", cfg.state.master != "fp32" and cfg.state.master), ("--optim-states", cfg.state.states != "fp32" and cfg.state.states),
+             ("--recompute", cfg.memory.recompute != "auto" and cfg.memory.recompute), ("--disk-mode", cfg.job.disk_mode != "safe" and cfg.job.disk_mode),
+             ("--max-grad-norm", cfg.job.max_grad_norm is not None and f"{cfg.job.max_grad_norm:g}")]
+    return (f"{launch} --model {cfg.model} --batch-size {b.batch_size} --seq-len {b.seq_len} --micro-batches {plan.batch_config().micro_batches} "
+            f"--prefetch-depth {m.prefetch_depth} --cpu-mem {_mib(m.cpu_mem_bytes)} --gpu-mem {_mib(m.gpu_mem_bytes)}"
+            + "".join(f" {flag} {value}" for flag, value in flags if value))
+
+
+def memory_warnings(plan) -> list:
+    """Where the chosen plan needs more memory than this machine has (a plan for a larger machine)."""
+    from ..memory import format_bytes
+
+    out, m = [], plan.memory_config()
+    host = m.cpu_mem_bytes + plan.result.best.candidate.memory_bytes.get("cache", 0)
+    ram = psutil.virtual_memory().total
+    if host > ram:
+        out.append(f"the plan's host memory ({format_bytes(host)}: --cpu-mem and --cache-mem) exceeds this machine's RAM ({format_bytes(ram)}); "
+                   "it is a plan for a larger machine, or lower --batch-size / --seq-len")
+    import torch
+
+    if plan.cfg.device == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        if m.gpu_mem_bytes > total:
+            out.append(f"--gpu-mem {format_bytes(m.gpu_mem_bytes)} exceeds this machine's GPU ({format_bytes(total)}); it is a plan for a larger GPU")
+    return out
 
 
 def _saved_rates_exist() -> bool:

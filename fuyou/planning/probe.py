@@ -5,18 +5,18 @@
     h2d/d2h   pinned host <-> device copies (CUDA); on the CPU device, the host copy that decodes
               stored weights into the compute dtype (what the h2d lane does there)
     compute   model FLOP/s of one decoder layer run as the runtime runs it (forward, then recompute +
-              backward), at a layer-like shape; two token counts give the fixed cost per call
+              backward), at a layer-like shape or a model's own (probe_compute.py); two token
+              counts give the fixed cost per call
     optim     parameters/s of the runtime's optimizer task body: gradient norm pass + adamw_update_
               on fp32 state
-The result is saved with the machine it was measured on (rates.py).
+Each rate comes with its spread (the quartiles of its runs: probe_timing.py), from which a plan
+states its range. The result is saved with the machine it was measured on (rates.py).
 """
 from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import tempfile
-import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -25,30 +25,18 @@ import torch
 from scheduler.costmodel import Rates
 
 from ..config import StateConfig
-from ..model.skeleton import Skeleton
 from ..optim.state import KINDS, StateCodecs, adamw_update_
 from ..store import backends
 from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
 from ..store.layout import BlockLayout
+from .probe_compute import LayerRunner, probe_compute, probe_matmul
+from .probe_timing import Busy, median_time, time_runs
 
 DEFAULT_FILE_BYTES = 512 << 20
 # Files per task in the step graph: a weights read is one file (two with a tied embedding), a
 # states read three (master, exp_avg, exp_avg_sq), a write four (those plus the new weights).
 FILES_PER_READ_TASK = 2
 FILES_PER_WRITE_TASK = 4
-
-
-def _median_time(fn: Callable[[], None], repeats: int, min_s: float = 0.0, max_repeats: int = 200) -> float:
-    """Median seconds of `fn` over at least `repeats` runs and at least `min_s` seconds in all: on a
-    shared machine single runs swing several-fold (a 2-thread decoder layer on the 2-vCPU dev box
-    under load: 118-2349 ms over 20 runs), so the median needs many samples."""
-    times = []
-    t_start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - t_start < min_s and len(times) < max_repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # -- storage -------------------------------------------------------------------------------------
@@ -70,7 +58,7 @@ def _commit_like(directory: str) -> None:
 def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3, background: Optional[Callable[[], None]] = None,
                   backend: Optional[str] = None) -> dict:
     """Write then read `files` files totalling `total_bytes` in `store_dir`, as the store does,
-    through the I/O `backend` (None: the default one); `background` runs meanwhile (see _Busy)."""
+    through the I/O `backend` (None: the default one); `background` runs meanwhile (see probe_timing.Busy)."""
     if total_bytes < files * ALIGN:
         raise ValueError(f"--size {total_bytes} is too small; give at least {files * ALIGN} bytes (e.g. 512MiB)")
     os.makedirs(store_dir, exist_ok=True)
@@ -95,12 +83,12 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
                 f.pread(data).get()
 
     try:
-        with _Busy(background):
-            t_write = _median_time(lambda: write_files(paths, buf), repeats)
-            t_read = _median_time(lambda: read_files(paths, buf), repeats)
-            t_wsmall = _median_time(lambda: write_files(small_paths, small), repeats) / files
-            t_rsmall = _median_time(lambda: read_files(small_paths, small), repeats) / files
-            t_commit = _median_time(lambda: _commit_like(tmp), repeats)
+        with Busy(background):
+            t_write = time_runs(lambda: write_files(paths, buf), repeats)
+            t_read = time_runs(lambda: read_files(paths, buf), repeats)
+            t_wsmall = median_time(lambda: write_files(small_paths, small), repeats) / files
+            t_rsmall = median_time(lambda: read_files(small_paths, small), repeats) / files
+            t_commit = median_time(lambda: _commit_like(tmp), repeats)
         t0 = time.perf_counter()
         for p in small_paths:
             os.unlink(p)
@@ -108,9 +96,11 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = per * files
+    read, write = t_read.rates(n), t_write.rates(n)
     return {
-        "read_Bps": n / t_read,
-        "write_Bps": n / t_write,
+        "read_Bps": read[0],
+        "write_Bps": write[0],
+        "spread": {"read_Bps": list(read[1:]), "write_Bps": list(write[1:])},
         "read_file_s": t_rsmall,
         "write_file_s": t_wsmall,
         "commit_s": t_commit,
@@ -144,7 +134,7 @@ def probe_copies(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5
 
 def _host_copy_Bps(nbytes: int, repeats: int) -> float:
     src, dst = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8)
-    return nbytes / _median_time(lambda: dst.copy_(src), repeats)
+    return nbytes / median_time(lambda: dst.copy_(src), repeats)
 
 
 def _device_copies(device: torch.device, nbytes: int, repeats: int) -> dict:
@@ -161,133 +151,13 @@ def _device_copies(device: torch.device, nbytes: int, repeats: int) -> dict:
             torch.cuda.synchronize(device)
 
         h2d()
-        return {"h2d_Bps": nbytes / _median_time(h2d, repeats), "d2h_Bps": nbytes / _median_time(d2h, repeats)}
+        return {"h2d_Bps": nbytes / median_time(h2d, repeats), "d2h_Bps": nbytes / median_time(d2h, repeats)}
     # CPU device: the h2d lane decodes stored bf16 weights into fp32 slots; bytes counted are the
     # stored bytes, as the step graph counts them.
     src = torch.randn(nbytes // 2 // 2, dtype=torch.float32).to(torch.bfloat16)
     dst = torch.empty(src.numel(), dtype=torch.float32)
-    rate = src.numel() * 2 / _median_time(lambda: dst.copy_(src), repeats)
+    rate = src.numel() * 2 / median_time(lambda: dst.copy_(src), repeats)
     return {"h2d_Bps": rate, "d2h_Bps": rate}
-
-
-# -- compute -------------------------------------------------------------------------------------
-def _layer_config(hidden: int, intermediate: int, heads: int, kv_heads: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=256, max_position_embeddings=8192, tie_word_embeddings=False,
-    )
-
-
-class _Busy:
-    """Runs `fn` in a loop on a thread for the duration of a `with` block.
-
-    The lanes of a step run together: on a small host, storage I/O shares cores (and the GIL) with
-    the compute and optimizer threads. Rates probed with the other lanes busy are the rates a lane
-    gets in a step; rates probed alone overstate it (on the 2-vCPU dev box, by 1.5-4x)."""
-
-    def __init__(self, fn: Optional[Callable[[], None]]):
-        self.fn, self.stop, self.thread = fn, threading.Event(), None
-
-    def __enter__(self):
-        if self.fn is not None:
-            self.thread = threading.Thread(target=self._loop, daemon=True)
-            self.thread.start()
-        return self
-
-    def _loop(self):
-        while not self.stop.is_set():
-            self.fn()
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        return False
-
-
-class LayerRunner:
-    """One decoder layer run as the runtime runs it: forward, then recompute + backward."""
-
-    def __init__(self, device: torch.device, hidden: int, intermediate: int, heads: int, kv_heads: int):
-        self.device, self.hidden = device, hidden
-        self.dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        self.sk = Skeleton(_layer_config(hidden, intermediate, heads, kv_heads))
-        self.sk.move_buffers(device)
-        self.g = torch.Generator().manual_seed(0)
-        self.names = [n for b in self.sk.blocks if b.name != self.sk.blocks[-1].name for n in b.params]
-        weights = {n: (torch.randn(self.sk.params[n].numel, generator=self.g) * 0.02).to(device=device, dtype=self.dtype) for n in self.names}
-        self.layer_numel = sum(self.sk.params[n].numel for n in self.sk.blocks[1].params)
-        self.sk.attach(weights, requires_grad=True)
-
-    def runner(self, rows: int, seq_len: int) -> Tuple[Callable[[], None], int]:
-        """(run, model FLOPs of one run): both calls of a layer for `rows` sequences."""
-        sk, device = self.sk, self.device
-        ids = torch.randint(0, 256, (rows, seq_len), generator=self.g).to(device)
-        with torch.no_grad():
-            h, kwargs = sk.embed_forward(ids, None)
-        h = h.to(self.dtype)
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-        def run():
-            with torch.no_grad():
-                sk.layer_forward(0, h, kwargs)
-            x = h.detach().requires_grad_(True)
-            y = sk.layer_forward(0, x, kwargs)
-            y.backward(torch.ones_like(y))
-            sync()
-
-        tokens = rows * seq_len
-        return run, 4 * (2 * self.layer_numel * tokens + 2 * seq_len * self.hidden * tokens)  # fwd + 3 x fwd
-
-    def close(self) -> None:
-        self.sk.detach(self.names)
-
-
-def probe_compute(
-    device: torch.device,
-    *,
-    hidden: int = 1024,
-    intermediate: int = 2816,
-    heads: int = 16,
-    kv_heads: int = 16,
-    batch: int = 8,
-    seq_len: int = 128,
-    repeats: int = 5,
-    min_s: float = 1.0,
-    background: Optional[Callable[[], None]] = None,
-) -> dict:
-    """Model FLOP/s of a decoder layer's forward + (recompute + backward), counted as the step graph
-    counts them (spec.consumer_flops), at the given micro-batch and at a near-empty call: the
-    line through both gives the fixed cost of one call and the rate. `background` runs meanwhile
-    (see _Busy)."""
-    layer = LayerRunner(device, hidden, intermediate, heads, kv_heads)
-    # The second point is a near-empty call (one sequence of 8 tokens): its time is almost all
-    # fixed cost, which pins the intercept far better than two large calls do under noise.
-    points = {"big": (batch, seq_len), "small": (1, min(8, seq_len))}
-    out = {}
-    try:
-        for key, (rows, seq) in points.items():
-            run, flops = layer.runner(rows, seq)
-            run()  # warm-up
-            run()
-            with _Busy(background):
-                # Two calls per run (forward, then recompute + backward).
-                out[key] = (flops, _median_time(run, repeats, min_s) / 2)
-    finally:
-        layer.close()
-    (f_big, t_big), (f_small, t_small) = out["big"], out["small"]
-    # Per call: t = call_s + flops / rate. Noise on a shared machine can still push the intercept
-    # anywhere, so it is clipped to [0, half the probed call] and the rate is then set so that the
-    # probed shape itself is reproduced exactly.
-    call_s = 0.0
-    if f_big > f_small and t_big > t_small:
-        call_s = t_big - (t_big - t_small) * f_big / (f_big - f_small)
-    call_s = min(max(call_s, 0.0), 0.5 * t_big)
-    rate = (f_big / 2) / (t_big - call_s)
-    return {"compute_flops": rate, "compute_call_s": call_s, "layer_flops_per_s_at_shape": f_big / (2 * t_big),
-            "shape": {"hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads, "batch": batch, "seq_len": seq_len}}
 
 
 def io_loop(store_dir: str, nbytes: int = 16 << 20) -> Tuple[Callable[[], None], Callable[[], None]]:
@@ -308,30 +178,16 @@ def io_loop(store_dir: str, nbytes: int = 16 << 20) -> Tuple[Callable[[], None],
     return step, lambda: os.path.exists(path) and os.unlink(path)
 
 
-def probe_matmul(device: torch.device, m: int = 1024, k: int = 1024, n: int = 2816, repeats: int = 5) -> float:
-    """Plain GEMM FLOP/s (fp32 on CPU, bf16 on CUDA), for reference beside the layer rate."""
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-    def run():
-        a @ b
-        sync()
-
-    run()
-    return 2 * m * k * n / _median_time(run, repeats)
-
-
 # -- optimizer -----------------------------------------------------------------------------------
 # Compressed optimizer settings whose rate `fuyou probe` measures besides fp32 ("<moments>/<master>").
 PROBED_CODECS = (("bf16", "bf16+rem"), ("fp8", "bf16+rem"), ("de8", "bf16+rem"))
 
 
 def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, background: Optional[Callable[[], None]] = None,
-                moments: str = "fp32", master: str = "fp32") -> float:
+                moments: str = "fp32", master: str = "fp32") -> Tuple[float, float, float]:
     """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_, with the
-    given moment and master codecs (bf16 compute weights when they are compressed)."""
+    given moment and master codecs (bf16 compute weights when they are compressed); (median rate,
+    slow rate, fast rate)."""
     compressed = (moments, master) != ("fp32", "fp32")
     cfg = StateConfig(weights="bf16" if compressed else "fp32", master=master, states=moments)
     g = torch.Generator().manual_seed(0)
@@ -349,8 +205,8 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
         adamw_update_(cfg, grad, parts, step=2, lr=1e-4)
 
     run()
-    with _Busy(background):
-        return numel / _median_time(run, repeats, min_s)
+    with Busy(background):
+        return time_runs(run, repeats, min_s).rates(numel)
 
 
 # -- whole probe ---------------------------------------------------------------------------------
@@ -358,7 +214,7 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
                 optim_numel: Optional[int] = None, loaded: bool = True, log: Callable[[str], None] = lambda _s: None) -> Tuple[Rates, dict]:
     """Measure every rate; return (Rates, details). With `loaded`, storage and the optimizer are
     measured while a decoder layer computes, and compute while storage reads and writes (the
-    state of a step; see _Busy). A small `file_bytes` also shrinks the copy and optimizer probes."""
+    state of a step; see probe_timing.Busy). A small `file_bytes` also shrinks the copy and optimizer probes."""
     layer = dict(layer or {})
     shape = {k: layer.get(k, d) for k, d in (("hidden", 1024), ("intermediate", 2816), ("heads", 16), ("kv_heads", 16))}
     rows, seq = layer.get("batch", 8), layer.get("seq_len", 128)
@@ -378,18 +234,23 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
         log(f"optimizer (gradient norm + AdamW, fp32 and {len(PROBED_CODECS)} compressed codecs){what} ...")
         n_opt = optim_numel or min(8 << 20, max(file_bytes // 16, 1 << 16))
         opt = probe_optim(n_opt, background=bg_compute)
-        by_codec = {Rates.codec_key(m, ms): probe_optim(n_opt, background=bg_compute, moments=m, master=ms) for m, ms in PROBED_CODECS}
+        codecs = {Rates.codec_key(m, ms): probe_optim(n_opt, background=bg_compute, moments=m, master=ms) for m, ms in PROBED_CODECS}
+        by_codec = {k: r[0] for k, r in codecs.items()}
     finally:
         io_cleanup()
         if bg_layer is not None:
             bg_layer.close()
     rates = Rates(
         read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"], copy_Bps=copies["copy_Bps"],
-        compute_flops=comp["compute_flops"], optim_params_per_s=opt, optim_by_codec=by_codec, compute_call_s=comp["compute_call_s"],
+        compute_flops=comp["compute_flops"], optim_params_per_s=opt[0], optim_by_codec=by_codec, compute_call_s=comp["compute_call_s"],
         latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
         commit_file_s=disk["unlink_file_s"],
     )
-    details = {"loaded": loaded, "storage": disk, "storage_by_backend": by_backend, "copies": copies, "compute": comp, "matmul_flops": mm, "optim_params_per_s": opt}
+    # What each rate was over the probe's runs (slow, fast quartile): the plan's range comes from it.
+    spread = {**disk["spread"], **comp["spread"], "optim_params_per_s": list(opt[1:]),
+              "optim_by_codec": {k: list(r[1:]) for k, r in codecs.items()}}
+    details = {"loaded": loaded, "storage": disk, "storage_by_backend": by_backend, "copies": copies, "compute": comp, "matmul_flops": mm,
+               "optim_params_per_s": opt[0], "spread": spread}
     return rates, details
 
 

@@ -92,15 +92,53 @@ def read_rates_file(path: str) -> Tuple[Rates, dict]:
         raise ValueError(f"rates file {path}: {exc}") from None
 
 
+def other_machine(saved: dict, device: str) -> Optional[str]:
+    """What differs between the machine a probe was saved on and this one (None: the same machine)."""
+    here = machine_info(torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu"))
+    for key in ("cpu", "cores", "gpu"):
+        if key in saved and saved.get(key) != here.get(key):
+            return f"{key} {saved.get(key)} there, {here.get(key)} here"
+    ram = saved.get("ram_bytes")
+    if ram and abs(ram - here["ram_bytes"]) > 0.05 * here["ram_bytes"]:
+        return f"{ram / 2**30:.1f} GiB RAM there, {here['ram_bytes'] / 2**30:.1f} GiB here"
+    return None
+
+
 def load_rates(device: str, path: Optional[str] = None) -> Tuple[Rates, str]:
-    """Saved probe rates for this device kind, else the planner's conservative defaults; with a
-    sentence saying which."""
+    """Saved probe rates for this device kind measured on this machine, else the planner's
+    conservative defaults; with a sentence saying which (and why a saved probe was not used)."""
     path = path or rates_path()
     if os.path.isfile(path):
         rates, machine = read_rates_file(path)
         if machine.get("device", device) == device:
-            return rates, f"probed {machine.get('date', '?')} on {machine.get('cpu', '?')}" + (f" / {machine['gpu']}" if "gpu" in machine else "") + f" ({path})"
+            elsewhere = other_machine(machine, device)
+            if elsewhere is None:
+                return rates, f"probed {machine.get('date', '?')} on {machine.get('cpu', '?')}" + (f" / {machine['gpu']}" if "gpu" in machine else "") + f" ({path})"
+            return DEFAULT_RATES[device], (f"conservative defaults for {device} (the probe in {path} is of another machine: {elsewhere}; "
+                                           "run `fuyou probe` here, or pass it with --rates to plan for that machine)")
     return DEFAULT_RATES[device], f"conservative defaults for {device} (no `fuyou probe` result for this device at {path})"
+
+
+def load_spread(path: str) -> dict:
+    """The spread a saved probe measured for each rate ({} when it has none): {field: [slow, fast]}."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    spread = doc.get("details", {}).get("spread") if isinstance(doc, dict) else None
+    return spread if isinstance(spread, dict) else {}
+
+
+def rate_bounds(rates: Rates, spread: dict) -> Tuple[Rates, Rates]:
+    """(slow, fast): `rates` with every rate the spread gives at its slow end, and at its fast end."""
+    def at(end: int) -> Rates:
+        changes = {k: float(v[end]) for k, v in spread.items() if k != "optim_by_codec" and isinstance(v, list) and len(v) == 2 and v[end] > 0}
+        codecs = spread.get("optim_by_codec", {})
+        by_codec = {k: float(codecs[k][end]) if k in codecs else v for k, v in rates.optim_by_codec.items()}
+        return rates.replace(**changes, optim_by_codec=by_codec)
+
+    return at(0), at(1)
 
 
 def rates_table(rates: Rates) -> Dict[str, str]:

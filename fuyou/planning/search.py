@@ -12,19 +12,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-from scheduler.costmodel import Rates
+from scheduler.costmodel import Rates, predict
 from scheduler.planner import Candidate, Choice, choose
 
 from ..config import BatchConfig, MemoryConfig, PeftConfig, StateConfig
 from .settings import PlanConfig
 from ..dist.partition import assign_owners
 from ..optim.state import WEIGHT_DTYPES, StateCodecs
-from .rates import load_rates
-from ..step.graph import LANES, build_step_graph
+from .rates import load_rates, rate_bounds
+from ..step.graph import LANES, build_redo_graph, build_step_graph
 from ..step.spec import StepSpec, assign_opt_slots, model_consumers, step_spec
 from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, disk_peak_bytes, plan_for_model
 
@@ -191,6 +191,10 @@ class RunPlan:
     rates: Rates
     rates_source: str
     result: Choice
+    # The chosen plan's step with every probed rate at the slow and at the fast end of its spread.
+    range_s: Optional[Tuple[float, float]] = None
+    # ... and a clipped step: the step, then its optimizer pass redone (when the run clips).
+    clipped_s: Optional[float] = None
 
     @property
     def fits(self) -> bool:
@@ -203,9 +207,11 @@ class RunPlan:
         return self.result.best.candidate.extra["run"]["batch"]
 
 
-def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape: Optional[ModelShape] = None) -> RunPlan:
+def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape: Optional[ModelShape] = None,
+              spread: Optional[dict] = None) -> RunPlan:
     """Enumerate, predict and choose (see module docstring). With ranks, one rank's share is
-    planned: its rows in its micro-batches, its store; the plan's batch is the run's again."""
+    planned: its rows in its micro-batches, its store; the plan's batch is the run's again.
+    `spread`: the probe's {rate: [slow, fast]}, for the range of the chosen plan's step."""
     asked = cfg
     if cfg.ranks > 1:
         b = cfg.batch
@@ -231,7 +237,15 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
     rates = rates.for_codec(cfg.state.states, cfg.state.master)  # the optimizer rate of the planned codec
     result = choose(cands, budgets, rates, naive=naive, lanes=LANES)
-    return RunPlan(asked, shape, rates, rates_source, result)
+    plan = RunPlan(asked, shape, rates, rates_source, result)
+    if result.best is not None:
+        graph = result.best.candidate.build()
+        if spread:
+            plan.range_s = tuple(predict(graph, r.for_codec(cfg.state.states, cfg.state.master), LANES).step_s for r in rate_bounds(rates, spread)[::-1])
+        if cfg.job.max_grad_norm is not None:
+            redo = build_redo_graph(result.best.candidate.extra["spec"])
+            plan.clipped_s = result.best.step_s + predict(redo, rates, LANES).step_s
+    return plan
 
 
 def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
