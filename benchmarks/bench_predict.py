@@ -1,13 +1,17 @@
-"""Predicted vs measured step time on this machine, for three configurations.
+"""Predicted vs measured step time on this machine, over a matrix of runs that differ where the cost
+model could be wrong: two model sizes, fp32 and fp8 optimizer states, fp8 compute weights, the
+block cache on and off, recompute always and auto, block inputs offloaded by a small device budget,
+1, 2 and 4 micro-batches, lean disk mode, clipping, the least host memory.
 
-For each configuration: probe the rates (storage through DirectFile, the optimizer body, and the
-compute rate of a decoder layer of the configuration's own shape), plan the run with fuyou.planning.search
-(the very graph the runtime will execute), run it, and compare the prediction with the median step
-of steps 2..N. Prints the machine, the rates and a table; numbers are medians (the machine is shared
-and noisy: see docs/planner.md).
+The machine is probed once, as `fuyou probe` does (storage, copies, optimizer with a decoder layer
+computing; the compute rate at each model's own layer shape with storage busy), then each
+configuration is planned exactly as `fuyou plan` plans a run with those settings (the runtime's
+memory plan and step graph, its commit) and run through the runtime; measured = the median wall
+time of steps 2..N. Prints the machine, the rates, a table with the error per configuration and the
+range the probe's spread implies.
 
-    /work/venv/bin/python benchmarks/bench_predict.py [--steps 5] [--dir /tmp/fuyou-bench]
-    /work/venv/bin/python benchmarks/bench_predict.py --quick   # one configuration, a smoke run
+    python benchmarks/bench_predict.py [--steps 7] [--dir /tmp/fuyou-bench-predict]
+    python benchmarks/bench_predict.py --quick          # the first configuration, 3 steps: a smoke run
 """
 from __future__ import annotations
 
@@ -18,157 +22,190 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fuyou.config import BatchConfig, MemoryConfig, OptimConfig, StateConfig  # noqa: E402
-from fuyou.planning.settings import PlanConfig  # noqa: E402
+from benchmarks._common import machine_line, markdown_table, report_path, write_report  # noqa: E402
+from fuyou.config import BatchConfig, FinetuneConfig, MemoryConfig, OptimConfig, StateConfig  # noqa: E402
 from fuyou.data.dataset import Batch  # noqa: E402
 from fuyou.model.importer import import_model  # noqa: E402
 from fuyou.model.skeleton import Skeleton  # noqa: E402
 from fuyou.model.source import ModelSource, preset_config  # noqa: E402
-from fuyou.planning.search import candidate, model_shape  # noqa: E402
+from fuyou.planning.calibrate import calibrate_compute  # noqa: E402
 from fuyou.planning.probe import probe_rates  # noqa: E402
-from fuyou.planning.rates import machine_info  # noqa: E402
-from fuyou.planning.profile import profile_step  # noqa: E402
+from fuyou.planning.probe_compute import layer_shape_of  # noqa: E402
+from fuyou.planning.rates import rate_bounds  # noqa: E402
+from fuyou.planning.search import model_shape, planned_graph, run_memory_plan, run_step_spec  # noqa: E402
+from fuyou.planning.settings import PlanConfig  # noqa: E402
+from fuyou.step.graph import LANES  # noqa: E402
 from fuyou.step.runtime import Runtime  # noqa: E402
-from scheduler import Trace  # noqa: E402
-from scheduler.costmodel import Rates, fit_rates, predict  # noqa: E402
+from fuyou.store.directio import aligned_bytes  # noqa: E402
+from scheduler.costmodel import Rates, predict  # noqa: E402
 
 
-def hidden512_config():
+def tiny():
+    return preset_config("llama-tiny", 4096)
+
+
+def mid():
+    """A 12-layer hidden-512 Llama (36 M params): ten times llama-tiny's layers' work per step."""
     cfg = preset_config("llama-tiny", 4096)
     for k, v in dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=8).items():
         setattr(cfg, k, v)
     return cfg
 
 
+MODELS = {"llama-tiny": tiny, "12x512": mid}
+B8 = BatchConfig(batch_size=8, micro_batches=2, seq_len=128)
+FP8 = StateConfig(master="bf16+rem", states="fp8")
+OFF = MemoryConfig(cache_mem_bytes=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    model: str
+    state: StateConfig = StateConfig()
+    memory: Union[MemoryConfig, str] = OFF  # "offload": a device budget one layer's inputs short; "least host": the minimum host slots
+    batch: BatchConfig = B8
+    disk_mode: str = "safe"
+    clip: Optional[float] = None
+
+
 CONFIGS = [
-    # name, model config, batch, memory (None budget = the runtime's default), why
-    ("llama-tiny default", lambda: preset_config("llama-tiny", 4096), BatchConfig(batch_size=8, micro_batches=2, seq_len=128), MemoryConfig()),
-    ("12 x 512, --cpu-mem minimum", hidden512_config, BatchConfig(batch_size=4, micro_batches=2, seq_len=128), "minimum"),
-    ("llama-tiny, prefetch depth 0", lambda: preset_config("llama-tiny", 4096), BatchConfig(batch_size=8, micro_batches=2, seq_len=128), MemoryConfig(prefetch_depth=0)),
+    Config("llama-tiny, defaults (block cache on)", "llama-tiny", memory=MemoryConfig()),
+    Config("llama-tiny, cache off", "llama-tiny"),
+    Config("llama-tiny, fp8 states", "llama-tiny", state=FP8),
+    Config("llama-tiny, fp8 weights + states", "llama-tiny", state=dataclasses.replace(FP8, weights="fp8")),
+    Config("llama-tiny, recompute always", "llama-tiny", memory=dataclasses.replace(OFF, recompute="always")),
+
+    Config("llama-tiny, 4 micro-batches", "llama-tiny", batch=dataclasses.replace(B8, micro_batches=4)),
+    Config("llama-tiny, lean disk mode", "llama-tiny", disk_mode="lean"),
+    Config("llama-tiny, clipped every step", "llama-tiny", clip=1e-3),
+    Config("12x512, cache off", "12x512", batch=BatchConfig(batch_size=4, micro_batches=1, seq_len=128)),
+    Config("12x512, inputs offloaded", "12x512", memory="offload", batch=BatchConfig(batch_size=4, micro_batches=2, seq_len=128)),
+    Config("12x512, fp8 states, least host memory", "12x512", state=FP8, memory="least host", batch=BatchConfig(batch_size=4, micro_batches=2, seq_len=128)),
 ]
 
 
-def bracket(a: Rates, b: Rates) -> Rates:
-    """Rates whose time per unit is the mean of a's and b's."""
-    rate = lambda v, w: 2 / (1 / v + 1 / w)  # noqa: E731 - the rate of the mean time per unit
-    d = {}
-    for k, v in a.to_json().items():
-        w = b.to_json()[k]
-        if k == "latency_s":
-            d[k] = {x: (v.get(x, 0) + w.get(x, 0)) / 2 for x in set(v) | set(w)}
-        elif k == "optim_by_codec":  # rates per codec, each probed both times
-            d[k] = {x: rate(v[x], w[x]) for x in set(v) & set(w)}
-        elif k in ("compute_call_s", "commit_file_s"):
-            d[k] = (v + w) / 2
-        else:
-            d[k] = rate(v, w)
-    return Rates.from_json(d)
+def memory_of(c: Config, shape, plan_cfg: PlanConfig) -> MemoryConfig:
+    if isinstance(c.memory, MemoryConfig):
+        return c.memory
+    full = run_memory_plan(shape, plan_cfg, c.batch, MemoryConfig(cache_mem_bytes=0, recompute="always"))
+    if c.memory == "offload":  # the block inputs of one layer more than the device budget holds: they go to the host
+        return MemoryConfig(cache_mem_bytes=0, recompute="always", gpu_mem_bytes=full.device_bytes() - full.micro_batches * aligned_bytes(full.act_bytes))
+    # One weight slot, one optimizer slot, one gradient slot (plus a tied embedding's own).
+    least = full.stage_slot_bytes + (1 + full.tied_slot) * (full.opt_slot_bytes + full.grad_slot_bytes)
+    return MemoryConfig(cache_mem_bytes=0, cpu_mem_bytes=least)
 
 
-def run_config(name, make_cfg, batch, memory, root, steps, file_bytes, loaded):
-    hf = make_cfg()
-    src = ModelSource("llama-tiny")
-    src.config = hf  # a preset-like model built in code: random init, no checkpoint files
-    state = StateConfig()
-    shape = model_shape(hf, state)
-    # The configurations measure the streaming pipeline: no block cache (planner and run alike).
-    if memory != "minimum":
-        memory = dataclasses.replace(memory, cache_mem_bytes=0)
-    if memory == "minimum":
-        c0 = candidate(shape, PlanConfig(batch=batch, device="cpu"), batch.micro_batches, 0, 1)
-        memory = c0.extra["run"]["memory"]
+def probe(args, root: str) -> dict:
+    """Rates of this machine, probed once as `fuyou probe --model M` does: storage, copies and the
+    optimizer with a decoder layer computing, then compute on each model's own blocks (calibrate.py,
+    at 1, 2 and 4 sequences per micro-batch, both backward modes). {model: (Rates, spread)}."""
+    rates, details = probe_rates(torch.device("cpu"), root, file_bytes=args.probe_bytes, layer=dict(layer_shape_of(tiny()), batch=4, seq_len=128),
+                                 loaded=True)
+    out = {}
+    for name, make in MODELS.items():
+        work = calibrate_compute(make(), device=torch.device("cpu"), seq_len=128, rows=(1, 2, 4), store_dir=root)
+        out[name] = (rates.replace(compute_by_work=work), details["spread"])
+    return out
+
+
+def run_config(c: Config, rates: Rates, spread: dict, root: str, steps: int) -> dict:
+    hf = MODELS[c.model]()
+    src = ModelSource.from_config(hf, c.model)  # random init, no checkpoint files
+    plan_cfg = PlanConfig(state=c.state, batch=c.batch, job=FinetuneConfig(disk_mode=c.disk_mode, max_grad_norm=c.clip), device="cpu")
+    shape = model_shape(hf, c.state)
+    memory = memory_of(c, shape, plan_cfg)
+    plan = run_memory_plan(shape, plan_cfg, c.batch, memory)
+    spec = run_step_spec(shape, plan_cfg, c.batch, plan)
+    graph = planned_graph(shape, spec, c.batch.micro_batches)
+    codec_rates = [r.for_codec(c.state.states, c.state.master) for r in (rates, *rate_bounds(rates, spread))]
+    pred, slow, fast = (predict(graph, r, LANES).step_s for r in codec_rates)
+    if c.clip is not None:  # every step is clipped: its optimizer pass is redone
+        from fuyou.step.graph import build_redo_graph
+
+        redo = [predict(build_redo_graph(spec), r, LANES).step_s for r in codec_rates]
+        pred, slow, fast = pred + redo[0], slow + redo[1], fast + redo[2]
     store_dir = os.path.join(root, "store")
     shutil.rmtree(store_dir, ignore_errors=True)
-    store = import_model(src, store_dir, state)
-    layer_numel = shape.store.layouts[shape.store.block_names[1]].numel
-    layer = dict(hidden=hf.hidden_size, intermediate=hf.intermediate_size, heads=hf.num_attention_heads, kv_heads=hf.num_key_value_heads,
-                 batch=batch.micro_batch_size, seq_len=batch.seq_len)
-    # Probed in the same run, at this configuration's layer shape and block size, with the other
-    # lanes busy (probe_rates(loaded=True)).
-    # Probed just before and just after the run (the machine's load drifts by the minute); the two
-    # are combined by averaging each rate's time per unit.
-    before, _ = probe_rates(torch.device("cpu"), root, file_bytes=file_bytes, layer=layer, optim_numel=layer_numel, loaded=loaded)
-    trace = Trace()
-    rt = Runtime(store, Skeleton(hf), device=torch.device("cpu"), memory=memory, batch=batch, optim=OptimConfig(lr=1e-4), trace=trace)
+    store = import_model(src, store_dir, c.state)
+    rt = Runtime(store, Skeleton(hf), device=torch.device("cpu"), memory=memory, batch=c.batch, optim=OptimConfig(lr=1e-4), max_grad_norm=c.clip,
+                 disk_mode=c.disk_mode)
+    assert rt.spec == spec, f"{c.name}: the planned step is not the runtime's"
     g = torch.Generator().manual_seed(0)
     try:
         results = []
         for _ in range(steps):
-            ids = torch.randint(0, hf.vocab_size, (batch.batch_size, batch.seq_len), generator=g)
+            ids = torch.randint(0, hf.vocab_size, (c.batch.batch_size, c.batch.seq_len), generator=g)
             results.append(rt.step(Batch(ids, ids.clone(), None)))
     finally:
         rt.close()
-    after, _ = probe_rates(torch.device("cpu"), root, file_bytes=file_bytes, layer=layer, optim_numel=layer_numel, loaded=loaded)
-    rates = bracket(before, after)
-    p = rt.plan
-    cand = candidate(shape, PlanConfig(batch=batch, device="cpu"), batch.micro_batches, memory.prefetch_depth if p.weight_slots == memory.prefetch_depth + 1 else p.weight_slots - 1, p.opt_slots)
-    assert cand.knobs["weight_slots"] == p.weight_slots and cand.knobs["opt_slots"] == p.opt_slots, (cand.knobs, p)
-    pred = predict(cand.build(), rates)
-    later = results[1:]
-    wall = statistics.median(r.seconds for r in later)
-    spans = []
-    fitted = []
-    for r in later:
-        spans.append((max(e.end_ns for e in r.events) - min(e.start_ns for e in r.events)) / 1e9)
-        fitted.append(profile_step(r.events).predicted.get("fitted from this trace", float("nan")))
-    mid = sorted(later, key=lambda r: r.seconds)[len(later) // 2].events
-    prof = profile_step(mid)
-    return {
-        "name": name, "slots": f"W{p.weight_slots} O{p.opt_slots}", "params": store.numel(), "pred": pred.step_s, "bottleneck": pred.bottleneck,
-        "wall": wall, "span": statistics.median(spans), "fitted": statistics.median(fitted), "steps": [r.seconds for r in results],
-        "rates": rates, "fitted_rates": fit_rates(mid, rates), "busy_pred": pred.busy_fraction(), "busy_meas": prof.busy, "stalls": prof.stalls_s,
-    }
+        shutil.rmtree(store_dir, ignore_errors=True)
+    wall = statistics.median(r.seconds for r in results[1:])
+    return {"config": c, "pred": pred, "slow": slow, "fast": fast, "wall": wall, "steps": [r.seconds for r in results],
+            "status": {r.status for r in results}, "params": shape.numel, "bottleneck": predict(graph, codec_rates[0], LANES).bottleneck}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def render(rows, info: str, rates_by_model: dict, args, seconds: float) -> str:
+    errs = [abs(r["pred"] / r["wall"] - 1) * 100 for r in rows]
+    table = markdown_table(
+        ["configuration", "params", "predicted s", "range (probe spread)", "measured s", "error", "bottleneck"],
+        [[r["config"].name, f"{r['params'] / 1e6:.1f} M", f"{r['pred']:.3f}", f"{r['fast']:.3f} - {r['slow']:.3f}", f"{r['wall']:.3f}",
+          f"{(r['pred'] / r['wall'] - 1) * 100:+.1f}%", r["bottleneck"]] for r in rows])
+    first = next(iter(rates_by_model.values()))[0]
+    rates = [f"- storage read {first.read_Bps / 1e9:.2f} GB/s, write {first.write_Bps / 1e9:.2f} GB/s; optimizer {first.optim_params_per_s / 1e6:.0f} M "
+             f"params/s (fp8 states {first.optim_by_codec.get('fp8/bf16+rem', 0) / 1e6:.0f}); host copy {first.copy_Bps / 1e9:.1f} GB/s"]
+    rates += [f"- {m} compute per kind of work (GFLOP/s + ms per call): "
+              + ", ".join(f"{w} {v[0] / 1e9:.0f} + {v[1] * 1e3:.1f}" if v[0] > 1 else f"{w} {v[1] * 1e3:.1f} ms" for w, v in sorted(r.compute_by_work.items()))
+              for m, (r, _s) in rates_by_model.items()]
+    return "\n".join([
+        "# bench_predict: predicted vs measured step time", "", f"Machine: {info}.", "",
+        f"Probed once ({args.probe_bytes >> 20} MiB storage probe, other lanes busy), torch threads {torch.get_num_threads()}:", "", *rates, "",
+        f"Measured: median wall time of steps 2..{args.steps} (commit included).", "", table, "",
+        f"|error|: median {statistics.median(errs):.1f}%, largest {max(errs):.1f}%; {sum(e <= 10 for e in errs)} of {len(errs)} within 10%, "
+        f"{sum(e <= 20 for e in errs)} within 20%. Run took {seconds:.0f} s; load average {os.getloadavg()[0]:.1f} at the end.",
+    ]) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--dir", default="/tmp/fuyou-bench-predict")
     ap.add_argument("--only", type=int, default=None, help="run only configuration i (0-based)")
     ap.add_argument("--probe-bytes", type=int, default=128 << 20, help="bytes of the storage probe")
-    ap.add_argument("--isolated", action="store_true", help="probe each resource alone (not with the other lanes busy)")
+    # One compute thread by default: with two OpenMP threads on a shared 2-vCPU box a layer's time
+    # swings 20x run to run (one thread descheduled stalls the other at every barrier); with one,
+    # under 3x, and the second core is left to the I/O and optimizer lanes.
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for probe and runs (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="the first configuration, 3 steps, a 32 MiB storage probe: a smoke run")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="write the report here (default: benchmarks/results/bench_predict.md for a full run)")
+    args = ap.parse_args(argv)
     if args.quick:
         args.only, args.steps, args.probe_bytes = 0, 3, 32 << 20
     if args.threads:
-        # One compute thread: with two OpenMP threads on a loaded 2-vCPU box a layer's time swings
-        # 20x run to run (one thread descheduled stalls the other at every barrier); one thread
-        # swings under 3x, and leaves the second core to the I/O and optimizer lanes.
         torch.set_num_threads(args.threads)
     os.makedirs(args.dir, exist_ok=True)
-    info = machine_info(torch.device("cpu"))
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_bytes'] / 2**30:.1f} GiB RAM, torch {info['torch']} "
-          f"({info['torch_threads']} threads), {info['date']}; load average {os.getloadavg()[0]:.1f} at start (shared machine)")
+    info = f"{machine_line()}; load average {os.getloadavg()[0]:.1f} at the start"
     t0 = time.perf_counter()
+    rates_by_model = probe(args, args.dir)
     rows = []
-    for i, (name, make_cfg, batch, memory) in enumerate(CONFIGS):
+    for i, c in enumerate(CONFIGS):
         if args.only is not None and i != args.only:
             continue
-        r = run_config(name, make_cfg, batch, memory, args.dir, args.steps, args.probe_bytes, not args.isolated)
+        rates, spread = rates_by_model[c.model]
+        r = run_config(c, rates, spread, args.dir, args.steps)
         rows.append(r)
-        print(f"\n{name}: {r['params'] / 1e6:.1f} M params, slots {r['slots']}; steps (s) {', '.join(f'{s:.2f}' for s in r['steps'])}")
-        for label, rt in (("probed", r["rates"]), ("fitted", r["fitted_rates"])):
-            print(f"  {label:6} read {rt.read_Bps / 1e9:.2f} GB/s + {rt.latency_s.get('read', 0) * 1e3:.1f} ms, write {rt.write_Bps / 1e9:.2f} GB/s + "
-                  f"{rt.latency_s.get('write', 0) * 1e3:.1f} ms, compute {rt.compute_flops / 1e9:.1f} GFLOP/s + {rt.compute_call_s * 1e3:.2f} ms/call "
-                  f"+ {rt.latency_s.get('compute', 0) * 1e3:.2f} ms/task, optim {rt.optim_params_per_s / 1e6:.0f} M params/s")
-        print("  busy predicted " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in r["busy_pred"].items()))
-        print("  busy measured  " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in r["busy_meas"].items()))
-        print("  compute stalls " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["stalls"].items()))
-    print(f"\n{'configuration':32} {'predicted':>10} {'measured':>10} {'error':>8} {'graph span':>11} {'fitted-rate pred':>17}  bottleneck")
-    for r in rows:
-        err = (r["pred"] / r["wall"] - 1) * 100
-        print(f"{r['name']:32} {r['pred']:9.3f}s {r['wall']:9.3f}s {err:+7.1f}% {r['span']:10.3f}s {r['fitted']:16.3f}s  {r['bottleneck']}")
-    print(f"(measured: median of steps 2..{args.steps} of wall time per step incl. commit; graph span: first task start to last task end; "
-          f"fitted-rate pred: the cost model with rates fitted from that step's own trace; total {time.perf_counter() - t0:.0f} s; "
-          f"load average {os.getloadavg()[0]:.1f} at end)")
+        print(f"{c.name}: predicted {r['pred']:.3f} s, measured {r['wall']:.3f} s ({(r['pred'] / r['wall'] - 1) * 100:+.1f}%); "
+              f"steps {', '.join(f'{s:.2f}' for s in r['steps'])}", flush=True)
+    write_report(render(rows, info, rates_by_model, args, time.perf_counter() - t0), report_path(args.out, args.quick, "bench_predict.md"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,9 @@ they became ready (ties: graph order), one per free thread. A task's duration co
 
     read / write / h2d / d2h   latency + nbytes / lane bandwidth
     collective                 latency + nbytes / collective bandwidth (what one rank sends)
-    compute                    latency + calls * call overhead + flops / FLOP rate
+    compute                    latency + calls * call overhead + flops / FLOP rate, or, for a kind of
+                               work measured on the model's own blocks: calls * its cost per call
+                               + flops / its rate
     optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel),
                                + meta write_bytes / write bandwidth (a gradient it keeps on disk)
     commit                     latency + files deleted * per-file cost
@@ -21,7 +23,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .graph import KINDS, Graph, Task
 from .trace import Trace, TraceEvent
@@ -49,6 +51,12 @@ class Rates:
     # Bytes per second one rank moves through a collective (a reduce or a broadcast between ranks).
     # The default is a 10 Gbit/s network; `fuyou profile` fits it from a traced data-parallel step.
     collective_Bps: float = 1.25e9
+    # Compute measured per kind of work on a model's own blocks (fuyou.planning.calibrate): kind ->
+    # [FLOP/s, seconds per call]. A compute task whose meta "work" has an entry is timed by it.
+    compute_by_work: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # Host -> device bytes/s by the compute weights' codec (meta "codec" of an h2d task): the lane
+    # decodes what it copies (fp8 tiles are dequantized on the host), at a rate of its own.
+    h2d_by_codec: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         for f in fields(self):
@@ -57,10 +65,14 @@ class Rates:
                 bad = {k: x for k, x in v.items() if k not in KINDS or not (x >= 0 and math.isfinite(x))}
                 if bad:
                     raise ValueError(f"latency_s {bad} invalid: keys must be task kinds {KINDS}, values finite seconds >= 0")
-            elif f.name == "optim_by_codec":
+            elif f.name == "compute_by_work":
+                bad = {k: x for k, x in v.items() if len(x) != 2 or not (x[0] > 0 and math.isfinite(x[0]) and x[1] >= 0 and math.isfinite(x[1]))}
+                if bad:
+                    raise ValueError(f"compute_by_work {bad} invalid: values must be [FLOP/s > 0, seconds per call >= 0]")
+            elif f.name in ("optim_by_codec", "h2d_by_codec"):
                 bad = {k: x for k, x in v.items() if not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x))}
                 if bad:
-                    raise ValueError(f"optim_by_codec {bad} invalid: values must be finite params/s > 0")
+                    raise ValueError(f"{f.name} {bad} invalid: values must be finite rates > 0")
             elif f.name in ("compute_call_s", "commit_file_s"):
                 if not (v >= 0 and math.isfinite(v)):
                     raise ValueError(f"{f.name} must be finite and >= 0, got {v}")
@@ -71,6 +83,8 @@ class Rates:
         d = asdict(self)
         d["latency_s"] = dict(self.latency_s)
         d["optim_by_codec"] = dict(self.optim_by_codec)
+        d["compute_by_work"] = {k: list(v) for k, v in self.compute_by_work.items()}
+        d["h2d_by_codec"] = dict(self.h2d_by_codec)
         return d
 
     @staticmethod
@@ -94,6 +108,8 @@ class Rates:
         kw = dict(d)
         kw["latency_s"] = dict(kw.get("latency_s") or {})
         kw["optim_by_codec"] = dict(kw.get("optim_by_codec") or {})
+        kw["compute_by_work"] = {k: tuple(v) for k, v in (kw.get("compute_by_work") or {}).items()}
+        kw["h2d_by_codec"] = dict(kw.get("h2d_by_codec") or {})
         return cls(**kw)
 
     def replace(self, **changes) -> "Rates":
@@ -105,9 +121,15 @@ class Rates:
         lat = float(self.latency_s.get(task.kind, 0.0))
         if task.kind in _BANDWIDTH_FIELD:
             copied = int(task.meta.get("copy_bytes", 0))  # served from host memory, not the device
-            return lat + task.nbytes / getattr(self, _BANDWIDTH_FIELD[task.kind]) + copied / self.copy_Bps
+            rate = getattr(self, _BANDWIDTH_FIELD[task.kind])
+            if task.kind == "h2d":
+                rate = self.h2d_by_codec.get(task.meta.get("codec", ""), rate)
+            return lat + task.nbytes / rate + copied / self.copy_Bps
         if task.kind == "compute":
             calls = int(task.meta.get("calls", 1))
+            measured = self.compute_by_work.get(task.meta.get("work", ""))
+            if measured is not None:  # measured on this kind of work: its own rate and cost per call
+                return calls * measured[1] + task.flops / measured[0]
             return lat + calls * self.compute_call_s + task.flops / self.compute_flops
         if task.kind == "optim":
             numel = task.meta.get("numel")

@@ -97,12 +97,17 @@ def probe_command(cmd: ProbeCommand, _given: set) -> int:
     device = torch.device(_device(cmd.device))
     console = Console()
     layer = {"hidden": cmd.hidden, "intermediate": cmd.intermediate, "heads": cmd.heads, "kv_heads": cmd.heads, "batch": max(1, cmd.tokens // 128), "seq_len": 128}
+    log = lambda s: console.print(s, style="dim")  # noqa: E731
+    hf = None
     if cmd.model is not None:
         from ..planning.probe_compute import layer_shape_of
         from ..planning.search import load_model_config
 
-        layer.update(layer_shape_of(load_model_config(cmd.model)))
-    rates, details = probe_rates(device, cmd.store_dir, file_bytes=cmd.size, layer=layer, loaded=not cmd.isolated, log=lambda s: console.print(s, style="dim"))
+        hf = load_model_config(cmd.model)
+        layer.update(layer_shape_of(hf))
+    rates, details = probe_rates(device, cmd.store_dir, file_bytes=cmd.size, layer=layer, loaded=not cmd.isolated, log=log)
+    if hf is not None:
+        rates, details = _calibrated(rates, details, hf, cmd, device, log)
     path = save_rates(rates, details, device, cmd.out)
     info = machine_info(device)
     t = Table(title=f"fuyou probe: {info['cpu']}, {info['cores']} cores, {info['ram_bytes'] / 2**30:.1f} GiB RAM, {info['date']}")
@@ -120,6 +125,30 @@ def probe_command(cmd: ProbeCommand, _given: set) -> int:
     console.print("* the default I/O backend: the storage rates above are its, probed with a decoder layer computing")
     console.print(f"saved to {path}")
     return 0
+
+
+CALIBRATION_MAX_BYTES = 4 << 30  # the scratch store of the model cut to two layers, at most (beyond: the layer probe's rate)
+
+
+def _calibrated(rates, details: dict, hf, cmd: ProbeCommand, device, log):
+    """The rates with compute measured on the model's own blocks (planning/calibrate.py), when the
+    model cut to two layers is small enough to train here for a moment."""
+    import copy
+
+    from ..memory import format_bytes
+    from ..model.skeleton import Skeleton
+    from ..planning.calibrate import CALIBRATION_LAYERS, calibrate_compute
+
+    small = copy.deepcopy(hf)
+    small.num_hidden_layers = min(CALIBRATION_LAYERS, hf.num_hidden_layers)
+    need = 16 * Skeleton(small).numel()  # fp32 weights, master and moments
+    if need > CALIBRATION_MAX_BYTES:
+        log(f"compute not calibrated on {cmd.model}'s blocks: the model cut to {small.num_hidden_layers} layers needs {format_bytes(need)} of store "
+            f"(more than {format_bytes(CALIBRATION_MAX_BYTES)}); the layer probe's rate stands")
+        return rates, details
+    rows = max(1, cmd.tokens // 128)
+    work = calibrate_compute(hf, device=device, seq_len=128, rows=sorted({1, max(1, rows // 2), rows}), store_dir=cmd.store_dir, log=log)
+    return rates.replace(compute_by_work=work), dict(details, calibrated_on=cmd.model)
 
 
 def profile_command(cmd: ProfileCommand, _given: set) -> int:

@@ -60,6 +60,15 @@ class ModelSource:
         else:
             self._init_dir(spec)
 
+    @classmethod
+    def from_config(cls, config, name: str) -> "ModelSource":
+        """A model of `config`'s shape with its architecture's own random initialisation, as a
+        preset has (no weights are read); `name` describes it."""
+        src = cls.__new__(cls)
+        src.spec, src.preset, src.weight_files, src.index, src._headers = name, name, [], {}, {}
+        src.tokenizer_dir, src.config, src.path = DEFAULT_TOKENIZER_DIR, config, None
+        return src
+
     def _init_preset(self, name: str) -> None:
         from transformers import AutoTokenizer
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -24,8 +25,9 @@ import torch
 
 from scheduler.costmodel import Rates
 
-from ..config import StateConfig
-from ..optim.state import KINDS, StateCodecs, adamw_update_
+from ..config import WEIGHT_CODECS, StateConfig
+from ..optim.codecs import weights_codec
+from ..optim.state import KINDS, WEIGHT_DTYPES, StateCodecs, adamw_update_, decode_weights, init_weights_
 from ..store import backends
 from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
 from ..store.layout import BlockLayout
@@ -53,6 +55,22 @@ def _commit_like(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _step_commit(directory: str, old: list, small, write_files, repeats: int) -> float:
+    """Median seconds of a commit after a step that wrote a new version of each of the `old` files:
+    the manifest written and fsynced, renamed, the directory fsynced, the old versions deleted."""
+    times = []
+    for r in range(repeats):
+        new = [f"{p}.{r}" for p in old]
+        write_files(new, small)  # the step's writes (not timed)
+        t0 = time.perf_counter()
+        _commit_like(directory)
+        for p in old:
+            os.unlink(p)
+        times.append(time.perf_counter() - t0)
+        old[:] = new
+    return statistics.median(times)
 
 
 def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: int = 8, repeats: int = 3, background: Optional[Callable[[], None]] = None,
@@ -89,10 +107,10 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
             t_wsmall = median_time(lambda: write_files(small_paths, small), repeats) / files
             t_rsmall = median_time(lambda: read_files(small_paths, small), repeats) / files
             t_commit = median_time(lambda: _commit_like(tmp), repeats)
-        t0 = time.perf_counter()
-        for p in small_paths:
-            os.unlink(p)
-        t_unlink = (time.perf_counter() - t0) / files
+            t_step_commit = _step_commit(tmp, small_paths, small, write_files, repeats)
+        # What a commit costs per file a step wrote (the directory's fsync carries their entries)
+        # and deleted (the superseded versions), beyond the manifest's own write and fsyncs.
+        t_commit_file = max(t_step_commit - t_commit, 0.0) / files
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = per * files
@@ -104,7 +122,7 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
         "read_file_s": t_rsmall,
         "write_file_s": t_wsmall,
         "commit_s": t_commit,
-        "unlink_file_s": t_unlink,
+        "commit_file_s": t_commit_file,
         "file_bytes": per,
         "files": files,
     }
@@ -128,8 +146,34 @@ def probe_backends(store_dir: str, total_bytes: int, log: Callable[[str], None] 
 
 
 def probe_copies(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> dict:
-    """h2d/d2h bandwidth, and the host memory copy rate (reads served by the block cache)."""
-    return {"copy_Bps": _host_copy_Bps(nbytes, repeats), **_device_copies(device, nbytes, repeats)}
+    """h2d/d2h bandwidth, the host memory copy rate (reads served by the block cache), and the h2d
+    lane's rate for each compute-weights codec (it decodes what it copies)."""
+    return {"copy_Bps": _host_copy_Bps(nbytes, repeats), **_device_copies(device, nbytes, repeats),
+            "h2d_by_codec": _h2d_by_codec(device, max(nbytes // 16, 1 << 16), repeats)}
+
+
+def _h2d_by_codec(device: torch.device, numel: int, repeats: int) -> Dict[str, float]:
+    """Bytes/s of the h2d task body per weights codec: the staged weights decoded (fp8 tiles
+    dequantized, bf16 viewed) and copied into a compute-dtype slot; bytes as the step graph counts
+    them (the decoded values)."""
+    shape = (256, max(numel // 256, 1))
+    numel = shape[0] * shape[1]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    out = {}
+    for codec in WEIGHT_CODECS:
+        cfg = StateConfig(weights=codec)
+        lay = BlockLayout("probe", [("w", numel, shape)], StateCodecs(cfg, weights_only=True)).kinds["weights"]
+        parts = lay.views(aligned_empty(lay.file_bytes).zero_())["w"]
+        init_weights_(cfg, torch.randn(shape) * 0.02, parts)
+        dst = torch.empty(numel, dtype=torch.float32 if device.type == "cpu" else WEIGHT_DTYPES[codec], device=device)
+
+        def run():
+            dst.copy_(decode_weights(cfg, parts, shape))
+            sync()
+
+        run()
+        out[codec] = weights_codec(codec, numel, shape).values_bytes(numel) / median_time(run, repeats)
+    return out
 
 
 def _host_copy_Bps(nbytes: int, repeats: int) -> float:
@@ -243,8 +287,9 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
     rates = Rates(
         read_Bps=disk["read_Bps"], write_Bps=disk["write_Bps"], h2d_Bps=copies["h2d_Bps"], d2h_Bps=copies["d2h_Bps"], copy_Bps=copies["copy_Bps"],
         compute_flops=comp["compute_flops"], optim_params_per_s=opt[0], optim_by_codec=by_codec, compute_call_s=comp["compute_call_s"],
+        h2d_by_codec=copies["h2d_by_codec"],
         latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
-        commit_file_s=disk["unlink_file_s"],
+        commit_file_s=disk["commit_file_s"],
     )
     # What each rate was over the probe's runs (slow, fast quartile): the plan's range comes from it.
     spread = {**disk["spread"], **comp["spread"], "optim_params_per_s": list(opt[1:]),

@@ -146,11 +146,14 @@ def rates_table(rates: Rates) -> Dict[str, str]:
     return {
         "storage read": f"{rates.read_Bps / 1e9:.2f} GB/s" + (f" + {lat['read'] * 1e3:.1f} ms/task" if lat.get("read") else ""),
         "storage write": f"{rates.write_Bps / 1e9:.2f} GB/s" + (f" + {lat['write'] * 1e3:.1f} ms/task" if lat.get("write") else ""),
-        "h2d / d2h": f"{rates.h2d_Bps / 1e9:.2f} / {rates.d2h_Bps / 1e9:.2f} GB/s",
+        "h2d / d2h": f"{rates.h2d_Bps / 1e9:.2f} / {rates.d2h_Bps / 1e9:.2f} GB/s"
+        + "".join(f", h2d of {k} weights {v / 1e9:.2f}" for k, v in rates.h2d_by_codec.items()),
         "compute": f"{rates.compute_flops / 1e12:.3f} TFLOP/s (model FLOPs)" + (f" + {rates.compute_call_s * 1e3:.2f} ms/call" if rates.compute_call_s else ""),
         "optimizer": f"{rates.optim_params_per_s / 1e6:.0f} M params/s (fp32)"
         + "".join(f", {v / 1e6:.0f} ({k})" for k, v in rates.optim_by_codec.items()),
         "host copy": f"{rates.copy_Bps / 1e9:.2f} GB/s",
+        **({"compute per kind of work": ", ".join(f"{k} {v[0] / 1e9:.0f} GFLOP/s + {v[1] * 1e3:.1f} ms/call" if v[0] > 1 else f"{k} {v[1] * 1e3:.1f} ms/call"
+                                                  for k, v in sorted(rates.compute_by_work.items()))} if rates.compute_by_work else {}),
         "between ranks": f"{rates.collective_Bps / 1e9:.2f} GB/s per rank" + (f" + {lat['collective'] * 1e3:.1f} ms/collective"
                                                                            if lat.get("collective") else ""),
     }

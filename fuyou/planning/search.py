@@ -117,6 +117,18 @@ def run_memory_plan(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, memo
                           compute_dtype=compute_dtype_for(device, WEIGHT_DTYPES[cfg.state.weights]), frozen=shape.frozen)
 
 
+def planned_graph(shape: ModelShape, spec: StepSpec, micro_batches: int):
+    """The step graph the cost model times: the runtime's, each compute task's calls counted (one
+    per micro-batch), then the commit after it (the manifest switch, the superseded files deleted)."""
+    g = build_step_graph(spec)
+    for t in g.tasks:
+        if t.kind == "compute":
+            t.meta["calls"] = micro_batches
+    n_files = 0 if shape.frozen else sum(len(lay.kinds) for lay in shape.store.layouts.values())
+    g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")], files=n_files)
+    return g
+
+
 def run_step_spec(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, plan: MemoryPlan) -> StepSpec:
     """The step the runtime runs with that memory plan: what its graph is built from."""
     owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0]) if plan.opt_slots else {}
@@ -161,16 +173,8 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         return None
     spec = run_step_spec(shape, cfg, batch, plan)
 
-    n_files = 0 if shape.frozen else sum(len(lay.kinds) for lay in shape.store.layouts.values())
-
     def build():
-        g = build_step_graph(spec)
-        for t in g.tasks:
-            if t.kind == "compute":
-                t.meta["calls"] = micro
-        # The runtime commits after the graph: manifest switch, then the superseded files go.
-        g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")], files=n_files)
-        return g
+        return planned_graph(shape, spec, micro)
 
     knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
     memory = {"gpu": plan.device_bytes() + shape.adapter_device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape, cfg, plan), "cache": plan.cache_bytes}

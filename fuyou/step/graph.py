@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Protocol
 
 from scheduler import Graph
 
-from .spec import BlockSizes, StepSpec, block_indices
+from .spec import BlockSizes, StepSpec, block_indices, compute_work
 
 
 # One thread per lane: the executor and the cost model both run the step graph with these. `comm`:
@@ -148,7 +148,7 @@ class _StepGraphBuilder:
             dev_free = self.compute[consumer - D] if consumer >= D else None
             copied_bytes = sum(spec.blocks[b].copied_bytes for b in c.weight_blocks)  # decoded on the host, then copied
             task = g.add(TaskName.h2d(consumer, c.block), "h2d", "h2d", partial(self.bodies.h2d, consumer), [task, dev_free], nbytes=copied_bytes,
-                         block=c.block, role="h2d")
+                         block=c.block, role="h2d", codec=spec.weights_codec)
         self.ready[consumer] = task
         return task
 
@@ -169,7 +169,7 @@ class _StepGraphBuilder:
             deps.append(self._bring_back(i, c.block))
         extra = {"from_below": True} if recomputed else {}  # kept in the trace for the profiler
         task = self.g.add(TaskName.compute(c.phase, c.block), "compute", "compute", partial(self.bodies.compute, consumer), deps, flops=spec.flops[consumer],
-                          block=c.block, phase=c.phase, role="compute", **extra)
+                          block=c.block, phase=c.phase, role="compute", work=compute_work(c.phase, i, spec.kept_forward), **extra)
         self.compute.append(task)
         if c.phase == "fwd" and 1 <= i <= spec.n_offloaded:
             lane = "write" if i <= spec.n_on_ssd else "d2h"
@@ -261,7 +261,8 @@ def build_eval_graph(spec: StepSpec, bodies: Optional[TaskBodies] = None) -> Gra
         block = spec.cons[consumer].block
         deps = [builder.weights_ready(consumer), builder.compute[-1] if builder.compute else None]
         builder.compute.append(builder.g.add(TaskName.compute("eval", block), "compute", "compute", partial(builder.bodies.compute, consumer), deps,
-                                             flops=spec.flops[consumer] // (3 if consumer == head else 1), block=block, phase="eval", role="compute"))
+                                             flops=spec.flops[consumer] // (3 if consumer == head else 1), block=block, phase="eval", role="compute",
+                                             work=compute_work("eval", -1 if consumer == head else builder.index[block], False)))
     return builder.g
 
 

@@ -69,6 +69,8 @@ class StepSpec:
     train_states: bool = True  # False: a frozen base (LoRA): no optimizer, state reads or writes
     ranks: int = 1  # data-parallel ranks: above 1, each block's gradient is reduced to its owner and its new weights broadcast
     keeps_grads: bool = False  # clipping: each block's first optimizer pass writes its gradient to the store for a clipped redo
+    kept_forward: bool = False  # the forward keeps each layer's autograd activations (no recompute in the backward)
+    weights_codec: str = "fp32"  # how the compute weights are stored (the h2d lane decodes them)
 
 
 def block_indices(cons: List[Consumer]) -> Dict[str, int]:
@@ -108,6 +110,21 @@ def consumer_flops(
     return {"fwd": fwd, "head": (1 + back) * fwd, "bwd": (back + (1 if recompute or not is_layer else 0)) * fwd}[c.phase]
 
 
+def compute_work(phase: str, index: int, kept_forward: bool) -> str:
+    """The kind of work a compute task does, for rates measured per kind (Rates.compute_by_work):
+    the embedding's forward or backward (a gather), the head (forward, loss and backward), a
+    decoder layer's forward or backward as the backward does it (from the forward's kept
+    activations, or recomputing), or a forward-only pass (validation). `index`: the block's (0 =
+    embedding, -1 = head)."""
+    if index < 0:
+        return "eval:head" if phase == "eval" else "head"
+    if index == 0:
+        return f"embed:{phase}"
+    if phase == "eval":
+        return "eval:layer"
+    return f"layer:{phase}:{'keep' if kept_forward else 'recompute'}"
+
+
 def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int], skeleton: Skeleton, batch: BatchConfig,
               ranks: int = 1, keeps_grads: bool = False) -> StepSpec:
     """Sizes of every task of a step, from the store's layout and the model's shape (one rank's:
@@ -136,5 +153,6 @@ def step_spec(store: Store, cons: List[Consumer], plan, opt_owner: Dict[str, int
     return StepSpec(
         cons, blocks, plan.weight_slots, plan.device_slots, plan.opt_slots, opt_owner, flops, plan.grad_slots, frozenset(plan.cache_blocks),
         n_offloaded=plan.n_offloaded, act_block_bytes=plan.micro_batches * plan.act_bytes, recomputed_inputs=frozenset(plan.recomputed_inputs),
-        n_on_ssd=plan.n_on_ssd, train_states=plan.opt_slots > 0, ranks=ranks, keeps_grads=keeps_grads,
+        n_on_ssd=plan.n_on_ssd, train_states=plan.opt_slots > 0, ranks=ranks, keeps_grads=keeps_grads, kept_forward=not plan.recompute,
+        weights_codec=codec,
     )
