@@ -7,6 +7,7 @@ import pytest
 from scheduler.costmodel import Rates, predict
 from fuyou.step.graph import LANES, build_redo_graph, build_step_graph, bytes_per_step
 from fuyou.step.spec import BlockSizes, StepSpec, assign_opt_slots, consumers
+from tests.runtime.test_schedule import _ancestors as ancestors
 
 NAMES = ["embed"] + [f"layer{i:04d}" for i in range(5)] + ["head"]
 
@@ -16,16 +17,6 @@ def spec(ranks=2, opt_slots=2, grad_slots=2, tied=False):
     # This rank updates every other block: the others keep their weights alone (no state bytes).
     blocks = {b: BlockSizes(1000 + i, 4000, 12000 if i % 2 else 0) for i, b in enumerate(NAMES)}
     return StepSpec(cons, blocks, 3, 0, opt_slots, assign_opt_slots(cons, tied, opt_slots, "embed"), [10] * len(cons), grad_slots, ranks=ranks)
-
-
-def ancestors(task):
-    seen, todo = set(), list(task.deps)
-    while todo:
-        t = todo.pop()
-        if t.name not in seen:
-            seen.add(t.name)
-            todo += t.deps
-    return seen
 
 
 @pytest.mark.parametrize("opt_slots,grad_slots,tied", [(2, 2, False), (1, 1, False), (3, 2, True)])
