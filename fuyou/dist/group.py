@@ -82,10 +82,6 @@ class RankGroup:
         """x summed over the ranks (in fp64)."""
         return float(self.all_reduce_(torch.tensor([x], dtype=torch.float64))[0])
 
-    def any(self, flag: bool) -> bool:
-        """Whether any rank's flag is set (every rank gets the same answer)."""
-        return bool(self.all_reduce_(torch.tensor([int(bool(flag))], dtype=torch.int64), "max")[0])
-
     def barrier(self) -> None:
         import torch.distributed as dist
 
