@@ -224,3 +224,16 @@ def test_probe_of_a_models_layer_shape(tmp_path, config_dir):
     shape = json.loads((config_dir / "rates.json").read_text())["details"]["compute"]["shape"]
     assert (shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"]) == (
         hf.hidden_size, hf.intermediate_size, hf.num_attention_heads, hf.num_key_value_heads)
+
+
+def test_the_documented_workstation_rates_plan_as_docs_planner_says(capsys):
+    """docs/rates/fuyou-paper-testbed.json is a --rates file, and the plan docs/planner.md quotes is
+    what `fuyou plan` makes of it."""
+    import os
+
+    rates = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "rates", "fuyou-paper-testbed.json")
+    argv = ["plan", "--rates", rates, "--model", "llama-13b", "--device", "cuda", "--gpu-mem", "22GiB", "--cpu-mem", "700GiB", "--cache-mem", "0",
+            "--batch-size", "64", "--seq-len", "1024", "--weights", "bf16"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "│ predicted step │ 71.862 s" in out and "│ bottleneck │ compute" in out
