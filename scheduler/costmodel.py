@@ -11,7 +11,7 @@ they became ready (ties: graph order), one per free thread. A task's duration co
                                + flops / its rate
     optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel),
                                + meta write_bytes / write bandwidth (a gradient it keeps on disk)
-    commit                     latency + files deleted * per-file cost
+    commit                     latency + files deleted * per-file cost + their bytes * per-byte cost
 
 Lanes are assumed independent (no shared memory bandwidth or cores between them): where they are
 not (a 2-core host running compute and the optimizer at once), the measured step is slower and the
@@ -44,6 +44,7 @@ class Rates:
     latency_s: Mapping[str, float] = field(default_factory=dict)  # fixed cost per task, by kind
     compute_call_s: float = 0.0  # fixed cost per micro-batch call inside a compute task
     commit_file_s: float = 0.0  # cost per file a commit deletes (meta "files" of a commit task)
+    commit_byte_s: float = 0.0  # cost per byte of the files a commit deletes (meta "freed_bytes": freeing their extents)
     copy_Bps: float = 8e9  # host memory copy bandwidth of one thread (reads served by the block cache)
     # Optimizer params/s of the compressed codecs, by "<moments>/<master>" (e.g. "fp8/bf16+rem");
     # optim_params_per_s is the fp32 one. See for_codec.
@@ -73,7 +74,7 @@ class Rates:
                 bad = {k: x for k, x in v.items() if not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x))}
                 if bad:
                     raise ValueError(f"{f.name} {bad} invalid: values must be finite rates > 0")
-            elif f.name in ("compute_call_s", "commit_file_s"):
+            elif f.name in ("compute_call_s", "commit_file_s", "commit_byte_s"):
                 if not (v >= 0 and math.isfinite(v)):
                     raise ValueError(f"{f.name} must be finite and >= 0, got {v}")
             elif not (v > 0 and math.isfinite(v)):
@@ -139,7 +140,7 @@ class Rates:
             # No parameter count: an optimizer pass is bound by the host memory it streams;
             # 16 bytes per parameter (fp32 master, two moments, gradient) turns it into params.
             return lat + task.nbytes / 16 / self.optim_params_per_s
-        return lat + int(task.meta.get("files", 0)) * self.commit_file_s  # commit
+        return lat + int(task.meta.get("files", 0)) * self.commit_file_s + int(task.meta.get("freed_bytes", 0)) * self.commit_byte_s  # commit
 
 
 @dataclass

@@ -57,6 +57,20 @@ def _commit_like(directory: str) -> None:
         os.close(fd)
 
 
+def _unlink_time(paths: list) -> float:
+    """Seconds per file of deleting `paths` (then fsyncing their directory), as a commit deletes
+    the superseded versions."""
+    t0 = time.perf_counter()
+    for p in paths:
+        os.unlink(p)
+    fd = os.open(os.path.dirname(paths[0]), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return (time.perf_counter() - t0) / len(paths)
+
+
 def _step_commit(directory: str, old: list, small, write_files, repeats: int) -> float:
     """Median seconds of a commit after a step that wrote a new version of each of the `old` files:
     the manifest written and fsynced, renamed, the directory fsynced, the old versions deleted."""
@@ -108,9 +122,12 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
             t_rsmall = median_time(lambda: read_files(small_paths, small), repeats) / files
             t_commit = median_time(lambda: _commit_like(tmp), repeats)
             t_step_commit = _step_commit(tmp, small_paths, small, write_files, repeats)
+            # Deleting a large file costs with its size (its extents freed): 8 of `per` bytes against small ones.
+            t_unlink_big = _unlink_time(paths)
         # What a commit costs per file a step wrote (the directory's fsync carries their entries)
         # and deleted (the superseded versions), beyond the manifest's own write and fsyncs.
         t_commit_file = max(t_step_commit - t_commit, 0.0) / files
+        commit_byte_s = max(t_unlink_big - t_commit_file, 0.0) / max(per - ALIGN, 1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = per * files
@@ -123,6 +140,7 @@ def probe_storage(store_dir: str, total_bytes: int = DEFAULT_FILE_BYTES, files: 
         "write_file_s": t_wsmall,
         "commit_s": t_commit,
         "commit_file_s": t_commit_file,
+        "commit_byte_s": commit_byte_s,
         "file_bytes": per,
         "files": files,
     }
@@ -289,7 +307,7 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
         compute_flops=comp["compute_flops"], optim_params_per_s=opt[0], optim_by_codec=by_codec, compute_call_s=comp["compute_call_s"],
         h2d_by_codec=copies["h2d_by_codec"],
         latency_s={"read": FILES_PER_READ_TASK * disk["read_file_s"], "write": FILES_PER_WRITE_TASK * disk["write_file_s"], "commit": disk["commit_s"]},
-        commit_file_s=disk["commit_file_s"],
+        commit_file_s=disk["commit_file_s"], commit_byte_s=disk["commit_byte_s"],
     )
     # What each rate was over the probe's runs (slow, fast quartile): the plan's range comes from it.
     spread = {**disk["spread"], **comp["spread"], "optim_params_per_s": list(opt[1:]),

@@ -24,7 +24,7 @@ from .settings import PlanConfig
 from ..dist.partition import assign_owners
 from ..optim.state import WEIGHT_DTYPES, StateCodecs
 from .rates import load_rates, rate_bounds
-from ..step.graph import LANES, build_redo_graph, build_step_graph
+from ..step.graph import LANES, build_redo_graph, build_step_graph, bytes_per_step
 from ..step.spec import StepSpec, assign_opt_slots, model_consumers, step_spec
 from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, disk_peak_bytes, plan_for_model
 
@@ -125,7 +125,10 @@ def planned_graph(shape: ModelShape, spec: StepSpec, micro_batches: int):
         if t.kind == "compute":
             t.meta["calls"] = micro_batches
     n_files = 0 if shape.frozen else sum(len(lay.kinds) for lay in shape.store.layouts.values())
-    g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")], files=n_files)
+    # What the commit deletes is what the step wrote anew: the superseded versions, as large (in
+    # lean mode the master and moments go during the step; the total is the same).
+    freed = bytes_per_step(g.tasks)["ssd written"]
+    g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")], files=n_files, freed_bytes=freed)
     return g
 
 
