@@ -11,7 +11,12 @@ and the head on the two lightest).
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
+
+
+def block_sizes(blocks: Sequence[dict]) -> List[Tuple[str, int]]:
+    """[(name, numel)] of manifest blocks ({"name", "params": [{"numel", ...}]}), in their order."""
+    return [(b["name"], sum(p["numel"] for p in b["params"])) for b in blocks]
 
 
 def assign_owners(blocks: Sequence[Tuple[str, int]], ranks: int) -> Dict[str, int]:

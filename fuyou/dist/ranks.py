@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 from ..config import BatchConfig, FinetuneConfig
 from ..data.dataset import Batch
 from .group import RankGroup
-from .partition import assign_owners
+from .partition import assign_owners, block_sizes
 
 RANK = "{rank}"  # --store's placeholder for the rank's number
 
@@ -68,8 +68,7 @@ def rows_of(batch: Batch, group: RankGroup) -> Batch:
 
 def ranks_record(blocks: List[dict], group: RankGroup) -> dict:
     """What a new run's stores record of its ranks: how many, and which rank updates which block."""
-    sizes = [(b["name"], sum(p["numel"] for p in b["params"])) for b in blocks]
-    return {"world_size": group.size, "owners": assign_owners(sizes, group.size)}
+    return {"world_size": group.size, "owners": assign_owners(block_sizes(blocks), group.size)}
 
 
 def check_ranks(stored: Optional[dict], group: Optional[RankGroup], store: str) -> None:

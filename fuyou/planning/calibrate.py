@@ -27,7 +27,9 @@ from ..data.dataset import Batch
 from ..model.importer import import_model
 from ..model.skeleton import Skeleton
 from ..model.source import ModelSource
+from ..optim.state import StateCodecs
 from ..step.runtime import Runtime
+from ..store.store import open_store
 
 CALIBRATION_LAYERS = 2  # the layers' tasks repeat: two of them give their rates without the whole model
 STEPS = 4  # the first warms up; the compute tasks of the others are the points
@@ -56,9 +58,6 @@ def calibrate_compute(hf_config, *, device: torch.device, seq_len: int, rows: Se
 
 def _compute_tasks(cfg, store_path: str, device: torch.device, rows: int, seq_len: int, recompute: str):
     """(work, calls, flops, seconds) of every compute task of the steps after the first."""
-    from ..store.store import open_store
-    from ..optim.state import StateCodecs
-
     store = open_store(store_path, StateCodecs.from_json)
     batch = BatchConfig(batch_size=2 * rows, micro_batches=2, seq_len=seq_len)
     # Streaming from the store, as a run does: the read lane's checksums share the cores with compute.

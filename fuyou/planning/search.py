@@ -21,7 +21,7 @@ from scheduler.planner import Candidate, Choice, choose
 
 from ..config import BatchConfig, MemoryConfig, PeftConfig, StateConfig
 from .settings import PlanConfig
-from ..dist.partition import assign_owners
+from ..dist.partition import assign_owners, block_sizes
 from ..optim.state import WEIGHT_DTYPES, StateCodecs
 from .rates import load_rates, rate_bounds
 from ..step.graph import LANES, build_redo_graph, build_step_graph, bytes_per_step
@@ -85,8 +85,9 @@ def model_shape(hf_config, state: StateConfig, ranks: int = 1, peft: Optional[Pe
     sk = Skeleton(hf_config)
     info = {"source": "plan", "architecture": type(sk.model).__name__, "fingerprint": "", "numel": sk.numel()}
     blocks = sk.manifest_blocks()
-    owners = assign_owners([(b["name"], sum(p["numel"] for p in b["params"])) for b in blocks], ranks)
-    load = {r: sum(sum(p["numel"] for p in b["params"]) for b in blocks if owners[b["name"]] == r) for r in range(ranks)}
+    sizes = block_sizes(blocks)
+    owners = assign_owners(sizes, ranks)
+    load = {r: sum(n for b, n in sizes if owners[b] == r) for r in range(ranks)}
     busiest = max(range(ranks), key=lambda r: (load[r], -r))
     frozen = peft is not None and peft.method is not None
     codecs = StateCodecs(state, weights_only=frozen)

@@ -11,7 +11,7 @@ import torch
 from ..faults import crash_point
 from ..model.errors import UnsupportedModelError
 from ..optim.state import OPTIM_KINDS, adamw_update_, emit_weights_
-from .compute import run_consumer
+from .compute import run_consumer, started_grad
 from .context import RunContext, StepState
 from .memory_plan import SLOT_KINDS
 
@@ -125,10 +125,7 @@ class StepBodies:
         parameters any rank's autograd reached count as received on every rank (so every rank
         agrees on which parameters have a gradient, as one process accumulating every row would)."""
         ctx, st = self.ctx, self.st
-        grad = ctx.slots.grad(b)
-        if b not in st.grad_started:  # this rank's rows reached nothing in b: it adds zeros
-            grad.zero_()
-            st.grad_started.add(b)
+        grad = started_grad(ctx, b, st)  # zeros where this rank's rows reached nothing in b
         ctx.group.reduce_(grad, ctx.owners[b])
         ctx.moved.add("between ranks", grad.numel() * grad.element_size())
         names = [name for name, _numel in ctx.store.layouts[b].params]

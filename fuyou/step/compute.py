@@ -102,11 +102,19 @@ class WeightRefs:
         return torch.as_strided(typed, shape, stride, typed.storage_offset() + offset // dtype.itemsize)
 
 
-def _grad_views(ctx: RunContext, block: str, st: StepState) -> Dict[str, torch.Tensor]:
-    """The block's fp32 gradient in its gradient slot, zeroed by the step's first writer."""
+def started_grad(ctx: RunContext, block: str, st: StepState) -> torch.Tensor:
+    """The block's flat fp32 gradient in its gradient slot, zeroed by the step's first user (a
+    backward accumulating into it, or a reduce to which this rank adds nothing)."""
+    grad = ctx.slots.grad(block)
     if block not in st.grad_started:
-        ctx.slots.grad(block).zero_()
+        grad.zero_()
         st.grad_started.add(block)
+    return grad
+
+
+def _grad_views(ctx: RunContext, block: str, st: StepState) -> Dict[str, torch.Tensor]:
+    """The block's fp32 gradient in its gradient slot, per parameter (zeroed by the step's first user)."""
+    started_grad(ctx, block, st)
     return ctx.slots.grad_views(block)
 
 
