@@ -279,3 +279,71 @@ def test_without_extension_falls_back_to_torch(monkeypatch):
     assert parts["exp_avg"]["absmax"][0] > 0
     with pytest.raises(RuntimeError, match="build_ext"):
         adamw_update_(cfg, torch.ones(n), parts, step=2, lr=1e-3, backend="fused")
+
+
+def _grouped_extremes(n, signed):
+    """Moments of every kind a group can hold: ordinary spread over decades, subnormal, huge, all
+    zero, -0, one tiny value among ordinary ones."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
+    x[:256] = torch.rand(256, generator=gen) * 1e-40
+    x[256:512] = torch.randn(256, generator=gen) * 1e18
+    x[512:1024] = 0.0
+    x[1024:1280] = -0.0
+    x[1300] = 1e-44
+    return x if signed else x.abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize("states", ["fp8", "de8"])
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: fused.ISA_NAMES[i])
+def test_grouped_codecs_at_the_extremes(states, isa):
+    """fp8 and de8 moments through the kernel's grouped path (AVX-512) and the portable one: subnormal,
+    huge, zero and -0 groups, and enough elements (~130 k) that fp8's exact recheck of values near an
+    E4M3 rounding midpoint runs; every stored byte equals the reference's after three steps."""
+    n = 128 * 1024 + 77
+    cfg = StateConfig(weights="bf16", master="bf16+rem", states=states)
+    parts = make_parts(cfg, torch.randn(n))
+    codec = param_codecs(cfg, n).moments
+    codec.encode_(_grouped_extremes(n, True), parts["exp_avg"], signed=True)
+    codec.encode_(_grouped_extremes(n, False), parts["exp_avg_sq"], signed=False)
+    ref = clone_parts(parts)
+    for step in (2, 3, 4):
+        g = torch.randn(n) * 1e-3
+        g[512:1280] = 0.0  # the zero groups stay zero
+        adamw_update_(cfg, g, ref, step=step, lr=1e-3, backend="torch", exact_sqrt=True)
+        fused.adamw_fused_(param_codecs(cfg, n), g, parts, step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                           weight_decay=0.0, isa=isa, threads=2)
+        _assert_parts_equal(ref, parts)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: fused.ISA_NAMES[i])
+def test_fp8_values_at_rounding_midpoints(isa):
+    """New exp_avg values placed (to an ulp) where 448 (|x|/max)^k falls on a midpoint between two
+    E4M3 values: the kernel's fast log2/exp2 cannot decide those, so it recomputes them exactly
+    as the reference does; every byte must still equal the reference's."""
+    from fuyou.optim.codec_ref import e4m3_values
+
+    cfg = StateConfig(weights="fp32", master="fp32", states="fp8")
+    groups = 64
+    n = 128 * groups
+    e4m3 = e4m3_values()[:127].double()
+    mids = ((e4m3[1:] + e4m3[:-1]) / 2)[8:]  # midpoints between normal E4M3 values
+    k = 33 / 16  # the k16 a group with max 1 and min nonzero 2^-8 gets
+    targets = torch.zeros(groups, 128, dtype=torch.float64)
+    targets[:, 0], targets[:, 1] = 1.0, 2.0**-8
+    u = (mids / 448.0) ** (1.0 / k)
+    u = u[(u > 2.0**-8) & (u < 1.0)]
+    for gi in range(groups):  # each group a different slice of the midpoints, signs alternating
+        row = u[(torch.arange(126) + 7 * gi) % u.numel()]
+        targets[gi, 2:] = row * torch.where(torch.arange(126) % 2 == 0, 1.0, -1.0)
+    # m = 0 before, beta1 0.9: the new m is fl(0.1 g), so g = target / 0.1 puts it within an ulp.
+    g = (targets.flatten() / 0.1).float()
+    parts = make_parts(cfg, torch.randn(n))
+    ref = clone_parts(parts)
+    adamw_update_(cfg, g, ref, step=1, lr=1e-3, backend="torch", exact_sqrt=True)
+    fused.adamw_fused_(param_codecs(cfg, n), g, parts, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                       weight_decay=0.0, isa=isa)
+    assert int(ref["exp_avg"]["k16"][0]) == 33
+    _assert_parts_equal(ref, parts)
