@@ -125,7 +125,7 @@ def run_config(c: Config, rates: Rates, spread: dict, root: str, steps: int) -> 
     plan = run_memory_plan(shape, plan_cfg, c.batch, memory)
     spec = run_step_spec(shape, plan_cfg, c.batch, plan)
     graph = planned_graph(shape, spec, c.batch.micro_batches)
-    codec_rates = [r.for_codec(c.state.states, c.state.master) for r in (rates, *rate_bounds(rates, spread))]
+    codec_rates = [r.for_codec(c.state.states, c.state.master, c.state.weights) for r in (rates, *rate_bounds(rates, spread))]
     pred, slow, fast = (predict(graph, r, LANES).step_s for r in codec_rates)
     if c.clip is not None:  # every step is clipped: its optimizer pass is redone
         from fuyou.step.graph import build_redo_graph

@@ -24,7 +24,7 @@ def summary_lines(job, store, rt, dataset, eval_set, run_root: str = "") -> List
         evaluation = f"{len(eval_set)} rows ({'held out of the data' if cfg.eval.split else cfg.eval.data}), every {cfg.eval.every or cfg.steps} steps"
     rates, source = load_rates(rt.device.type)
     graph = build_step_graph(rt.spec)
-    pred = predict(graph, rates.for_codec(cfg.state.states, cfg.state.master), LANES)
+    pred = predict(graph, rates.for_codec(cfg.state.states, cfg.state.master, cfg.state.weights), LANES)
     moved = bytes_per_step(graph.tasks)
     lines = [
         f"model: {model['source']} ({model.get('architecture', '?')}, {numel / 1e6:,.2f} M params) on {rt.device}",

@@ -46,7 +46,7 @@ class Rates:
     commit_file_s: float = 0.0  # cost per file a commit deletes (meta "files" of a commit task)
     commit_byte_s: float = 0.0  # cost per byte of the files a commit deletes (meta "freed_bytes": freeing their extents)
     copy_Bps: float = 8e9  # host memory copy bandwidth of one thread (reads served by the block cache)
-    # Optimizer params/s of the compressed codecs, by "<moments>/<master>" (e.g. "fp8/bf16+rem");
+    # Optimizer params/s of the compressed codecs, by "<moments>/<master>[/fp8]" (e.g. "fp8/bf16+rem");
     # optim_params_per_s is the fp32 one. See for_codec.
     optim_by_codec: Mapping[str, float] = field(default_factory=dict)
     # Bytes per second one rank moves through a collective (a reduce or a broadcast between ranks).
@@ -89,16 +89,25 @@ class Rates:
         return d
 
     @staticmethod
-    def codec_key(moments: str, master: str) -> str:
-        """The key of optim_by_codec for a moments/master codec pair."""
-        return f"{moments}/{master}"
+    def codec_key(moments: str, master: str, weights: str = "bf16") -> str:
+        """The key of optim_by_codec for a moments/master codec pair ("<moments>/<master>"), and
+        "<moments>/<master>/fp8" for fp8 compute weights, whose tiles the optimizer encodes after
+        the update (fp32 and bf16 weights come out of the update itself at no extra cost)."""
+        return f"{moments}/{master}/fp8" if weights == "fp8" else f"{moments}/{master}"
 
-    def for_codec(self, moments: str, master: str) -> "Rates":
-        """These rates with the optimizer rate measured for that codec, when one was."""
-        key = self.codec_key(moments, master)
-        if (moments, master) == ("fp32", "fp32") or key not in self.optim_by_codec:
-            return self
-        return self.replace(optim_params_per_s=float(self.optim_by_codec[key]))
+    def for_codec(self, moments: str, master: str, weights: str = "bf16") -> "Rates":
+        """These rates with the optimizer rate measured for that codec, when one was. fp8 weights
+        without a rate of their own add what they cost over fp32 weights in fp32 mode
+        ("fp32/fp32/fp8" against optim_params_per_s: the tiles' encode per parameter)."""
+        own = self.optim_by_codec.get(self.codec_key(moments, master, weights))
+        if own is not None:
+            return self.replace(optim_params_per_s=float(own))
+        base = self.optim_by_codec.get(self.codec_key(moments, master), self.optim_params_per_s)
+        tiles = self.optim_by_codec.get(self.codec_key("fp32", "fp32", "fp8"))
+        if weights == "fp8" and tiles is not None:
+            extra = max(1.0 / tiles - 1.0 / self.optim_params_per_s, 0.0)  # seconds per parameter
+            base = 1.0 / (1.0 / base + extra)
+        return self if base == self.optim_params_per_s else self.replace(optim_params_per_s=float(base))
 
     @classmethod
     def from_json(cls, d: Mapping[str, object]) -> "Rates":

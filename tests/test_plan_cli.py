@@ -73,7 +73,7 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     assert code == 0
     doc = json.loads((config_dir / "rates.json").read_text())
     assert doc["machine"]["device"] == "cpu" and doc["rates"]["read_Bps"] > 0 and doc["rates"]["compute_flops"] > 0
-    assert set(doc["rates"]["optim_by_codec"]) == {"bf16/bf16+rem", "fp8/bf16+rem", "de8/bf16+rem"}
+    assert set(doc["rates"]["optim_by_codec"]) == {"bf16/bf16+rem", "fp8/bf16+rem", "de8/bf16+rem", "log8/bf16+rem", "fp32/fp32/fp8"}
     assert doc["rates"]["copy_Bps"] > 0
     by_backend = doc["details"]["storage_by_backend"]
     assert "python" in by_backend and all(r["read_Bps"] > 0 and r["write_Bps"] > 0 for r in by_backend.values())

@@ -163,14 +163,15 @@ def probe_backends(store_dir: str, total_bytes: int, log: Callable[[str], None] 
     return out
 
 
-def probe_copies(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5) -> dict:
+def probe_copies(device: torch.device, nbytes: int = 256 << 20, repeats: int = 5, background: Optional[Callable[[], None]] = None) -> dict:
     """h2d/d2h bandwidth, the host memory copy rate (reads served by the block cache), and the h2d
-    lane's rate for each compute-weights codec (it decodes what it copies)."""
+    lane's rate for each compute-weights codec (it decodes what it copies, on the host's cores:
+    measured while `background` computes, as in a step)."""
     return {"copy_Bps": _host_copy_Bps(nbytes, repeats), **_device_copies(device, nbytes, repeats),
-            "h2d_by_codec": _h2d_by_codec(device, max(nbytes // 16, 1 << 16), repeats)}
+            "h2d_by_codec": _h2d_by_codec(device, max(nbytes // 16, 1 << 16), repeats, background)}
 
 
-def _h2d_by_codec(device: torch.device, numel: int, repeats: int) -> Dict[str, float]:
+def _h2d_by_codec(device: torch.device, numel: int, repeats: int, background: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Bytes/s of the h2d task body per weights codec: the staged weights decoded (fp8 tiles
     dequantized, bf16 viewed) and copied into a compute-dtype slot; bytes as the step graph counts
     them (the decoded values)."""
@@ -190,7 +191,8 @@ def _h2d_by_codec(device: torch.device, numel: int, repeats: int) -> Dict[str, f
             sync()
 
         run()
-        out[codec] = weights_codec(codec, numel, shape).values_bytes(numel) / median_time(run, repeats)
+        with Busy(background):
+            out[codec] = weights_codec(codec, numel, shape).values_bytes(numel) / median_time(run, repeats)
     return out
 
 
@@ -241,20 +243,26 @@ def io_loop(store_dir: str, nbytes: int = 16 << 20) -> Tuple[Callable[[], None],
 
 
 # -- optimizer -----------------------------------------------------------------------------------
-# Compressed optimizer settings whose rate `fuyou probe` measures besides fp32 ("<moments>/<master>").
-PROBED_CODECS = (("bf16", "bf16+rem"), ("fp8", "bf16+rem"), ("de8", "bf16+rem"))
+# Optimizer settings whose rate `fuyou probe` measures besides fp32 (Rates.codec_key): the compressed
+# moments with bf16+rem master and bf16 weights, and fp32 mode with fp8 weights (what encoding the
+# weights' tiles adds to any codec: Rates.for_codec).
+PROBED_CODECS = (("bf16", "bf16+rem", "bf16"), ("fp8", "bf16+rem", "bf16"), ("de8", "bf16+rem", "bf16"), ("log8", "bf16+rem", "bf16"),
+                 ("fp32", "fp32", "fp8"))
 
 
 def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, background: Optional[Callable[[], None]] = None,
-                moments: str = "fp32", master: str = "fp32") -> Tuple[float, float, float]:
+                moments: str = "fp32", master: str = "fp32", weights: Optional[str] = None) -> Tuple[float, float, float]:
     """Parameters/s of the optimizer task body: the gradient-norm pass, then adamw_update_, with the
-    given moment and master codecs (bf16 compute weights when they are compressed); (median rate,
-    slow rate, fast rate)."""
+    given codecs (compute weights: fp32 in fp32 mode, else bf16, unless `weights` says); (median
+    rate, slow rate, fast rate)."""
     compressed = (moments, master) != ("fp32", "fp32")
-    cfg = StateConfig(weights="bf16" if compressed else "fp32", master=master, states=moments)
+    weights = weights or ("bf16" if compressed else "fp32")
+    cfg = StateConfig(weights=weights, master=master, states=moments)
     g = torch.Generator().manual_seed(0)
+    shape = (max(numel // 1024, 1), 1024) if weights == "fp8" else (numel,)  # fp8 weights are tiles of a matrix
+    numel = shape[0] * shape[1] if weights == "fp8" else numel
     grad = torch.randn(numel, generator=g)
-    lay = BlockLayout("probe", [("w", numel, (numel,))], StateCodecs(cfg))
+    lay = BlockLayout("probe", [("w", numel, shape)], StateCodecs(cfg))
     bufs = {k: aligned_empty(lay.kinds[k].file_bytes).zero_() for k in KINDS}
     parts = {k: lay.kinds[k].views(bufs[k])["w"] for k in KINDS}
     for k in ("master", "exp_avg_sq"):  # a plausible state: positive second moments
@@ -264,7 +272,7 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
 
     def run():
         float(grad.double().pow(2).sum())
-        adamw_update_(cfg, grad, parts, step=2, lr=1e-4)
+        adamw_update_(cfg, grad, parts, step=2, lr=1e-4, shape=shape)
 
     run()
     with Busy(background):
@@ -289,14 +297,14 @@ def probe_rates(device: torch.device, store_dir: str, *, file_bytes: int = DEFAU
         disk = probe_storage(store_dir, file_bytes, background=bg_compute)
         by_backend = probe_backends(store_dir, file_bytes, log)
         log("host/device copies ...")
-        copies = probe_copies(device, min(256 << 20, max(file_bytes, 1 << 20)))
+        copies = probe_copies(device, min(256 << 20, max(file_bytes, 1 << 20)), background=bg_compute)
         log("compute (one decoder layer, forward + recompute + backward)" + (" with storage busy meanwhile" if loaded else "") + " ...")
         comp = probe_compute(device, **shape, batch=rows, seq_len=seq, background=bg_io)
         mm = probe_matmul(device)
-        log(f"optimizer (gradient norm + AdamW, fp32 and {len(PROBED_CODECS)} compressed codecs){what} ...")
+        log(f"optimizer (gradient norm + AdamW, fp32 and {len(PROBED_CODECS)} other codec settings){what} ...")
         n_opt = optim_numel or min(8 << 20, max(file_bytes // 16, 1 << 16))
         opt = probe_optim(n_opt, background=bg_compute)
-        codecs = {Rates.codec_key(m, ms): probe_optim(n_opt, background=bg_compute, moments=m, master=ms) for m, ms in PROBED_CODECS}
+        codecs = {Rates.codec_key(m, ms, w): probe_optim(n_opt, background=bg_compute, moments=m, master=ms, weights=w) for m, ms, w in PROBED_CODECS}
         by_codec = {k: r[0] for k, r in codecs.items()}
     finally:
         io_cleanup()

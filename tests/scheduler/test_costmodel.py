@@ -113,6 +113,17 @@ def test_codec_optimizer_rates():
         Rates(**ONE, optim_by_codec={"fp8/bf16+rem": 0.0})
 
 
+def test_fp8_weights_add_their_encode_to_any_codec():
+    """fp8 compute weights: their own measured rate where there is one; else the seconds per
+    parameter the tiles' encode adds in fp32 mode, added to the codec's."""
+    r = Rates(**{**ONE, "optim_params_per_s": 4.0}, optim_by_codec={"fp8/bf16+rem": 8.0, "fp32/fp32/fp8": 2.0})
+    assert r.for_codec("fp32", "fp32", "fp8").optim_params_per_s == 2.0  # measured as such
+    assert r.for_codec("fp8", "bf16+rem", "fp8").optim_params_per_s == pytest.approx(1 / (1 / 8 + (1 / 2 - 1 / 4)))
+    assert r.for_codec("fp8", "bf16+rem", "bf16").optim_params_per_s == 8.0
+    assert r.for_codec("de8", "bf16+rem", "fp8").optim_params_per_s == pytest.approx(1 / (1 / 4 + 1 / 4))  # no de8 rate: fp32's
+    assert r.for_codec("fp32", "fp32", "fp32") is r
+
+
 def test_cached_reads_take_the_copy_rate():
     g = Graph()
     g.add("disk", "read", "read", _noop, nbytes=4)
