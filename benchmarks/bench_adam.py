@@ -68,10 +68,17 @@ def _set_omp_threads(n: int) -> None:
         pass
 
 
+def weights_are_master(cfg: StateConfig) -> bool:
+    """fp32 weights of an fp32 master: the runtime gives both one region of its optimizer slot
+    (fuyou.step.memory_plan.weights_are_master), so the update writes them once; so does this."""
+    return cfg.weights == "fp32" and cfg.master == "fp32"
+
+
 def optimizer_bytes_per_param(cfg: StateConfig, numel: int) -> float:
-    """DRAM bytes of one fused step: read grad, read+write master and moments, write weights."""
+    """DRAM bytes of one fused step: read grad, read+write master and moments, write weights (when
+    they are not the master)."""
     size = lambda kind: sum(p.nbytes for p in state_layout(cfg, kind, numel)) / numel  # noqa: E731
-    return 4 + 2 * (size("master") + size("exp_avg") + size("exp_avg_sq")) + size("weights")
+    return 4 + 2 * (size("master") + size("exp_avg") + size("exp_avg_sq")) + (0 if weights_are_master(cfg) else size("weights"))
 
 
 class FuyouMethod:
@@ -80,6 +87,8 @@ class FuyouMethod:
         self.codecs = param_codecs(cfg, n)
         self.parts = {k: {p.name: torch.empty(p.numel, dtype=p.dtype) for p in state_layout(cfg, k, n)} for k in KINDS}
         init_state_(cfg, torch.randn(n) * 0.02, self.parts)
+        if weights_are_master(cfg):
+            self.parts["weights"] = self.parts["master"]
         self.grad = torch.randn(n) * 1e-3
         self.bytes_per_param = optimizer_bytes_per_param(cfg, n)
         self.step_no = 0
@@ -217,7 +226,7 @@ def report(args, n, methods, drams, times, notes) -> str:
         f"Machine: {machine()}",
         kernel_line() + ".",
         f"One flat parameter of {n / 1e6:.0f} M elements; medians of {args.reps} interleaved runs.",
-        "B/param: DRAM bytes one step moves (fuyou: grad 4 + read+write master, m, v + write weights).",
+        "B/param: DRAM bytes one step moves (fuyou: grad 4 + read+write master, m, v + write weights, unless fp32 weights share the fp32 master's bytes, as in the runtime).",
         "DRAM bound: in-place read+write pass over the same bytes, timed in the same rounds.",
         f"In cache: the same method on {CACHE_PARAMS / 1e6:.1f} M parameters (state in L3), stepped repeatedly in",
         "the same rounds: its compute bound. A method whose rate is near its in-cache rate is bound by",

@@ -30,6 +30,7 @@ from ..optim.codecs import weights_codec
 from ..optim.state import KINDS, WEIGHT_DTYPES, StateCodecs, adamw_update_, decode_weights, init_weights_
 from ..store import backends
 from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
+from ..step.memory_plan import weights_are_master
 from ..store.layout import BlockLayout
 from .probe_compute import LayerRunner, probe_compute, probe_matmul
 from .probe_timing import Busy, median_time, time_runs
@@ -264,6 +265,8 @@ def probe_optim(numel: int = 8 << 20, repeats: int = 3, min_s: float = 0.5, back
     grad = torch.randn(numel, generator=g)
     lay = BlockLayout("probe", [("w", numel, shape)], StateCodecs(cfg))
     bufs = {k: aligned_empty(lay.kinds[k].file_bytes).zero_() for k in KINDS}
+    if weights_are_master(lay):  # one region for both, as the runtime's optimizer slot has
+        bufs["weights"] = bufs["master"]
     parts = {k: lay.kinds[k].views(bufs[k])["w"] for k in KINDS}
     for k in ("master", "exp_avg_sq"):  # a plausible state: positive second moments
         for t in parts[k].values():

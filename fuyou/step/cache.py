@@ -51,7 +51,11 @@ class BlockCache:
         if cached:
             self._region(block, kind).copy_(into)
             self._copied(into.numel())
-            self._versions[block][kind] = live
+            # fp32 weights share the master's bytes (weights_are_master): a fill of one is no longer
+            # the other's version (lean mode's journal can make them two versions for a while).
+            offsets = opt_region_offsets(self.store, block)
+            held = {k: v for k, v in self._versions[block].items() if offsets[k] != offsets[kind]}
+            self._versions[block] = {**held, kind: live}
 
     def keep(self, block: str, slot_bytes: torch.Tensor, version: int) -> None:
         """After a block's new files are written: its optimizer slot becomes the cached copy of

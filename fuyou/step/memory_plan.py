@@ -21,6 +21,7 @@ from ..config import BatchConfig, MemoryConfig
 from ..memory import format_bytes
 from ..optim.state import OPTIM_KINDS
 from ..store.directio import aligned_bytes
+from ..store.layout import BlockLayout
 from ..store.store import Store
 from .spec import Consumer, model_consumers
 
@@ -97,13 +98,27 @@ class MemoryPlan:
 SLOT_KINDS = OPTIM_KINDS + ("weights",)
 
 
+def weights_are_master(lay: BlockLayout) -> bool:
+    """Whether a block's compute weights are its master byte for byte: fp32 weights of an fp32
+    master have the same parts at the same offsets, and the update writes the one value to both.
+    Their files stay two (the forward reads the weights', the optimizer the master's); in memory
+    they are one region, written once by the update."""
+    kinds = lay.kinds
+    w, m = kinds.get("weights"), kinds.get("master")
+    return w is not None and m is not None and w.parts == m.parts and w.file_bytes == m.file_bytes
+
+
 def opt_region_offsets(store: Store, block: str) -> dict:
-    """Byte offsets of master / exp_avg / exp_avg_sq / new weights inside an optimizer slot. The
-    block's gradient has its own slot (grad slots), so the backward of the next block need not wait
-    for this block's states to be written."""
+    """Byte offsets of master / exp_avg / exp_avg_sq / new weights inside an optimizer slot (the
+    weights at the master's offset when they are the master: weights_are_master). The block's
+    gradient has its own slot (grad slots), so the backward of the next block need not wait for
+    this block's states to be written."""
     lay = store.layouts[block]
     off, out = 0, {}
     for kind in (k for k in SLOT_KINDS if k in lay.kinds):  # a frozen base's store holds only weights
+        if kind == "weights" and weights_are_master(lay):
+            out[kind] = out["master"]
+            continue
         out[kind] = off
         off += lay.kinds[kind].file_bytes
     out["end"] = off

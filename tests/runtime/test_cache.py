@@ -83,3 +83,26 @@ def test_clipped_steps_with_the_cache_match_pytorch(tmp_path):
     assert [r.status for r in results].count("clipped") >= 2
     assert open_store(str(tmp_path / "store"), StateCodecs.from_json).step == STEPS
     _exact(tmp_path, ckpt, batches, results, max_grad_norm=0.05)
+
+
+def test_fp32_weights_share_the_masters_bytes(tmp_path):
+    """fp32 weights of an fp32 master are one region of the optimizer slot and of a cache entry
+    (12 B/param, not 16); the store still holds both files, equal byte for byte after training;
+    bf16 weights keep a region of their own."""
+    from fuyou.config import StateConfig
+    from fuyou.step.memory_plan import opt_region_offsets, weights_are_master
+
+    ckpt, batches = _setup(tmp_path)
+    rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(cache_mem_bytes=1 << 30))
+    store = rt.store
+    for b in (b for b in store.block_names if store.layouts[b].numel):
+        off, kinds = opt_region_offsets(store, b), store.layouts[b].kinds
+        assert weights_are_master(store.layouts[b]) and off["weights"] == off["master"]
+        assert off["end"] == sum(kinds[k].file_bytes for k in ("master", "exp_avg", "exp_avg_sq")) == cache_entry_bytes(store, b)
+        v = store.version(b, "weights")
+        with open(store.file_path(b, "weights", v), "rb") as w, open(store.file_path(b, "master", store.version(b, "master")), "rb") as m:
+            assert w.read() == m.read()
+    assert [r.bytes_read for r in results[1:]] == [0] * (STEPS - 1)  # every read a cache hit
+    _exact(tmp_path, ckpt, batches, results)
+    bf16 = run_fuyou(ckpt, str(tmp_path / "bf16"), batches[:1], MICRO, MemoryConfig(cache_mem_bytes=0), state=StateConfig(weights="bf16"))[0].store
+    assert not any(weights_are_master(lay) for lay in bf16.layouts.values())
