@@ -55,6 +55,10 @@ EXT_SETTINGS = {
 
 def _extensions():
     if Pybind11Extension is None:
+        # pip's build isolation installs pybind11 (pyproject.toml); a direct `python setup.py
+        # build_ext` needs it in the environment, or nothing would be built without a word.
+        sys.stderr.write("WARNING: pybind11 is not installed: the C++ extensions (fuyou._adam, fuyou._io) are not built; "
+                         "`pip install pybind11` first, or build with `pip install -e .`\n")
         return []
     exts = []
     for bindings in sorted(glob.glob(os.path.join("csrc", "*", "bindings.cpp"))):
