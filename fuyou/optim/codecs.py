@@ -197,23 +197,37 @@ class Fp8TileCodec(Codec):
         tiles = _ceil_div(n, FP8_TILE) * _ceil_div(k, FP8_TILE)
         return [PartSpec("codes", numel, torch.uint8), PartSpec("scales", tiles, torch.float32), PartSpec("dims", 2, torch.int64)]
 
+    # Both directions compute the reference's (kernels.reference.weight_quant_ref / weight_dequant_ref)
+    # products and quotients element for element; where N and K are whole tiles they run on the
+    # tiles as a [N/128, 128, K/128, 128] view with the scales broadcast (no padded copy, no
+    # full-size scale matrix, the codes written in place): 1.5-2x fewer passes over the weights.
     @torch.no_grad()
     def encode_(self, x: torch.Tensor, parts: Parts, *, signed: bool = True, shape: Shape = None) -> None:
-        from ..kernels.reference import quantize_weight_fp8
+        from ..kernels.reference import FP8_DTYPE, FP8_MAX, fp8_scale_ref, quantize_weight_fp8
 
         n, k = _matrix(shape)
         parts["dims"].copy_(torch.tensor([n, k], dtype=torch.int64))
-        codes, scales = quantize_weight_fp8(x.reshape(n, k))
-        parts["codes"].copy_(codes.view(torch.uint8).reshape(-1))
+        if n % FP8_TILE or k % FP8_TILE or x.dtype != torch.float32:
+            codes, scales = quantize_weight_fp8(x.reshape(n, k))
+            parts["codes"].copy_(codes.view(torch.uint8).reshape(-1))
+            parts["scales"].copy_(scales.reshape(-1))
+            return
+        tiles = x.reshape(n // FP8_TILE, FP8_TILE, k // FP8_TILE, FP8_TILE)
+        scales = fp8_scale_ref(tiles.abs().amax(dim=(1, 3)))
+        q = (tiles / scales[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)  # clamped before the cast, which does not saturate
+        parts["codes"].view(FP8_DTYPE).view(tiles.shape).copy_(q)
         parts["scales"].copy_(scales.reshape(-1))
 
     @torch.no_grad()
     def decode(self, parts: Parts, numel: int, *, signed: bool = True) -> torch.Tensor:
-        from ..kernels.reference import dequantize_weight_fp8
+        from ..kernels.reference import FP8_DTYPE, dequantize_weight_fp8
 
         n, k = (int(d) for d in parts["dims"])
         scales = parts["scales"].view(_ceil_div(n, FP8_TILE), _ceil_div(k, FP8_TILE))
-        return dequantize_weight_fp8(parts["codes"], scales, (n, k)).reshape(-1)
+        if n % FP8_TILE or k % FP8_TILE or parts["codes"].numel() != n * k:
+            return dequantize_weight_fp8(parts["codes"], scales, (n, k)).reshape(-1)
+        codes = parts["codes"].view(FP8_DTYPE).view(n // FP8_TILE, FP8_TILE, k // FP8_TILE, FP8_TILE)
+        return codes.float().mul_(scales.float()[:, None, :, None]).reshape(-1)
 
 
 def _matrix(shape: Shape) -> tuple[int, int]:

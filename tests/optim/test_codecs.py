@@ -16,7 +16,7 @@ from fuyou.optim.codec_ref import (
     e4m3_values,
     fp8_group_params_ref,
 )
-from fuyou.optim.codecs import SMALL_NUMEL, master_codec, moment_codec
+from fuyou.optim.codecs import SMALL_NUMEL, WEIGHTS_REGISTRY, master_codec, moment_codec
 
 # Tolerance table (relative error of one encode/decode round trip, normal E4M3 range):
 #   fp8: E4M3 keeps 3 mantissa bits, so y = 448 (|x|/mx)^k is off by at most 2^-4 relative; in x
@@ -177,3 +177,25 @@ def test_de8_bucket_table_is_the_nearest_search(seeded, signed):
     lo = table[(u.view(torch.int32).long() & 0xFFFFFFFF) >> 16]
     probe = lo + (padded[lo] < u).long()
     assert torch.equal(probe, torch.bucketize(u, mids))
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130)], ids=["whole-tiles", "edge-tiles"])
+def test_fp8_weights_codec_is_the_reference_bit_for_bit(seeded, shape):
+    """The fp8 weights codec's encode and decode (a broadcast over the tiles where N and K are whole
+    tiles) write and give the bits of kernels.reference's quantize / dequantize, special values
+    included (a zero tile, inf, NaN, values beyond 448 times the scale's tile max)."""
+    from fuyou.kernels.reference import dequantize_weight_fp8, quantize_weight_fp8
+
+    n, k = shape
+    x = torch.randn(n, k) * torch.exp(torch.randn(n, k) * 2)
+    x[:128, :128] = 0.0
+    x[130, 5], x[131, 6], x[140, 300 % k] = float("inf"), float("nan"), -1e30
+    codec = WEIGHTS_REGISTRY["fp8"]
+    parts = {p.name: torch.empty(p.numel, dtype=p.dtype) for p in codec.layout(n * k, shape)}
+    codec.encode_(x.reshape(-1), parts, shape=shape)
+    codes, scales = quantize_weight_fp8(x)
+    assert torch.equal(parts["codes"], codes.view(torch.uint8).reshape(-1))
+    assert torch.equal(parts["scales"].view(torch.int32), scales.reshape(-1).view(torch.int32))
+    got = codec.decode(parts, n * k)
+    want = dequantize_weight_fp8(codes, scales, shape).reshape(-1)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
