@@ -41,9 +41,9 @@ EXT_SETTINGS = {
     "adam": lambda: dict(
         # -ffp-contract=off: the kernel places every fused multiply-add itself, to round exactly
         # where torch's AdamW does (bit-exact fp32 master); -fno-math-errno lets sqrt vectorize; -fno-trapping-math lets branch-free selects vectorize (no FP traps are enabled).
-        # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 intrinsics headers (_mm512_undefined).
+        # -Wno-maybe-uninitialized, -Wno-uninitialized: GCC 12 warns inside its own AVX-512 intrinsics headers (_mm512_undefined).
         extra_compile_args=["-O3", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-                            "-Wno-maybe-uninitialized"],
+                            "-Wno-maybe-uninitialized", "-Wno-uninitialized"],
         extra_link_args=["-fopenmp", "-pthread"],
         libraries=[],
         define_macros=[],
