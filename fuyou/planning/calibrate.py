@@ -7,8 +7,8 @@ attaches and detaches its weights and saves its inputs while the other lanes sha
 the 2-vCPU dev box a layer's forward took 20 ms in a step against 8 ms alone). So the model is cut
 to CALIBRATION_LAYERS decoder layers (its embedding, layers and head at their own shapes, random
 weights), imported into a scratch store, and trained a few steps through the runtime, streaming
-from the store as a run does, in both backward modes and at three micro-batch sizes; from the
-compute tasks of the steps after the first, per kind of work (the step graph's `work`), a line
+from the store as a run does, in both backward modes and at three micro-batch sizes, in two sweeps
+of opposite order; from the compute tasks of the steps after the first, per kind of work (the step graph's `work`), a line
 seconds per call = cost per call + FLOPs per call / rate. `Rates.compute_by_work` holds the
 result; the cost model times a compute task of a measured kind with it.
 """
@@ -33,6 +33,7 @@ from ..store.store import open_store
 
 CALIBRATION_LAYERS = 2  # the layers' tasks repeat: two of them give their rates without the whole model
 STEPS = 4  # the first warms up; the compute tasks of the others are the points
+SWEEPS = 2  # each (backward mode, size) measured twice, in opposite orders; the medians per size take both
 
 
 def calibrate_compute(hf_config, *, device: torch.device, seq_len: int, rows: Sequence[int] = (1, 2, 4), store_dir: str,
@@ -46,9 +47,11 @@ def calibrate_compute(hf_config, *, device: torch.device, seq_len: int, rows: Se
     try:
         store_path = f"{root}/store"
         import_model(ModelSource.from_config(cfg, "calibration"), store_path, StateConfig())
-        for recompute in ("never", "always"):
-            for n in rows:
-                log(f"compute on the model's blocks: {n} x {seq_len} tokens per micro-batch, recompute {recompute} ...")
+        runs = [(recompute, n) for recompute in ("never", "always") for n in rows]
+        for sweep in range(SWEEPS):  # forward, then backward: a slow spell of a shared machine hits each size once
+            for recompute, n in runs if sweep % 2 == 0 else runs[::-1]:
+                log(f"compute on the model's blocks: {n} x {seq_len} tokens per micro-batch, recompute {recompute} "
+                    f"(sweep {sweep + 1} of {SWEEPS}) ...")
                 for work, calls, flops, seconds in _compute_tasks(cfg, store_path, device, n, seq_len, recompute):
                     points.setdefault(work, []).append((flops / calls, seconds / calls))
     finally:
