@@ -94,7 +94,7 @@ void fused_adamw(const AdamArgs& a, int threads, int isa);
 // Dequantizes fp8 weight tiles (fp8_tiles.cpp): out[r][j] = table[codes[r][j]] * the scale of
 // (r, j)'s 128x128 tile, for an [n, k] weight; `table` holds the fp32 value of every code.
 constexpr int64_t kFp8Tile = 128;
-void fp8_tiles_decode(const uint8_t* codes, const float* scales, int64_t n, int64_t k, const float* table, float* out, int threads);
+void fp8_tiles_decode(const uint8_t* codes, const float* scales, int64_t n, int64_t k, const float* table, float* out);
 // kSqrtVmlEx on n values in the build `isa` (what fused.py checks against torch.sqrt).
 void vml_ex_sqrt(const float* x, float* y, int64_t n, int isa);
 

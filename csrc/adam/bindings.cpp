@@ -87,13 +87,13 @@ PYBIND11_MODULE(_adam, mod) {
           py::arg("torch_sqrt") = uintptr_t(0), py::arg("bf16_insn") = true);
   mod.def(
       "fp8_tiles_decode",
-      [](uintptr_t codes, uintptr_t scales, int64_t n, int64_t k, uintptr_t table, uintptr_t out, int threads) {
+      [](uintptr_t codes, uintptr_t scales, int64_t n, int64_t k, uintptr_t table, uintptr_t out) {
         if (n < 0 || k < 0 || n * k > (int64_t(1) << 40)) throw std::invalid_argument("fp8_tiles_decode: shape out of range");
         py::gil_scoped_release release;
         fp8_tiles_decode(reinterpret_cast<const uint8_t*>(codes), reinterpret_cast<const float*>(scales), n, k,
-                         reinterpret_cast<const float*>(table), reinterpret_cast<float*>(out), threads);
+                         reinterpret_cast<const float*>(table), reinterpret_cast<float*>(out));
       },
-      py::arg("codes"), py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("table"), py::arg("out"), py::arg("threads") = 1,
+      py::arg("codes"), py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("table"), py::arg("out"),
       "fp32 values of fp8 weight tiles [n, k]: table[code] * the tile's scale (addresses as ints; GIL released)");
   mod.def("has_avx512bf16", [] { __builtin_cpu_init(); return bool(__builtin_cpu_supports("avx512bf16")); },
           "whether this CPU has AVX512-BF16 (the AVX-512 build then converts to bf16 with it)");

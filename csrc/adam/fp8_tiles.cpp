@@ -2,18 +2,14 @@
 // weight): value = table[code] * scale, where table is torch's own fp8 -> fp32 conversion of every
 // code (handed over by the caller), so each value is the one multiply of the torch reference
 // (kernels.reference.weight_dequant_ref). Run by the h2d lane with the GIL released.
-#include <omp.h>
-
 #include <cstring>
 
 #include "adam.h"
 
 namespace fuyou_adam {
 
-void fp8_tiles_decode(const uint8_t* codes, const float* scales, int64_t n, int64_t k, const float* table, float* out, int threads) {
+void fp8_tiles_decode(const uint8_t* codes, const float* scales, int64_t n, int64_t k, const float* table, float* out) {
   const int64_t tile_cols = (k + kFp8Tile - 1) / kFp8Tile;
-  if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t r = 0; r < n; ++r) {
     const float* s = scales + (r / kFp8Tile) * tile_cols;
     const uint8_t* c = codes + r * k;

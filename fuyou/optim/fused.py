@@ -244,4 +244,3 @@ def adamw_torch_sqrt_(codecs: ParamCodecs, grad: torch.Tensor, parts: Dict[str, 
         _ext.adamw(*round_args, threads=threads, isa=isa, phase=PHASE_MOMENTS)
         torch.sqrt(v_flat[off : off + n], out=root[:n])
         _ext.adamw(*round_args, threads=threads, isa=isa, phase=PHASE_APPLY, root=root.data_ptr())
-

@@ -179,19 +179,14 @@ def test_de8_bucket_table_is_the_nearest_search(seeded, signed):
     assert torch.equal(probe, torch.bucketize(u, mids))
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["cxx-decode", "torch-decode"])
 @pytest.mark.parametrize("shape", [(256, 384), (200, 130)], ids=["whole-tiles", "edge-tiles"])
-def test_fp8_weights_codec_is_the_reference_bit_for_bit(seeded, shape, native, monkeypatch):
-    """The fp8 weights codec's encode and decode (a broadcast over the tiles where N and K are whole
-    tiles; the decode on the C++ core where it is built) write and give the bits of
-    kernels.reference's quantize / dequantize, special values included (a zero tile, inf, NaN,
-    values beyond 448 times the scale's tile max)."""
+def test_fp8_weights_codec_is_the_reference_bit_for_bit(seeded, shape):
+    """The fp8 weights codec's encode (a broadcast over the tiles where N and K are whole tiles) and
+    its decode on the C++ core write and give the bits of kernels.reference's quantize / dequantize,
+    special values included (a zero tile, inf, NaN, values beyond 448 times the scale's tile max).
+    Without the C++ core the decode is the reference itself: only the encode is checked then."""
     from fuyou.kernels.reference import dequantize_weight_fp8, quantize_weight_fp8
-    from fuyou.optim import codecs, fused
-
-    if native and not fused.available():
-        pytest.skip(f"fuyou._adam not built: {fused.import_error()}")
-    monkeypatch.setattr(codecs, "NATIVE_FP8_DECODE", native)
+    from fuyou.optim import fused
 
     n, k = shape
     x = torch.randn(n, k) * torch.exp(torch.randn(n, k) * 2)
@@ -203,6 +198,7 @@ def test_fp8_weights_codec_is_the_reference_bit_for_bit(seeded, shape, native, m
     codes, scales = quantize_weight_fp8(x)
     assert torch.equal(parts["codes"], codes.view(torch.uint8).reshape(-1))
     assert torch.equal(parts["scales"].view(torch.int32), scales.reshape(-1).view(torch.int32))
-    got = codec.decode(parts, n * k)
-    want = dequantize_weight_fp8(codes, scales, shape).reshape(-1)
-    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    if fused.available():
+        got = codec.decode(parts, n * k)
+        want = dequantize_weight_fp8(codes, scales, shape).reshape(-1)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
