@@ -243,13 +243,14 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     if not cands:
         raise ValueError(f"{cfg.model}: no plan can be built for batch {cfg.batch.batch_size} x seq {cfg.batch.seq_len}; check the model config")
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}
-    rates = rates.for_codec(cfg.state.states, cfg.state.master, cfg.state.weights)  # the optimizer rate of the planned codec
+    for_codec = lambda r: r.for_codec(cfg.state.states, cfg.state.master, cfg.state.weights)  # noqa: E731 - the optimizer rate of the planned codec
+    probed, rates = rates, for_codec(rates)
     result = choose(cands, budgets, rates, naive=naive, lanes=LANES)
     plan = RunPlan(asked, shape, rates, rates_source, result)
     if result.best is not None:
         graph = result.best.candidate.build()
-        if spread:
-            plan.range_s = tuple(predict(graph, r.for_codec(cfg.state.states, cfg.state.master, cfg.state.weights), LANES).step_s for r in rate_bounds(rates, spread)[::-1])
+        if spread:  # each bound of the probed rates, taken for the codec as the plan's rates are
+            plan.range_s = tuple(predict(graph, for_codec(r), LANES).step_s for r in rate_bounds(probed, spread)[::-1])
         if cfg.job.max_grad_norm is not None:
             redo = build_redo_graph(result.best.candidate.extra["spec"])
             plan.clipped_s = result.best.step_s + predict(redo, rates, LANES).step_s
