@@ -8,9 +8,10 @@ the 2-vCPU dev box a layer's forward took 20 ms in a step against 8 ms alone). S
 to CALIBRATION_LAYERS decoder layers (its embedding, layers and head at their own shapes, random
 weights), imported into a scratch store, and trained a few steps through the runtime, streaming
 from the store as a run does, in both backward modes and at three micro-batch sizes, in two sweeps
-of opposite order; from the compute tasks of the steps after the first, per kind of work (the step graph's `work`), a line
-seconds per call = cost per call + FLOPs per call / rate. `Rates.compute_by_work` holds the
-result; the cost model times a compute task of a measured kind with it.
+of opposite order; from the compute tasks of the steps after the first, per kind of work (the step
+graph's `work`), a line seconds per call = cost per call + FLOPs per call / rate.
+`Rates.compute_by_work` holds the result; the cost model times a compute task of a measured kind
+with it.
 """
 from __future__ import annotations
 
