@@ -30,6 +30,9 @@ from benchmarks._common import cpu_model, report_path, write_report  # noqa: E40
 
 from fuyou.config import StateConfig  # noqa: E402
 from fuyou.optim import KINDS, fused, init_state_, param_codecs, state_layout  # noqa: E402
+from fuyou.optim.state import StateCodecs  # noqa: E402
+from fuyou.step.memory_plan import weights_are_master  # noqa: E402
+from fuyou.store.layout import BlockLayout  # noqa: E402
 
 CODECS = [  # (label, StateConfig)
     ("fuyou fp32 (correctly rounded sqrt)", StateConfig(weights="fp32", master="fp32", states="fp32")),
@@ -68,17 +71,18 @@ def _set_omp_threads(n: int) -> None:
         pass
 
 
-def weights_are_master(cfg: StateConfig) -> bool:
-    """fp32 weights of an fp32 master: the runtime gives both one region of its optimizer slot
-    (fuyou.step.memory_plan.weights_are_master), so the update writes them once; so does this."""
-    return cfg.weights == "fp32" and cfg.master == "fp32"
+def shares_master(cfg: StateConfig, numel: int) -> bool:
+    """Whether the runtime gives the weights the master's region of its optimizer slot
+    (fuyou.step.memory_plan.weights_are_master: fp32 weights of an fp32 master), so that the update
+    writes them once; so does this benchmark then."""
+    return weights_are_master(BlockLayout("bench", [("w", numel, (numel,))], StateCodecs(cfg)))
 
 
 def optimizer_bytes_per_param(cfg: StateConfig, numel: int) -> float:
     """DRAM bytes of one fused step: read grad, read+write master and moments, write weights (when
     they are not the master)."""
     size = lambda kind: sum(p.nbytes for p in state_layout(cfg, kind, numel)) / numel  # noqa: E731
-    return 4 + 2 * (size("master") + size("exp_avg") + size("exp_avg_sq")) + (0 if weights_are_master(cfg) else size("weights"))
+    return 4 + 2 * (size("master") + size("exp_avg") + size("exp_avg_sq")) + (0 if shares_master(cfg, numel) else size("weights"))
 
 
 class FuyouMethod:
@@ -87,7 +91,7 @@ class FuyouMethod:
         self.codecs = param_codecs(cfg, n)
         self.parts = {k: {p.name: torch.empty(p.numel, dtype=p.dtype) for p in state_layout(cfg, k, n)} for k in KINDS}
         init_state_(cfg, torch.randn(n) * 0.02, self.parts)
-        if weights_are_master(cfg):
+        if shares_master(cfg, n):
             self.parts["weights"] = self.parts["master"]
         self.grad = torch.randn(n) * 1e-3
         self.bytes_per_param = optimizer_bytes_per_param(cfg, n)
