@@ -39,6 +39,7 @@ from .codec_ref import (
     log8_decode_ref,
     log8_encode_ref,
 )
+from . import native
 
 SMALL_NUMEL = 4096
 # The tile of fp8 weights: fuyou.kernels' blockwise-FP8 GEMM format (kernels.reference.FP8_GROUP).
@@ -239,9 +240,7 @@ def _fp8_tiles_native(codes: torch.Tensor, scales: torch.Tensor, n: int, k: int)
     cast here), or None where it is not built: table[code] * the tile's scale, with table torch's own
     conversion of every code, so the bits of kernels.reference.weight_dequant_ref."""
     global _FP8_VALUES
-    try:
-        from fuyou import _adam
-    except ImportError:
+    if native.ext is None:
         return None
     tiles = _ceil_div(n, FP8_TILE) * _ceil_div(k, FP8_TILE)
     if (codes.numel() != n * k or scales.numel() != tiles or codes.dtype != torch.uint8 or scales.dtype != torch.float32
@@ -250,7 +249,7 @@ def _fp8_tiles_native(codes: torch.Tensor, scales: torch.Tensor, n: int, k: int)
     if _FP8_VALUES is None:
         _FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
     out = torch.empty(n * k, dtype=torch.float32)
-    _adam.fp8_tiles_decode(codes.data_ptr(), scales.data_ptr(), n, k, _FP8_VALUES.data_ptr(), out.data_ptr())
+    native.ext.fp8_tiles_decode(codes.data_ptr(), scales.data_ptr(), n, k, _FP8_VALUES.data_ptr(), out.data_ptr())
     return out
 
 

@@ -17,13 +17,8 @@ import torch
 from .codec_ref import de8_bucket_table, de8_padded_mids, dynamic_map, f32_from_bits, fp8_root_table
 from .codecs import Codec, ParamCodecs
 
-try:  # the extension is optional: without it fuyou runs the torch reference path
-    from fuyou import _adam as _ext
-
-    _IMPORT_ERROR: Optional[str] = None
-except ImportError as exc:  # pragma: no cover - exercised when the build failed
-    _ext = None
-    _IMPORT_ERROR = str(exc)
+from .native import IMPORT_ERROR as _IMPORT_ERROR
+from .native import ext as _ext  # optional: without it fuyou runs the torch reference path
 
 Parts = Dict[str, torch.Tensor]
 
