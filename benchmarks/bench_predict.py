@@ -6,11 +6,15 @@ block cache on and off, recompute always and auto, block inputs offloaded by a s
 The machine is probed once, as `fuyou probe` does (storage, copies, optimizer with a decoder layer
 computing; the compute rate at each model's own layer shape with storage busy), then each
 configuration is planned exactly as `fuyou plan` plans a run with those settings (the runtime's
-memory plan and step graph, its commit) and run through the runtime; measured = the median wall
-time of steps 2..N. Prints the machine, the rates, a table with the error per configuration and the
+memory plan and step graph, its commit), every prediction made before any run; then the matrix is
+run through the runtime in --sweeps sweeps (every other one in reverse order), and measured = the
+median wall time of steps 2..N of all sweeps together. On a shared machine whose speed moves by
+tens of percent for seconds at a time, a slow spell then decides no configuration alone, and the
+table shows each sweep's median beside it (how far the same run moved: the noise any prediction
+is up against). Prints the machine, the rates, a table with the error per configuration and the
 range the probe's spread implies.
 
-    python benchmarks/bench_predict.py [--steps 7] [--dir /tmp/fuyou-bench-predict]
+    python benchmarks/bench_predict.py [--steps 7] [--sweeps 2] [--dir /tmp/fuyou-bench-predict]
     python benchmarks/bench_predict.py --quick          # the first configuration, 3 steps: a smoke run
 """
 from __future__ import annotations
@@ -35,11 +39,11 @@ from fuyou.data.dataset import Batch  # noqa: E402
 from fuyou.model.importer import import_model  # noqa: E402
 from fuyou.model.skeleton import Skeleton  # noqa: E402
 from fuyou.model.source import ModelSource, preset_config  # noqa: E402
-from fuyou.planning.calibrate import calibrate_compute  # noqa: E402
+from fuyou.planning.calibrate import calibrate, in_step_rates  # noqa: E402
 from fuyou.planning.probe import probe_rates  # noqa: E402
 from fuyou.planning.probe_compute import layer_shape_of  # noqa: E402
 from fuyou.planning.rates import rate_bounds  # noqa: E402
-from fuyou.planning.search import model_shape, planned_graph, run_memory_plan, run_step_spec  # noqa: E402
+from fuyou.planning.search import model_shape, planned_graph, redo_s, run_memory_plan, run_step_spec  # noqa: E402
 from fuyou.planning.settings import PlanConfig  # noqa: E402
 from fuyou.step.graph import LANES  # noqa: E402
 from fuyou.step.runtime import Runtime  # noqa: E402
@@ -111,33 +115,37 @@ def probe(args, root: str) -> dict:
                                  loaded=True)
     out = {}
     for name, make in MODELS.items():
-        work = calibrate_compute(make(), device=torch.device("cpu"), seq_len=128, rows=(1, 2, 4), store_dir=root)
-        out[name] = (rates.replace(compute_by_work=work), details["spread"])
+        cal = calibrate(make(), device=torch.device("cpu"), seq_len=128, rows=(1, 2, 4), store_dir=root)
+        out[name] = in_step_rates(rates, details["spread"], cal)
     return out
 
 
-def run_config(c: Config, rates: Rates, spread: dict, root: str, steps: int) -> dict:
+def plan_config(c: Config, rates: Rates, spread: dict) -> dict:
+    """The prediction for configuration `c`, from its settings alone (as `fuyou plan` makes it), and
+    what its run is built with."""
     hf = MODELS[c.model]()
-    src = ModelSource.from_config(hf, c.model)  # random init, no checkpoint files
     plan_cfg = PlanConfig(state=c.state, batch=c.batch, job=FinetuneConfig(disk_mode=c.disk_mode, max_grad_norm=c.clip), device="cpu")
     shape = model_shape(hf, c.state)
     memory = memory_of(c, shape, plan_cfg)
-    plan = run_memory_plan(shape, plan_cfg, c.batch, memory)
-    spec = run_step_spec(shape, plan_cfg, c.batch, plan)
+    spec = run_step_spec(shape, plan_cfg, c.batch, run_memory_plan(shape, plan_cfg, c.batch, memory))
     graph = planned_graph(shape, spec, c.batch.micro_batches)
     codec_rates = [r.for_codec(c.state.states, c.state.master, c.state.weights) for r in (rates, *rate_bounds(rates, spread))]
-    pred, slow, fast = (predict(graph, r, LANES).step_s for r in codec_rates)
-    if c.clip is not None:  # every step is clipped: its optimizer pass is redone
-        from fuyou.step.graph import build_redo_graph
+    # every step is clipped when c.clip is set: its optimizer pass is redone
+    pred, slow, fast = (predict(graph, r, LANES).step_s + (redo_s(spec, r) if c.clip is not None else 0.0) for r in codec_rates)
+    return {"config": c, "pred": pred, "slow": slow, "fast": fast, "params": shape.numel, "bottleneck": predict(graph, codec_rates[0], LANES).bottleneck,
+            "hf": hf, "memory": memory, "spec": spec}
 
-        redo = [predict(build_redo_graph(spec), r, LANES).step_s for r in codec_rates]
-        pred, slow, fast = pred + redo[0], slow + redo[1], fast + redo[2]
+
+def measure_config(planned: dict, root: str, steps: int) -> list:
+    """Seconds of each of `steps` steps of the planned configuration, run through the runtime from
+    a fresh store (random init)."""
+    c, hf = planned["config"], planned["hf"]
     store_dir = os.path.join(root, "store")
     shutil.rmtree(store_dir, ignore_errors=True)
-    store = import_model(src, store_dir, c.state)
-    rt = Runtime(store, Skeleton(hf), device=torch.device("cpu"), memory=memory, batch=c.batch, optim=OptimConfig(lr=1e-4), max_grad_norm=c.clip,
-                 disk_mode=c.disk_mode)
-    assert rt.spec == spec, f"{c.name}: the planned step is not the runtime's"
+    store = import_model(ModelSource.from_config(hf, c.model), store_dir, c.state)
+    rt = Runtime(store, Skeleton(hf), device=torch.device("cpu"), memory=planned["memory"], batch=c.batch, optim=OptimConfig(lr=1e-4),
+                 max_grad_norm=c.clip, disk_mode=c.disk_mode)
+    assert rt.spec == planned["spec"], f"{c.name}: the planned step is not the runtime's"
     g = torch.Generator().manual_seed(0)
     try:
         results = []
@@ -147,17 +155,24 @@ def run_config(c: Config, rates: Rates, spread: dict, root: str, steps: int) -> 
     finally:
         rt.close()
         shutil.rmtree(store_dir, ignore_errors=True)
-    wall = statistics.median(r.seconds for r in results[1:])
-    return {"config": c, "pred": pred, "slow": slow, "fast": fast, "wall": wall, "steps": [r.seconds for r in results],
-            "status": {r.status for r in results}, "params": shape.numel, "bottleneck": predict(graph, codec_rates[0], LANES).bottleneck}
+    return [r.seconds for r in results]
+
+
+def measured(planned: dict, sweeps: list) -> dict:
+    """The row of a configuration: measured = the median of steps 2..N of every sweep together;
+    each sweep's own median beside it (their difference is the machine's noise)."""
+    per_sweep = [statistics.median(s[1:]) for s in sweeps]
+    return dict(planned, wall=statistics.median(x for s in sweeps for x in s[1:]), sweeps=per_sweep, steps=sweeps)
 
 
 def render(rows, info: str, rates_by_model: dict, args, seconds: float) -> str:
     errs = [abs(r["pred"] / r["wall"] - 1) * 100 for r in rows]
     table = markdown_table(
-        ["configuration", "params", "predicted s", "range (probe spread)", "measured s", "error", "bottleneck"],
+        ["configuration", "params", "predicted s", "range (probe spread)", "measured s", "sweeps' medians", "error", "bottleneck"],
         [[r["config"].name, f"{r['params'] / 1e6:.1f} M", f"{r['pred']:.3f}", f"{r['fast']:.3f} - {r['slow']:.3f}", f"{r['wall']:.3f}",
-          f"{(r['pred'] / r['wall'] - 1) * 100:+.1f}%", r["bottleneck"]] for r in rows])
+          " / ".join(f"{x:.3f}" for x in r["sweeps"]), f"{(r['pred'] / r['wall'] - 1) * 100:+.1f}%", r["bottleneck"]] for r in rows])
+    # How far apart the same configuration measured in its sweeps: the machine's own noise.
+    noise = [(max(r["sweeps"]) / min(r["sweeps"]) - 1) * 100 for r in rows if len(r["sweeps"]) > 1]
     first = next(iter(rates_by_model.values()))[0]
     rates = [f"- storage read {first.read_Bps / 1e9:.2f} GB/s, write {first.write_Bps / 1e9:.2f} GB/s; optimizer {first.optim_params_per_s / 1e6:.0f} M "
              f"params/s (fp8 states {first.optim_by_codec.get('fp8/bf16+rem', 0) / 1e6:.0f}); host copy {first.copy_Bps / 1e9:.1f} GB/s"]
@@ -167,15 +182,20 @@ def render(rows, info: str, rates_by_model: dict, args, seconds: float) -> str:
     return "\n".join([
         "# bench_predict: predicted vs measured step time", "", f"Machine: {info}.", "",
         f"Probed once ({args.probe_bytes >> 20} MiB storage probe, other lanes busy), torch threads {torch.get_num_threads()}:", "", *rates, "",
-        f"Measured: median wall time of steps 2..{args.steps} (commit included).", "", table, "",
+        f"Measured: the median wall time of steps 2..{args.steps} (commit included)"
+        + (f" of {args.sweeps} sweeps over the matrix together, every other sweep in reverse order, so that a slow spell of the machine "
+           "hits a configuration in one sweep only." if args.sweeps > 1 else "."), "", table, "",
         f"|error|: median {statistics.median(errs):.1f}%, largest {max(errs):.1f}%; {sum(e <= 10 for e in errs)} of {len(errs)} within 10%, "
-        f"{sum(e <= 20 for e in errs)} within 20%. Run took {seconds:.0f} s; load average {os.getloadavg()[0]:.1f} at the end.",
+        f"{sum(e <= 20 for e in errs)} within 20%."
+        + (f" The same configuration's sweeps differed by {statistics.median(noise):.1f}% (median; largest {max(noise):.1f}%)." if noise else "")
+        + f" Run took {seconds:.0f} s; load average {os.getloadavg()[0]:.1f} at the end.",
     ]) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--sweeps", type=int, default=2, help="times the matrix is run (every other sweep in reverse order); measured pools their steps")
     ap.add_argument("--dir", default="/tmp/fuyou-bench-predict")
     ap.add_argument("--only", type=int, default=None, help="run only configuration i (0-based)")
     ap.add_argument("--probe-bytes", type=int, default=128 << 20, help="bytes of the storage probe")
@@ -187,22 +207,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the report here (default: benchmarks/results/bench_predict.md for a full run)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.only, args.steps, args.probe_bytes = 0, 3, 32 << 20
+        args.only, args.steps, args.probe_bytes, args.sweeps = 0, 3, 32 << 20, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.dir, exist_ok=True)
     info = f"{machine_line()}; load average {os.getloadavg()[0]:.1f} at the start"
     t0 = time.perf_counter()
     rates_by_model = probe(args, args.dir)
-    rows = []
-    for i, c in enumerate(CONFIGS):
-        if args.only is not None and i != args.only:
-            continue
-        rates, spread = rates_by_model[c.model]
-        r = run_config(c, rates, spread, args.dir, args.steps)
-        rows.append(r)
-        print(f"{c.name}: predicted {r['pred']:.3f} s, measured {r['wall']:.3f} s ({(r['pred'] / r['wall'] - 1) * 100:+.1f}%); "
-              f"steps {', '.join(f'{s:.2f}' for s in r['steps'])}", flush=True)
+    chosen = [c for i, c in enumerate(CONFIGS) if args.only is None or i == args.only]
+    planned = [plan_config(c, *rates_by_model[c.model]) for c in chosen]  # every prediction before any run
+    sweeps: list = [[] for _ in planned]
+    for s in range(args.sweeps):
+        for i in (range(len(planned)) if s % 2 == 0 else reversed(range(len(planned)))):
+            secs = measure_config(planned[i], args.dir, args.steps)
+            sweeps[i].append(secs)
+            print(f"sweep {s + 1}, {planned[i]['config'].name}: predicted {planned[i]['pred']:.3f} s, measured {statistics.median(secs[1:]):.3f} s; "
+                  f"steps {', '.join(f'{x:.2f}' for x in secs)}", flush=True)
+    rows = [measured(p, sw) for p, sw in zip(planned, sweeps)]
     write_report(render(rows, info, rates_by_model, args, time.perf_counter() - t0), report_path(args.out, args.quick, "bench_predict.md"))
     return 0
 

@@ -252,9 +252,13 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
         if spread:  # each bound of the probed rates, taken for the codec as the plan's rates are
             plan.range_s = tuple(predict(graph, for_codec(r), LANES).step_s for r in rate_bounds(probed, spread)[::-1])
         if cfg.job.max_grad_norm is not None:
-            redo = build_redo_graph(result.best.candidate.extra["spec"])
-            plan.clipped_s = result.best.step_s + predict(redo, rates, LANES).step_s
+            plan.clipped_s = result.best.step_s + redo_s(result.best.candidate.extra["spec"], rates)
     return plan
+
+
+def redo_s(spec: StepSpec, rates: Rates) -> float:
+    """Seconds a clipped step adds to its step: the optimizer pass redone from the old states."""
+    return predict(build_redo_graph(spec), rates, LANES).step_s
 
 
 def auto_memory_config(cfg: PlanConfig, rates: Optional[Rates] = None) -> tuple:
