@@ -281,7 +281,7 @@ def fit_rates(events: Iterable[TraceEvent], base: Rates) -> Rates:
         if kind == "commit":
             latency[kind] = sum(d for _s, d in pts) / len(pts)
             continue
-        fit = _fit_line(pts)
+        fit = fit_line(pts)
         if fit is None:
             continue
         lat, rate = fit
@@ -296,7 +296,7 @@ def fit_rates(events: Iterable[TraceEvent], base: Rates) -> Rates:
     return base.replace(**changes)
 
 
-def _fit_line(pts: List[tuple]) -> Optional[tuple]:
+def fit_line(pts: List[tuple]) -> Optional[tuple]:
     """(intercept >= 0, 1/slope) of duration against size; None when no size is positive."""
     pts = [(s, d) for s, d in pts if d >= 0]
     total_s = sum(s for s, _ in pts)

@@ -122,7 +122,11 @@ def probe_command(cmd: ProbeCommand, _given: set) -> int:
         rate = r.get("error") or f"read {r['read_Bps'] / 1e9:.2f} / write {r['write_Bps'] / 1e9:.2f} GB/s"
         t.add_row(f"{name} backend (alone)" + (" *" if name == default_backend_name() else ""), rate)
     console.print(t)
-    console.print("* the default I/O backend: the storage rates above are its, probed with a decoder layer computing")
+    if "calibrated_on" in details:
+        console.print(f"* the default I/O backend. Storage and optimizer rates above: as the runtime's own tasks took them in steps of "
+                      f"{details['calibrated_on']}'s blocks (the per-task cost included); the backends' rates: the storage probe alone")
+    else:
+        console.print("* the default I/O backend: the storage rates above are its, probed with a decoder layer computing")
     console.print(f"saved to {path}")
     return 0
 
@@ -131,13 +135,14 @@ CALIBRATION_MAX_BYTES = 4 << 30  # the scratch store of the model cut to two lay
 
 
 def _calibrated(rates, details: dict, hf, cmd: ProbeCommand, device, log):
-    """The rates with compute measured on the model's own blocks (planning/calibrate.py), when the
-    model cut to two layers is small enough to train here for a moment."""
+    """The rates with compute, and the storage and optimizer lanes, measured in steps of the model's
+    own blocks (planning/calibrate.py), when the model cut to two layers is small enough to train
+    here for a moment."""
     import copy
 
     from ..memory import format_bytes
     from ..model.skeleton import Skeleton
-    from ..planning.calibrate import CALIBRATION_LAYERS, calibrate_compute
+    from ..planning.calibrate import CALIBRATION_LAYERS, calibrate, in_step_rates
 
     small = copy.deepcopy(hf)
     small.num_hidden_layers = min(CALIBRATION_LAYERS, hf.num_hidden_layers)
@@ -147,8 +152,9 @@ def _calibrated(rates, details: dict, hf, cmd: ProbeCommand, device, log):
             f"(more than {format_bytes(CALIBRATION_MAX_BYTES)}); the layer probe's rate stands")
         return rates, details
     rows = max(1, cmd.tokens // 128)
-    work = calibrate_compute(hf, device=device, seq_len=128, rows=sorted({1, max(1, rows // 2), rows}), store_dir=cmd.store_dir, log=log)
-    return rates.replace(compute_by_work=work), dict(details, calibrated_on=cmd.model)
+    cal = calibrate(hf, device=device, seq_len=128, rows=sorted({1, max(1, rows // 2), rows}), store_dir=cmd.store_dir, log=log)
+    rates, spread = in_step_rates(rates, details.get("spread"), cal)
+    return rates, dict(details, calibrated_on=cmd.model, spread=spread)
 
 
 def profile_command(cmd: ProfileCommand, _given: set) -> int:
