@@ -110,13 +110,15 @@ def memory_of(c: Config, shape, plan_cfg: PlanConfig) -> MemoryConfig:
 def probe(args, root: str) -> dict:
     """Rates of this machine, probed once as `fuyou probe --model M` does: storage, copies and the
     optimizer with a decoder layer computing, then compute on each model's own blocks (calibrate.py,
-    at 1, 2 and 4 sequences per micro-batch, both backward modes). {model: (Rates, spread)}."""
+    at 1, 2 and 4 sequences per micro-batch, both backward modes, the other lanes timed in the same
+    steps). {model: (Rates, spread)}, and under "probe" the probe's own rates before calibration."""
     rates, details = probe_rates(torch.device("cpu"), root, file_bytes=args.probe_bytes, layer=dict(layer_shape_of(tiny()), batch=4, seq_len=128),
                                  loaded=True)
     out = {}
     for name, make in MODELS.items():
         cal = calibrate(make(), device=torch.device("cpu"), seq_len=128, rows=(1, 2, 4), store_dir=root)
         out[name] = in_step_rates(rates, details["spread"], cal)
+    out["probe"] = (rates, details["spread"])
     return out
 
 
@@ -173,12 +175,17 @@ def render(rows, info: str, rates_by_model: dict, args, seconds: float) -> str:
           " / ".join(f"{x:.3f}" for x in r["sweeps"]), f"{(r['pred'] / r['wall'] - 1) * 100:+.1f}%", r["bottleneck"]] for r in rows])
     # How far apart the same configuration measured in its sweeps: the machine's own noise.
     noise = [(max(r["sweeps"]) / min(r["sweeps"]) - 1) * 100 for r in rows if len(r["sweeps"]) > 1]
-    first = next(iter(rates_by_model.values()))[0]
-    rates = [f"- storage read {first.read_Bps / 1e9:.2f} GB/s, write {first.write_Bps / 1e9:.2f} GB/s; optimizer {first.optim_params_per_s / 1e6:.0f} M "
-             f"params/s (fp8 states {first.optim_by_codec.get('fp8/bf16+rem', 0) / 1e6:.0f}); host copy {first.copy_Bps / 1e9:.1f} GB/s"]
-    rates += [f"- {m} compute per kind of work (GFLOP/s + ms per call): "
-              + ", ".join(f"{w} {v[0] / 1e9:.0f} + {v[1] * 1e3:.1f}" if v[0] > 1 else f"{w} {v[1] * 1e3:.1f} ms" for w, v in sorted(r.compute_by_work.items()))
-              for m, (r, _s) in rates_by_model.items()]
+    raw = rates_by_model["probe"][0]
+    rates = [f"- probe: storage read {raw.read_Bps / 1e9:.2f} GB/s, write {raw.write_Bps / 1e9:.2f} GB/s; optimizer {raw.optim_params_per_s / 1e6:.0f} M "
+             f"params/s (fp8 states {raw.optim_by_codec.get('fp8/bf16+rem', 0) / 1e6:.0f}); host copy {raw.copy_Bps / 1e9:.1f} GB/s"]
+    for m, (r, _s) in rates_by_model.items():
+        if m == "probe":
+            continue
+        lat = r.latency_s
+        rates += [f"- {m}, in its calibration steps: read {r.read_Bps / 1e9:.2f} GB/s + {lat.get('read', 0) * 1e3:.1f} ms, write {r.write_Bps / 1e9:.2f} GB/s + "
+                  f"{lat.get('write', 0) * 1e3:.1f} ms, optimizer {r.optim_params_per_s / 1e6:.0f} M params/s + {lat.get('optim', 0) * 1e3:.1f} ms per task; "
+                  "compute per kind of work (GFLOP/s + ms per call): "
+                  + ", ".join(f"{w} {v[0] / 1e9:.0f} + {v[1] * 1e3:.1f}" if v[0] > 1 else f"{w} {v[1] * 1e3:.1f} ms" for w, v in sorted(r.compute_by_work.items()))]
     return "\n".join([
         "# bench_predict: predicted vs measured step time", "", f"Machine: {info}.", "",
         f"Probed once ({args.probe_bytes >> 20} MiB storage probe, other lanes busy), torch threads {torch.get_num_threads()}:", "", *rates, "",
