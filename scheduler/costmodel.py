@@ -13,9 +13,10 @@ they became ready (ties: graph order), one per free thread. A task's duration co
                                + meta write_bytes / write bandwidth (a gradient it keeps on disk)
     commit                     latency + files deleted * per-file cost + their bytes * per-byte cost
 
-Lanes are assumed independent (no shared memory bandwidth or cores between them): where they are
-not (a 2-core host running compute and the optimizer at once), the measured step is slower and the
-profiler's fitted rates show by how much.
+Lanes are independent here (no shared memory bandwidth or cores between them). Where they are not
+(a 2-core host running compute, I/O and the optimizer at once), the rates carry the sharing: the
+planner's are timed inside real steps (fuyou.planning.calibrate), the profiler's are fitted to a
+step's own events (fit_rates).
 """
 from __future__ import annotations
 
