@@ -86,6 +86,8 @@ def test_probe_saves_rates_used_by_plan(tmp_path, config_dir, capsys):
     assert main(["plan", "--device", "cpu", "--max-prefetch-depth", "1"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "probed" in out and "range (the probe's spread)" in out
+    # A probe without --model did not time the planned model's blocks in steps: the plan says what to run.
+    assert "did not time llama-tiny's blocks; `fuyou probe --model llama-tiny`" in out
     # The saved probe is this machine's only: on another, the plan says so and takes the defaults.
     doc["machine"]["cpu"] = "Some Other CPU"
     (config_dir / "rates.json").write_text(json.dumps(doc))
@@ -215,15 +217,24 @@ def test_plan_for_lora_streams_a_frozen_base_with_the_adapters_on_the_device(cap
     assert main(["plan", "--peft", "lora", "--ranks", "2"]) == 2
 
 
-def test_probe_of_a_models_layer_shape(tmp_path, config_dir):
+def test_probe_of_a_models_layer_shape(tmp_path, config_dir, capsys):
     """--model: the probed decoder layer has that model's shape (the compute rate is its GEMMs')."""
     assert main(["probe", "--device", "cpu", "--store-dir", str(tmp_path), "--size", "2MiB", "--model", "llama-tiny", "--tokens", "128"]) == 0
     from fuyou.planning.search import load_model_config
 
     hf = load_model_config("llama-tiny")
-    shape = json.loads((config_dir / "rates.json").read_text())["details"]["compute"]["shape"]
+    doc = json.loads((config_dir / "rates.json").read_text())
+    shape = doc["details"]["compute"]["shape"]
     assert (shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"]) == (
         hf.hidden_size, hf.intermediate_size, hf.num_attention_heads, hf.num_key_value_heads)
+    # Its steps timed the lanes too: the saved read rate is the in-step one, not the storage probe's alone.
+    assert doc["details"]["calibrated_on"] == "llama-tiny" and doc["rates"]["latency_s"]["optim"] >= 0
+    assert doc["rates"]["read_Bps"] != doc["details"]["storage"]["read_Bps"]
+    capsys.readouterr()
+    assert main(["plan", "--device", "cpu", "--model", "llama-tiny"]) == 0
+    assert "did not time" not in " ".join(capsys.readouterr().out.split())
+    assert main(["plan", "--device", "cpu", "--model", "llama-1b"]) == 0
+    assert "did not time llama-1b's blocks (it timed llama-tiny's)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_the_documented_workstation_rates_plan_as_docs_planner_says(capsys):

@@ -77,11 +77,29 @@ def plan_command(cmd: PlanCommand, _given: set) -> int:
     planned = make_plan(dataclasses.replace(cmd.plan, device=device), rates, source, spread=resolve_spread(cmd.rates, source))
     console = Console()
     render_plan(planned, console)
+    note = _uncalibrated_note(cmd, source)
+    if note:
+        console.print(f"[bold yellow]note[/]: {note}")
     if cmd.explain and planned.fits:
         from ..step.schedule import describe
 
         console.print(describe(planned.result.best.candidate.extra["spec"]), highlight=False, soft_wrap=True)
     return 0 if planned.fits else 1
+
+
+def _uncalibrated_note(cmd: PlanCommand, source: str) -> Optional[str]:
+    """What to run when the saved probe did not time the planned model's own blocks in real steps."""
+    from ..planning.rates import calibrated_on, rates_path
+
+    if cmd.rates.path or not source.startswith("probed"):
+        return None
+    model = cmd.plan.model
+    on = calibrated_on(rates_path())
+    if on == model:
+        return None
+    return (f"the saved probe did not time {model}'s blocks" + (f" (it timed {on}'s)" if on else "") + f"; `fuyou probe --model {model}` "
+            "measures its compute and the storage and optimizer lanes inside real steps, as the runtime shares the cores between them "
+            "(on a 2-core machine those lanes ran 2-4x slower in a step than probed alone), and the plan then uses those rates")
 
 
 def probe_command(cmd: ProbeCommand, _given: set) -> int:

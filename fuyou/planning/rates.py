@@ -119,15 +119,26 @@ def load_rates(device: str, path: Optional[str] = None) -> Tuple[Rates, str]:
     return DEFAULT_RATES[device], f"conservative defaults for {device} (no `fuyou probe` result for this device at {path})"
 
 
-def load_spread(path: str) -> dict:
-    """The spread a saved probe measured for each rate ({} when it has none): {field: [slow, fast]}."""
+def _details(path: str) -> dict:
     try:
         with open(path) as f:
             doc = json.load(f)
     except (OSError, json.JSONDecodeError):
         return {}
-    spread = doc.get("details", {}).get("spread") if isinstance(doc, dict) else None
+    details = doc.get("details") if isinstance(doc, dict) else None
+    return details if isinstance(details, dict) else {}
+
+
+def load_spread(path: str) -> dict:
+    """The spread a saved probe measured for each rate ({} when it has none): {field: [slow, fast]}."""
+    spread = _details(path).get("spread")
     return spread if isinstance(spread, dict) else {}
+
+
+def calibrated_on(path: str) -> Optional[str]:
+    """The model whose blocks a saved probe timed in real steps (`fuyou probe --model`), if any."""
+    model = _details(path).get("calibrated_on")
+    return model if isinstance(model, str) else None
 
 
 def rate_bounds(rates: Rates, spread: dict) -> Tuple[Rates, Rates]:
