@@ -15,6 +15,7 @@ is up against). Prints the machine, the rates, a table with the error per config
 range the probe's spread implies.
 
     python benchmarks/bench_predict.py [--steps 7] [--sweeps 2] [--dir /tmp/fuyou-bench-predict]
+    python benchmarks/bench_predict.py --device cuda    # on the GPU machine (benchmarks/gpu_check.sh's predict stage)
     python benchmarks/bench_predict.py --quick          # the first configuration, 3 steps: a smoke run
 """
 from __future__ import annotations
@@ -112,21 +113,21 @@ def probe(args, root: str) -> dict:
     optimizer with a decoder layer computing, then compute on each model's own blocks (calibrate.py,
     at 1, 2 and 4 sequences per micro-batch, both backward modes, the other lanes timed in the same
     steps). {model: (Rates, spread)}, and under "probe" the probe's own rates before calibration."""
-    rates, details = probe_rates(torch.device("cpu"), root, file_bytes=args.probe_bytes, layer=dict(layer_shape_of(tiny()), batch=4, seq_len=128),
+    rates, details = probe_rates(torch.device(args.device), root, file_bytes=args.probe_bytes, layer=dict(layer_shape_of(tiny()), batch=4, seq_len=128),
                                  loaded=True)
     out = {}
     for name, make in MODELS.items():
-        cal = calibrate(make(), device=torch.device("cpu"), seq_len=128, rows=(1, 2, 4), store_dir=root)
+        cal = calibrate(make(), device=torch.device(args.device), seq_len=128, rows=(1, 2, 4), store_dir=root)
         out[name] = in_step_rates(rates, details["spread"], cal)
     out["probe"] = (rates, details["spread"])
     return out
 
 
-def plan_config(c: Config, rates: Rates, spread: dict) -> dict:
+def plan_config(c: Config, rates: Rates, spread: dict, device: str = "cpu") -> dict:
     """The prediction for configuration `c`, from its settings alone (as `fuyou plan` makes it), and
     what its run is built with."""
     hf = MODELS[c.model]()
-    plan_cfg = PlanConfig(state=c.state, batch=c.batch, job=FinetuneConfig(disk_mode=c.disk_mode, max_grad_norm=c.clip), device="cpu")
+    plan_cfg = PlanConfig(state=c.state, batch=c.batch, job=FinetuneConfig(disk_mode=c.disk_mode, max_grad_norm=c.clip), device=device)
     shape = model_shape(hf, c.state)
     memory = memory_of(c, shape, plan_cfg)
     spec = run_step_spec(shape, plan_cfg, c.batch, run_memory_plan(shape, plan_cfg, c.batch, memory))
@@ -135,7 +136,7 @@ def plan_config(c: Config, rates: Rates, spread: dict) -> dict:
     # every step is clipped when c.clip is set: its optimizer pass is redone
     pred, slow, fast = (predict(graph, r, LANES).step_s + (redo_s(spec, r) if c.clip is not None else 0.0) for r in codec_rates)
     return {"config": c, "pred": pred, "slow": slow, "fast": fast, "params": shape.numel, "bottleneck": predict(graph, codec_rates[0], LANES).bottleneck,
-            "hf": hf, "memory": memory, "spec": spec}
+            "hf": hf, "memory": memory, "spec": spec, "device": device}
 
 
 def measure_config(planned: dict, root: str, steps: int) -> list:
@@ -145,7 +146,7 @@ def measure_config(planned: dict, root: str, steps: int) -> list:
     store_dir = os.path.join(root, "store")
     shutil.rmtree(store_dir, ignore_errors=True)
     store = import_model(ModelSource.from_config(hf, c.model), store_dir, c.state)
-    rt = Runtime(store, Skeleton(hf), device=torch.device("cpu"), memory=planned["memory"], batch=c.batch, optim=OptimConfig(lr=1e-4),
+    rt = Runtime(store, Skeleton(hf), device=torch.device(planned["device"]), memory=planned["memory"], batch=c.batch, optim=OptimConfig(lr=1e-4),
                  max_grad_norm=c.clip, disk_mode=c.disk_mode)
     assert rt.spec == planned["spec"], f"{c.name}: the planned step is not the runtime's"
     g = torch.Generator().manual_seed(0)
@@ -209,20 +210,25 @@ def main(argv=None) -> int:
     # One compute thread by default: with two OpenMP threads on a shared 2-vCPU box a layer's time
     # swings 20x run to run (one thread descheduled stalls the other at every barrier); with one,
     # under 3x, and the second core is left to the I/O and optimizer lanes.
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for probe and runs (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for probe and runs (0: torch's default; default 1 on the CPU device, "
+                    "torch's default on CUDA, where the host threads run the optimizer and I/O beside the GPU)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the device the runs compute on (cuda: the GPU machine's check)")
     ap.add_argument("--quick", action="store_true", help="the first configuration, 3 steps, a 32 MiB storage probe: a smoke run")
     ap.add_argument("--out", default=None, help="write the report here (default: benchmarks/results/bench_predict.md for a full run)")
     args = ap.parse_args(argv)
     if args.quick:
         args.only, args.steps, args.probe_bytes, args.sweeps = 0, 3, 32 << 20, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     os.makedirs(args.dir, exist_ok=True)
     info = f"{machine_line()}; load average {os.getloadavg()[0]:.1f} at the start"
     t0 = time.perf_counter()
     rates_by_model = probe(args, args.dir)
     chosen = [c for i, c in enumerate(CONFIGS) if args.only is None or i == args.only]
-    planned = [plan_config(c, *rates_by_model[c.model]) for c in chosen]  # every prediction before any run
+    planned = [plan_config(c, *rates_by_model[c.model], device=args.device) for c in chosen]  # every prediction before any run
     sweeps: list = [[] for _ in planned]
     for s in range(args.sweeps):
         for i in (range(len(planned)) if s % 2 == 0 else reversed(range(len(planned)))):
