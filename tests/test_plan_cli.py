@@ -248,3 +248,19 @@ def test_the_documented_workstation_rates_plan_as_docs_planner_says(capsys):
     assert main(argv) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "│ predicted step │ 71.862 s" in out and "│ bottleneck │ compute" in out
+
+
+def test_plan_says_why_a_probe_could_not_time_the_models_blocks(tmp_path, config_dir, capsys, monkeypatch):
+    """A model too large to cut and train for a moment: the probe says so, keeps its own rates, and
+    the plan names why instead of the probe command that just could not do it."""
+    import fuyou.cli.plan as plan_cli
+
+    monkeypatch.setattr(plan_cli, "CALIBRATION_MAX_BYTES", 1 << 20)
+    assert main(["probe", "--device", "cpu", "--store-dir", str(tmp_path), "--size", "2MiB", "--model", "llama-tiny", "--tokens", "128"]) == 0
+    doc = json.loads((config_dir / "rates.json").read_text())
+    assert "calibrated_on" not in doc["details"] and doc["details"]["not_calibrated"]["model"] == "llama-tiny"
+    assert doc["rates"]["read_Bps"] == doc["details"]["storage"]["read_Bps"] and not doc["rates"]["compute_by_work"]
+    capsys.readouterr()
+    assert main(["plan", "--device", "cpu", "--model", "llama-tiny"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "could not time llama-tiny's blocks in steps (the model cut to 2 layers needs" in out and "fuyou probe --model" not in out

@@ -89,7 +89,7 @@ def plan_command(cmd: PlanCommand, _given: set) -> int:
 
 def _uncalibrated_note(cmd: PlanCommand, source: str) -> Optional[str]:
     """What to run when the saved probe did not time the planned model's own blocks in real steps."""
-    from ..planning.rates import calibrated_on, rates_path
+    from ..planning.rates import calibrated_on, not_calibrated, rates_path
 
     if cmd.rates.path or not source.startswith("probed"):
         return None
@@ -97,6 +97,10 @@ def _uncalibrated_note(cmd: PlanCommand, source: str) -> Optional[str]:
     on = calibrated_on(rates_path())
     if on == model:
         return None
+    skipped = not_calibrated(rates_path())
+    if skipped.get("model") == model:  # the probe was asked and could not: say why, not the same command again
+        return (f"the probe could not time {model}'s blocks in steps ({skipped.get('why', '?')}): the plan's storage and optimizer lanes are "
+                "the probes' alone, which a step on a small machine runs slower")
     return (f"the saved probe did not time {model}'s blocks" + (f" (it timed {on}'s)" if on else "") + f"; `fuyou probe --model {model}` "
             "measures its compute and the storage and optimizer lanes inside real steps, as the runtime shares the cores between them "
             "(on a 2-core machine those lanes ran 2-4x slower in a step than probed alone), and the plan then uses those rates")
@@ -166,9 +170,10 @@ def _calibrated(rates, details: dict, hf, cmd: ProbeCommand, device, log):
     small.num_hidden_layers = min(CALIBRATION_LAYERS, hf.num_hidden_layers)
     need = 16 * Skeleton(small).numel()  # fp32 weights, master and moments
     if need > CALIBRATION_MAX_BYTES:
-        log(f"compute not calibrated on {cmd.model}'s blocks: the model cut to {small.num_hidden_layers} layers needs {format_bytes(need)} of store "
-            f"(more than {format_bytes(CALIBRATION_MAX_BYTES)}); the layer probe's rate stands")
-        return rates, details
+        why = (f"the model cut to {small.num_hidden_layers} layers needs {format_bytes(need)} of store, more than "
+               f"{format_bytes(CALIBRATION_MAX_BYTES)}")
+        log(f"{cmd.model}'s blocks not timed in steps ({why}): the layer probe's compute rate and the storage and optimizer probes' rates stand")
+        return rates, dict(details, not_calibrated={"model": cmd.model, "why": why})
     rows = max(1, cmd.tokens // 128)
     cal = calibrate(hf, device=device, seq_len=128, rows=sorted({1, max(1, rows // 2), rows}), store_dir=cmd.store_dir, log=log)
     rates, spread = in_step_rates(rates, details.get("spread"), cal)

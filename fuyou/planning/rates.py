@@ -141,6 +141,12 @@ def calibrated_on(path: str) -> Optional[str]:
     return model if isinstance(model, str) else None
 
 
+def not_calibrated(path: str) -> dict:
+    """{"model", "why"} when `fuyou probe --model` could not time that model's blocks in steps."""
+    got = _details(path).get("not_calibrated")
+    return got if isinstance(got, dict) else {}
+
+
 def rate_bounds(rates: Rates, spread: dict) -> Tuple[Rates, Rates]:
     """(slow, fast): `rates` with every rate the spread gives at its slow end, and at its fast end."""
     def at(end: int) -> Rates:
