@@ -87,11 +87,6 @@ def calibrate(hf_config, *, device: torch.device, seq_len: int, rows: Sequence[i
     return Calibration({work: _line(pts) for work, pts in points.items()}, lanes)
 
 
-def calibrate_compute(hf_config, **kw) -> Dict[str, Tuple[float, float]]:
-    """{work: (FLOP/s, seconds per call)}: the compute part of `calibrate`."""
-    return calibrate(hf_config, **kw).compute_by_work
-
-
 def in_step_rates(rates: Rates, spread: Optional[dict], cal: Calibration) -> Tuple[Rates, Optional[dict]]:
     """`rates` with the calibration's compute, and the read, write and optimizer lanes as their
     tasks took them in its steps (see the module docstring); the probe's spread moved with each

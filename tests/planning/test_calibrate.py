@@ -4,7 +4,7 @@ ran them, and a calibration the cost model then times tasks with."""
 import pytest
 import torch
 
-from fuyou.planning.calibrate import Calibration, _line, calibrate, calibrate_compute, in_step_rates
+from fuyou.planning.calibrate import Calibration, _line, calibrate, in_step_rates
 from fuyou.planning.search import model_shape, planned_graph, run_memory_plan, run_step_spec
 from fuyou.planning.settings import PlanConfig
 from fuyou.config import BatchConfig, MemoryConfig, StateConfig
@@ -25,7 +25,7 @@ def test_the_line_through_the_sizes():
 
 def test_calibration_measures_every_kind_of_work_and_the_plan_uses_it(tmp_path):
     hf = tiny_config("llama", num_hidden_layers=3)
-    work = calibrate_compute(hf, device=torch.device("cpu"), seq_len=16, rows=(1, 2), store_dir=str(tmp_path))
+    work = calibrate(hf, device=torch.device("cpu"), seq_len=16, rows=(1, 2), store_dir=str(tmp_path)).compute_by_work
     assert set(work) == {"embed:fwd", "embed:bwd", "head", "layer:fwd:keep", "layer:bwd:keep", "layer:fwd:recompute", "layer:bwd:recompute"}
     assert all(rate > 0 and per_call >= 0 for rate, per_call in work.values())
     assert list(tmp_path.iterdir()) == []  # its scratch store is gone
