@@ -108,19 +108,18 @@ def memory_of(c: Config, shape, plan_cfg: PlanConfig) -> MemoryConfig:
     return MemoryConfig(cache_mem_bytes=0, cpu_mem_bytes=least)
 
 
-def probe(args, root: str) -> dict:
+def probe(args, root: str) -> tuple:
     """Rates of this machine, probed once as `fuyou probe --model M` does: storage, copies and the
     optimizer with a decoder layer computing, then compute on each model's own blocks (calibrate.py,
     at 1, 2 and 4 sequences per micro-batch, both backward modes, the other lanes timed in the same
-    steps). {model: (Rates, spread)}, and under "probe" the probe's own rates before calibration."""
+    steps). (the probe's own rates, {model: (Rates, spread)})."""
     rates, details = probe_rates(torch.device(args.device), root, file_bytes=args.probe_bytes, layer=dict(layer_shape_of(tiny()), batch=4, seq_len=128),
                                  loaded=True)
     out = {}
     for name, make in MODELS.items():
         cal = calibrate(make(), device=torch.device(args.device), seq_len=128, rows=(1, 2, 4), store_dir=root)
         out[name] = in_step_rates(rates, details["spread"], cal)
-    out["probe"] = (rates, details["spread"])
-    return out
+    return rates, out
 
 
 def plan_config(c: Config, rates: Rates, spread: dict, device: str = "cpu") -> dict:
@@ -134,8 +133,9 @@ def plan_config(c: Config, rates: Rates, spread: dict, device: str = "cpu") -> d
     graph = planned_graph(shape, spec, c.batch.micro_batches)
     codec_rates = [r.for_codec(c.state.states, c.state.master, c.state.weights) for r in (rates, *rate_bounds(rates, spread))]
     # every step is clipped when c.clip is set: its optimizer pass is redone
-    pred, slow, fast = (predict(graph, r, LANES).step_s + (redo_s(spec, r) if c.clip is not None else 0.0) for r in codec_rates)
-    return {"config": c, "pred": pred, "slow": slow, "fast": fast, "params": shape.numel, "bottleneck": predict(graph, codec_rates[0], LANES).bottleneck,
+    predictions = [predict(graph, r, LANES) for r in codec_rates]
+    pred, slow, fast = (p.step_s + (redo_s(spec, r) if c.clip is not None else 0.0) for p, r in zip(predictions, codec_rates))
+    return {"config": c, "pred": pred, "slow": slow, "fast": fast, "params": shape.numel, "bottleneck": predictions[0].bottleneck,
             "hf": hf, "memory": memory, "spec": spec, "device": device}
 
 
@@ -165,10 +165,10 @@ def measured(planned: dict, sweeps: list) -> dict:
     """The row of a configuration: measured = the median of steps 2..N of every sweep together;
     each sweep's own median beside it (their difference is the machine's noise)."""
     per_sweep = [statistics.median(s[1:]) for s in sweeps]
-    return dict(planned, wall=statistics.median(x for s in sweeps for x in s[1:]), sweeps=per_sweep, steps=sweeps)
+    return dict(planned, wall=statistics.median(x for s in sweeps for x in s[1:]), sweeps=per_sweep)
 
 
-def render(rows, info: str, rates_by_model: dict, args, seconds: float) -> str:
+def render(rows, info: str, raw: Rates, rates_by_model: dict, args, seconds: float) -> str:
     errs = [abs(r["pred"] / r["wall"] - 1) * 100 for r in rows]
     table = markdown_table(
         ["configuration", "params", "predicted s", "range (probe spread)", "measured s", "sweeps' medians", "error", "bottleneck"],
@@ -176,12 +176,9 @@ def render(rows, info: str, rates_by_model: dict, args, seconds: float) -> str:
           " / ".join(f"{x:.3f}" for x in r["sweeps"]), f"{(r['pred'] / r['wall'] - 1) * 100:+.1f}%", r["bottleneck"]] for r in rows])
     # How far apart the same configuration measured in its sweeps: the machine's own noise.
     noise = [(max(r["sweeps"]) / min(r["sweeps"]) - 1) * 100 for r in rows if len(r["sweeps"]) > 1]
-    raw = rates_by_model["probe"][0]
     rates = [f"- probe: storage read {raw.read_Bps / 1e9:.2f} GB/s, write {raw.write_Bps / 1e9:.2f} GB/s; optimizer {raw.optim_params_per_s / 1e6:.0f} M "
              f"params/s (fp8 states {raw.optim_by_codec.get('fp8/bf16+rem', 0) / 1e6:.0f}); host copy {raw.copy_Bps / 1e9:.1f} GB/s"]
     for m, (r, _s) in rates_by_model.items():
-        if m == "probe":
-            continue
         lat = r.latency_s
         rates += [f"- {m}, in its calibration steps: read {r.read_Bps / 1e9:.2f} GB/s + {lat.get('read', 0) * 1e3:.1f} ms, write {r.write_Bps / 1e9:.2f} GB/s + "
                   f"{lat.get('write', 0) * 1e3:.1f} ms, optimizer {r.optim_params_per_s / 1e6:.0f} M params/s + {lat.get('optim', 0) * 1e3:.1f} ms per task; "
@@ -226,7 +223,7 @@ def main(argv=None) -> int:
     os.makedirs(args.dir, exist_ok=True)
     info = f"{machine_line()}; load average {os.getloadavg()[0]:.1f} at the start"
     t0 = time.perf_counter()
-    rates_by_model = probe(args, args.dir)
+    raw, rates_by_model = probe(args, args.dir)
     chosen = [c for i, c in enumerate(CONFIGS) if args.only is None or i == args.only]
     planned = [plan_config(c, *rates_by_model[c.model], device=args.device) for c in chosen]  # every prediction before any run
     sweeps: list = [[] for _ in planned]
@@ -237,7 +234,7 @@ def main(argv=None) -> int:
             print(f"sweep {s + 1}, {planned[i]['config'].name}: predicted {planned[i]['pred']:.3f} s, measured {statistics.median(secs[1:]):.3f} s; "
                   f"steps {', '.join(f'{x:.2f}' for x in secs)}", flush=True)
     rows = [measured(p, sw) for p, sw in zip(planned, sweeps)]
-    write_report(render(rows, info, rates_by_model, args, time.perf_counter() - t0), report_path(args.out, args.quick, "bench_predict.md"))
+    write_report(render(rows, info, raw, rates_by_model, args, time.perf_counter() - t0), report_path(args.out, args.quick, "bench_predict.md"))
     return 0
 
 
