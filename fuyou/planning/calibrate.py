@@ -92,28 +92,26 @@ def in_step_rates(rates: Rates, spread: Optional[dict], cal: Calibration) -> Tup
     tasks took them in its steps (see the module docstring); the probe's spread moved with each
     rate it changes (same ratios)."""
     changes: Dict[str, object] = {"compute_by_work": dict(cal.compute_by_work)}
+    ratio: Dict[str, float] = {}  # new rate / probed rate, for the spread
     latency = dict(rates.latency_s)
     for kind, name in (("read", "read_Bps"), ("write", "write_Bps")):
         fit = fit_line(cal.lane_points.get(kind, []))
         if fit is not None:
             latency[kind], changes[name] = fit
+            ratio[name] = fit[1] / getattr(rates, name)
     scaled = fit_line([(n / rates.optim_params_per_s, d) for n, d in cal.lane_points.get("optim", [])])  # seconds at the probed rate
     if scaled is not None:
         latency["optim"], speed = scaled  # in-step seconds = cost + probed seconds / speed
         changes["optim_params_per_s"] = rates.optim_params_per_s * speed
         changes["optim_by_codec"] = {k: v * speed for k, v in rates.optim_by_codec.items()}
+        ratio["optim_params_per_s"] = speed
     changes["latency_s"] = latency
     new = rates.replace(**changes)
     if not spread:
         return new, spread
-    moved = dict(spread)
-    for name in ("read_Bps", "write_Bps", "optim_params_per_s"):
-        if name in changes and isinstance(spread.get(name), list):
-            ratio = getattr(new, name) / getattr(rates, name)
-            moved[name] = [x * ratio for x in spread[name]]
-    if isinstance(spread.get("optim_by_codec"), dict) and "optim_by_codec" in changes:
-        ratio = new.optim_params_per_s / rates.optim_params_per_s
-        moved["optim_by_codec"] = {k: [x * ratio for x in v] for k, v in spread["optim_by_codec"].items()}
+    moved = {k: [x * ratio[k] for x in v] if k in ratio and isinstance(v, list) else v for k, v in spread.items()}
+    if "optim_params_per_s" in ratio and isinstance(spread.get("optim_by_codec"), dict):
+        moved["optim_by_codec"] = {k: [x * ratio["optim_params_per_s"] for x in v] for k, v in spread["optim_by_codec"].items()}
     return new, moved
 
 
