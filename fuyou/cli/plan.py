@@ -89,16 +89,17 @@ def plan_command(cmd: PlanCommand, _given: set) -> int:
 
 def _uncalibrated_note(cmd: PlanCommand, source: str) -> Optional[str]:
     """What to run when the saved probe did not time the planned model's own blocks in real steps."""
-    from ..planning.rates import calibrated_on, not_calibrated, rates_path
+    from ..planning.rates import rates_path, saved_details
 
     if cmd.rates.path or not source.startswith("probed"):
         return None
     model = cmd.plan.model
-    on = calibrated_on(rates_path())
+    details = saved_details(rates_path())
+    on = details.get("calibrated_on")
     if on == model:
         return None
-    skipped = not_calibrated(rates_path())
-    if skipped.get("model") == model:  # the probe was asked and could not: say why, not the same command again
+    skipped = details.get("not_calibrated")
+    if isinstance(skipped, dict) and skipped.get("model") == model:  # the probe was asked and could not: say why, not the same command again
         return (f"the probe could not time {model}'s blocks in steps ({skipped.get('why', '?')}): the plan's storage and optimizer lanes are "
                 "the probes' alone, which a step on a small machine runs slower")
     return (f"the saved probe did not time {model}'s blocks" + (f" (it timed {on}'s)" if on else "") + f"; `fuyou probe --model {model}` "

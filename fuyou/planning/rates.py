@@ -119,7 +119,10 @@ def load_rates(device: str, path: Optional[str] = None) -> Tuple[Rates, str]:
     return DEFAULT_RATES[device], f"conservative defaults for {device} (no `fuyou probe` result for this device at {path})"
 
 
-def _details(path: str) -> dict:
+def saved_details(path: str) -> dict:
+    """The `details` a saved probe holds ({} when it cannot be read): its spread, and with
+    `fuyou probe --model M` the model whose blocks it timed in steps (`calibrated_on`) or why it
+    could not (`not_calibrated`: {"model", "why"})."""
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -131,20 +134,8 @@ def _details(path: str) -> dict:
 
 def load_spread(path: str) -> dict:
     """The spread a saved probe measured for each rate ({} when it has none): {field: [slow, fast]}."""
-    spread = _details(path).get("spread")
+    spread = saved_details(path).get("spread")
     return spread if isinstance(spread, dict) else {}
-
-
-def calibrated_on(path: str) -> Optional[str]:
-    """The model whose blocks a saved probe timed in real steps (`fuyou probe --model`), if any."""
-    model = _details(path).get("calibrated_on")
-    return model if isinstance(model, str) else None
-
-
-def not_calibrated(path: str) -> dict:
-    """{"model", "why"} when `fuyou probe --model` could not time that model's blocks in steps."""
-    got = _details(path).get("not_calibrated")
-    return got if isinstance(got, dict) else {}
 
 
 def rate_bounds(rates: Rates, spread: dict) -> Tuple[Rates, Rates]:
