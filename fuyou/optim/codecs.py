@@ -225,9 +225,9 @@ class Fp8TileCodec(Codec):
         from ..kernels.reference import dequantize_weight_fp8
 
         n, k = (int(d) for d in parts["dims"])
-        native = _fp8_tiles_native(parts["codes"], parts["scales"], n, k)
-        if native is not None:
-            return native
+        values = _fp8_tiles_native(parts["codes"], parts["scales"], n, k)
+        if values is not None:
+            return values
         scales = parts["scales"].view(_ceil_div(n, FP8_TILE), _ceil_div(k, FP8_TILE))
         return dequantize_weight_fp8(parts["codes"], scales, (n, k)).reshape(-1)
 
