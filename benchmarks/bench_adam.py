@@ -31,7 +31,7 @@ from benchmarks._common import cpu_model, report_path, write_report  # noqa: E40
 from fuyou.config import StateConfig  # noqa: E402
 from fuyou.optim import KINDS, fused, init_state_, param_codecs, state_layout  # noqa: E402
 from fuyou.optim.state import StateCodecs  # noqa: E402
-from fuyou.step.memory_plan import weights_are_master  # noqa: E402
+from fuyou.step.slot_sizes import weights_are_master  # noqa: E402
 from fuyou.store.layout import BlockLayout  # noqa: E402
 
 CODECS = [  # (label, StateConfig)

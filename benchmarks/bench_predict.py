@@ -47,6 +47,7 @@ from fuyou.planning.rates import rate_bounds  # noqa: E402
 from fuyou.planning.search import model_shape, planned_graph, redo_s, run_memory_plan, run_step_spec  # noqa: E402
 from fuyou.planning.settings import PlanConfig  # noqa: E402
 from fuyou.step.graph import LANES  # noqa: E402
+from fuyou.step.slot_sizes import least_slot_bytes  # noqa: E402
 from fuyou.step.runtime import Runtime  # noqa: E402
 from fuyou.store.directio import aligned_bytes  # noqa: E402
 from scheduler.costmodel import Rates, predict  # noqa: E402
@@ -104,7 +105,7 @@ def memory_of(c: Config, shape, plan_cfg: PlanConfig) -> MemoryConfig:
     if c.memory == "offload":  # the block inputs of one layer more than the device budget holds: they go to the host
         return MemoryConfig(cache_mem_bytes=0, recompute="always", gpu_mem_bytes=full.device_bytes() - full.micro_batches * aligned_bytes(full.act_bytes))
     # One weight slot, one optimizer slot, one gradient slot (plus a tied embedding's own).
-    least = full.stage_slot_bytes + (1 + full.tied_slot) * (full.opt_slot_bytes + full.grad_slot_bytes)
+    least = full.stage_slot_bytes + least_slot_bytes(shape.store, shape.tied)
     return MemoryConfig(cache_mem_bytes=0, cpu_mem_bytes=least)
 
 

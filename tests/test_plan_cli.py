@@ -247,7 +247,7 @@ def test_the_documented_workstation_rates_plan_as_docs_planner_says(capsys):
             "--batch-size", "64", "--seq-len", "1024", "--weights", "bf16"]
     assert main(argv) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "│ predicted step │ 71.862 s" in out and "│ bottleneck │ compute" in out
+    assert "│ predicted step │ 71.849 s" in out and "│ bottleneck │ compute" in out
 
 
 def test_plan_says_why_a_probe_could_not_time_the_models_blocks(tmp_path, config_dir, capsys, monkeypatch):

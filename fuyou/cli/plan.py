@@ -258,7 +258,7 @@ def _plan_table(plan):
     t.add_column("chosen plan" if res.best else "no plan fits")
     t.add_column("naive plan (depth 0" + (")" if plan.shape.frozen else ", 1 optimizer slot)"))
     rows = [res.best, res.naive]
-    for k in ("prefetch_depth", "micro_batches", "opt_slots", "weight_slots", "device_slots"):
+    for k in ("prefetch_depth", "micro_batches", "opt_slots", "weight_slots", "device_slots", "edge_slot"):
         t.add_row(k.replace("_", " "), *[str(e.candidate.knobs[k]) if e else "-" for e in rows])
     for tier in ("gpu", "cpu", "ssd"):
         lim = budgets[tier]

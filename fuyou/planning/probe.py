@@ -30,7 +30,7 @@ from ..optim.codecs import weights_codec
 from ..optim.state import KINDS, WEIGHT_DTYPES, StateCodecs, adamw_update_, decode_weights, init_weights_
 from ..store import backends
 from ..store.directio import ALIGN, DirectFile, aligned_bytes, aligned_empty
-from ..step.memory_plan import weights_are_master
+from ..step.slot_sizes import weights_are_master
 from ..store.layout import BlockLayout
 from .probe_compute import LayerRunner, probe_compute, probe_matmul
 from .probe_timing import Busy, median_time, time_runs

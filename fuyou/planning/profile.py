@@ -214,12 +214,14 @@ def graph_from_events(events: List[TraceEvent]):
     ranks = max((int(e.meta.get("ranks", 2)) for e in events if e.kind == "collective"), default=1)
     codec = next((e.meta["codec"] for e in events if e.meta.get("role") == "h2d" and "codec" in e.meta), "fp32")
     kept = any(str(c.meta.get("work", "")).endswith(":keep") for c in comp)
+    edges = [(embed,)] if tied else [(), (head, embed)]  # the slot layouts the memory plan takes (memory_plan.slot_layouts)
     for w, d, o, gs in _slot_counts(has_h2d, bool(recomputed_inputs)):
-        g = build_step_graph(StepSpec(cons, blocks, w, d, o, assign_opt_slots(cons, tied, o, embed), flops, gs, frozenset(cached),
-                                      n_offloaded=len(act_out), act_block_bytes=act_bytes, recomputed_inputs=recomputed_inputs, n_on_ssd=n_on_ssd,
-                                      ranks=ranks, weights_codec=codec, kept_forward=kept))
-        if _consistent(g, by_name):
-            return g, {"weight_slots": w, "device_slots": d, "opt_slots": o}
+        for edge in edges:
+            g = build_step_graph(StepSpec(cons, blocks, w, d, o, assign_opt_slots(cons, edge, o), flops, gs, frozenset(cached),
+                                          n_offloaded=len(act_out), act_block_bytes=act_bytes, recomputed_inputs=recomputed_inputs, n_on_ssd=n_on_ssd,
+                                          ranks=ranks, weights_codec=codec, kept_forward=kept))
+            if _consistent(g, by_name):
+                return g, {"weight_slots": w, "device_slots": d, "opt_slots": o, "edge_slot": "+".join(edge) or "none"}
     return None, {}
 
 

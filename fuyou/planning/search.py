@@ -27,6 +27,7 @@ from .rates import load_rates, rate_bounds
 from ..step.graph import LANES, build_redo_graph, build_step_graph, bytes_per_step
 from ..step.spec import StepSpec, assign_opt_slots, model_consumers, step_spec
 from ..step.memory_plan import MAX_GRAD_SLOTS, MAX_OPT_SLOTS, BudgetError, MemoryPlan, compute_dtype_for, disk_peak_bytes, plan_for_model
+from ..step.slot_sizes import slot_layouts
 
 UNCONSTRAINED = 1 << 62  # a budget no plan reaches (used to size slots without a limit)
 # Knobs the memory plan sets by rule from the budgets, for every candidate alike (not searched).
@@ -135,7 +136,7 @@ def planned_graph(shape: ModelShape, spec: StepSpec, micro_batches: int):
 
 def run_step_spec(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, plan: MemoryPlan) -> StepSpec:
     """The step the runtime runs with that memory plan: what its graph is built from."""
-    owner = assign_opt_slots(shape.cons, shape.tied, plan.opt_slots, shape.store.block_names[0]) if plan.opt_slots else {}
+    owner = assign_opt_slots(shape.cons, plan.edge_blocks, plan.opt_slots) if plan.opt_slots else {}
     return step_spec(shape.store, shape.cons, plan, owner, shape.skeleton, batch, ranks=cfg.ranks, keeps_grads=cfg.job.max_grad_norm is not None)
 
 
@@ -154,16 +155,21 @@ def ssd_need_bytes(shape: ModelShape, cfg: PlanConfig, plan: MemoryPlan) -> int:
     return disk_peak_bytes(shape.store, plan, disk_mode=cfg.job.disk_mode, keeps_grads=cfg.job.max_grad_norm is not None, frozen=shape.frozen)
 
 
-def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int, sizes: Optional[MemoryPlan] = None) -> Optional[Candidate]:
-    """The plan (micro, depth, opt_slots) as the runtime realises it, or None if the runtime's slot
-    planner would turn those budgets into another plan (which is enumerated on its own). `sizes`:
-    slot_sizes(shape, cfg, micro, depth), when the caller has it already."""
+def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_slots: int, sizes: Optional[MemoryPlan] = None,
+              layout: Optional[dict] = None) -> Optional[Candidate]:
+    """The plan (micro, depth, opt_slots, slot layout) as the runtime realises it, or None if the
+    runtime's slot planner would turn those budgets into another plan (which is enumerated on its
+    own). `sizes`: slot_sizes(shape, cfg, micro, depth), when the caller has it already; `layout`:
+    one of memory_plan.slot_layouts (None: the one the runtime takes without a budget)."""
     batch = BatchConfig(batch_size=cfg.batch.batch_size, micro_batches=micro, seq_len=cfg.batch.seq_len)
     sizes = sizes or slot_sizes(shape, cfg, micro, depth)
     if sizes is None:
         return None
+    if layout is not None:
+        sizes = dataclasses.replace(sizes, **layout)
     w = depth + 1
-    cpu = w * sizes.stage_slot_bytes + (opt_slots + sizes.tied_slot) * sizes.opt_slot_bytes + (MAX_GRAD_SLOTS + sizes.tied_slot) * sizes.grad_slot_bytes
+    cpu = (w * sizes.stage_slot_bytes + opt_slots * sizes.opt_slot_bytes + MAX_GRAD_SLOTS * sizes.grad_slot_bytes + sizes.edge_opt_bytes
+           + sizes.edge_grad_bytes)
     full_dev = sizes.device_bytes()  # with depth + 1 device slots (or none when no copy is needed)
     adapters = shape.adapter_device_bytes()  # outside the runtime's pool: its budget is what they leave
     gpu = full_dev if cfg.gpu_mem_bytes is None else min(full_dev, max(cfg.gpu_mem_bytes - adapters, 1))
@@ -173,14 +179,15 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
         # Does not fit the device budget at all: keep the sizes, the planner reports the need.
         plan = dataclasses.replace(sizes, weight_slots=w, opt_slots=opt_slots)
         gpu = full_dev
-    if (plan.weight_slots, plan.opt_slots) != (w, opt_slots):
+    if (plan.weight_slots, plan.opt_slots, plan.edge_blocks) != (w, opt_slots, sizes.edge_blocks):
         return None
     spec = run_step_spec(shape, cfg, batch, plan)
 
     def build():
         return planned_graph(shape, spec, micro)
 
-    knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots}
+    knobs = {"prefetch_depth": depth, "micro_batches": micro, "opt_slots": plan.opt_slots, "weight_slots": plan.weight_slots, "device_slots": plan.device_slots,
+             "edge_slot": "+".join(plan.edge_blocks) or "none"}
     memory = {"gpu": plan.device_bytes() + shape.adapter_device_bytes(), "cpu": plan.cpu_bytes(), "ssd": ssd_need_bytes(shape, cfg, plan), "cache": plan.cache_bytes}
     pref = (micro != cfg.batch.micro_batches, depth)
     # The run's batch: every rank's rows (cfg.batch here is one rank's share, see make_plan).
@@ -229,17 +236,21 @@ def make_plan(cfg: PlanConfig, rates: Rates, rates_source: str = "given", shape:
     shape = shape or model_shape(load_model_config(cfg.model), cfg.state, cfg.ranks, cfg.peft)
     micros = _divisors(cfg.batch.batch_size) if cfg.search_micro_batches else [cfg.batch.micro_batches]
     opt_slots = [0] if shape.frozen else list(range(1, MAX_OPT_SLOTS + 1))  # a frozen base has no optimizer slot
-    naive = candidate(shape, cfg, cfg.batch.micro_batches, 0, opt_slots[0])
+    layouts = slot_layouts(shape.store, shape.tied, shape.frozen)
+    # Depth 0, one optimizer slot, in the layout the runtime takes for its budgets.
+    naive = next((c for c in (candidate(shape, cfg, cfg.batch.micro_batches, 0, opt_slots[0], layout=lay) for lay in layouts) if c is not None), None)
     cands = [naive] if naive is not None else []
+    naive_edge = naive.extra["plan"].edge_blocks if naive is not None else None
     for micro in micros:
         for depth in range(cfg.max_prefetch_depth + 1):
             sizes = slot_sizes(shape, cfg, micro, depth)
             for k in opt_slots:
-                if (micro, depth, k) == (cfg.batch.micro_batches, 0, opt_slots[0]) or sizes is None:
-                    continue
-                c = candidate(shape, cfg, micro, depth, k, sizes)
-                if c is not None:
-                    cands.append(c)
+                for layout in layouts:
+                    if sizes is None or ((micro, depth, k) == (cfg.batch.micro_batches, 0, opt_slots[0]) and layout["edge_blocks"] == naive_edge):
+                        continue
+                    c = candidate(shape, cfg, micro, depth, k, sizes, layout)
+                    if c is not None:
+                        cands.append(c)
     if not cands:
         raise ValueError(f"{cfg.model}: no plan can be built for batch {cfg.batch.batch_size} x seq {cfg.batch.seq_len}; check the model config")
     budgets = {"gpu": cfg.gpu_mem_bytes, "cpu": cfg.cpu_mem_bytes, "ssd": cfg.ssd_bytes}

@@ -13,7 +13,7 @@ from ..model.errors import UnsupportedModelError
 from ..optim.state import OPTIM_KINDS, adamw_update_, emit_weights_
 from .compute import run_consumer, started_grad
 from .context import RunContext, StepState
-from .memory_plan import SLOT_KINDS
+from .slot_sizes import SLOT_KINDS
 
 
 class StepBodies:

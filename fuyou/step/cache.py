@@ -15,7 +15,7 @@ import torch
 
 from ..memory import Pool
 from ..store.store import Store
-from .memory_plan import SLOT_KINDS, opt_region_offsets
+from .slot_sizes import SLOT_KINDS, opt_region_offsets
 
 
 class BlockCache:

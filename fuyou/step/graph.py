@@ -23,9 +23,11 @@ LANES = {"read": 1, "write": 1, "h2d": 1, "d2h": 1, "compute": 1, "optim": 1, "c
 
 
 def _previous_holders(order: List[str], owner: Dict[str, int], slots: int) -> Dict[str, str]:
-    """block -> the block that used its (cycled) slot before it, in `order`."""
+    """block -> the block that used its slot before it, in `order`: the cycled slots' and the edge
+    slot's (owner -1: the untied head, then the embedding)."""
     cyc = [b for b in order if owner[b] >= 0]
-    return {cyc[i]: cyc[i - slots] for i in range(slots, len(cyc))}
+    edge = [b for b in order if owner[b] < 0]
+    return {**{cyc[i]: cyc[i - slots] for i in range(slots, len(cyc))}, **dict(zip(edge[1:], edge))}
 
 
 class TaskName:
@@ -124,6 +126,7 @@ class _StepGraphBuilder:
         self.index = block_indices(spec.cons)
         self.compute: list = []  # compute task of each consumer so far
         self.ready: dict = {}  # consumer -> the task after which its weights sit in their slot
+        self.weight_reads: dict = {}  # consumer -> its weights' read task
         self.optims: dict = {}
         self.writes: dict = {}
         self.act_out: dict = {}  # layer -> its offload task
@@ -144,6 +147,7 @@ class _StepGraphBuilder:
         # nbytes: what the store reads; copy_bytes: what comes from the block cache instead.
         task = g.add(TaskName.read_weights(consumer, c.block), "read", "read", partial(self.bodies.read_weights, consumer), [release],
                      nbytes=stage_bytes - copied, block=c.block, copy_bytes=copied, role="read_weights")
+        self.weight_reads[consumer] = task
         if D:
             dev_free = self.compute[consumer - D] if consumer >= D else None
             copied_bytes = sum(spec.blocks[b].copied_bytes for b in c.weight_blocks)  # decoded on the host, then copied
@@ -180,6 +184,9 @@ class _StepGraphBuilder:
         if c.phase != "fwd" and spec.blocks[c.block].numel and spec.train_states:
             self._optimize(c.block, task)
 
+    def _head(self) -> int:
+        return next(k for k, c in enumerate(self.spec.cons) if c.phase == "head")
+
     def _bring_back(self, i: int, block: str):
         """Layer i's offloaded inputs, back just before its backward, once the backward two layers
         later has freed its own."""
@@ -197,7 +204,9 @@ class _StepGraphBuilder:
             grad_ready = self.collectives.add(TaskName.reduce(b), partial(self.bodies.reduce_grad, b), [backward], nbytes=4 * size.numel, block=b,
                                               role="reduce")
             self.send_weights()
-        prev = self.writes[self.opt_free[b]] if b in self.opt_free else None
+        # A block the first to use its slot: read once the forward's weight reads are all issued
+        # (after the head's), instead of at the step's start ahead of them on the read lane.
+        prev = self.writes[self.opt_free[b]] if b in self.opt_free else self.weight_reads[self._head()]
         hit = b in self.spec.cached
         rs = g.add(TaskName.read_states(b), "read", "read", partial(self.bodies.read_states, b), [prev], nbytes=0 if hit else size.states_bytes,
                    block=b, copy_bytes=size.states_bytes if hit else 0, role="read_states")

@@ -4,7 +4,11 @@ Slots are fixed-size buffers reused every step (see runtime.py):
   - weight staging slots (host): one consumer's weights as stored (a block, or head + tied embedding);
   - device weight slots: the same, decoded to the compute dtype (only when the device is not the
     host or the stored dtype is not the compute dtype);
-  - optimizer slots (host): a block's master, moments, new weights and fp32 gradient;
+  - optimizer slots (host): a block's master, moments and new weights, cycled in backward order;
+  - gradient slots (host): a block's fp32 gradient, cycled alike;
+  - the edge slot (host): an optimizer and a gradient slot of their own for the embedding and the
+    untied head (or a tied embedding), sized for them, so the cycled slots are sized for the
+    largest other block (see plan_memory);
   - activations (device): every block input of every micro-batch, plus one output gradient each;
   - compute workspace (device): an estimate of what a block's recompute and backward allocate.
 """
@@ -19,10 +23,9 @@ import torch
 
 from ..config import BatchConfig, MemoryConfig
 from ..memory import format_bytes
-from ..optim.state import OPTIM_KINDS
 from ..store.directio import aligned_bytes
-from ..store.layout import BlockLayout
 from ..store.store import Store
+from .slot_sizes import opt_region_offsets, slot_layouts
 from .spec import Consumer, model_consumers
 
 MAX_OPT_SLOTS = 3  # more only adds optimizer run-ahead the backward cannot use (one block per backward)
@@ -42,7 +45,6 @@ class MemoryPlan:
     weight_slots: int
     device_slots: int
     opt_slots: int
-    tied_slot: bool
     stage_slot_bytes: int
     device_slot_bytes: int
     opt_slot_bytes: int
@@ -52,8 +54,13 @@ class MemoryPlan:
     cpu_budget_bytes: int
     device_budget_bytes: int
     kept_bytes: int = 0  # activations kept from the forward for the backward (0: the backward recomputes)
-    grad_slots: int = 1  # fp32 gradient buffers the backward cycles through (a tied embedding has its own)
+    grad_slots: int = 1  # fp32 gradient buffers the backward cycles through (the edge blocks have their own)
     grad_slot_bytes: int = 0
+    # Blocks with the edge slot (an optimizer and a gradient slot of their own, shared in backward
+    # order): () none, ("embed",) a tied embedding, (head, "embed") the untied head and embedding.
+    edge_blocks: tuple = ()
+    edge_opt_bytes: int = 0
+    edge_grad_bytes: int = 0
     cache_blocks: tuple = ()  # blocks whose live states and weights stay in host RAM between steps
     cache_bytes: int = 0  # host RAM of that cache (its own pool, outside cpu_bytes())
     micro_batches: int = 1
@@ -74,8 +81,10 @@ class MemoryPlan:
     def cpu_bytes(self) -> int:
         return (
             self.weight_slots * self.stage_slot_bytes
-            + (self.opt_slots + self.tied_slot) * self.opt_slot_bytes
-            + (self.grad_slots + self.tied_slot) * self.grad_slot_bytes
+            + self.opt_slots * self.opt_slot_bytes
+            + self.grad_slots * self.grad_slot_bytes
+            + self.edge_opt_bytes
+            + self.edge_grad_bytes
             + self.offloaded_act_bytes()
         )
 
@@ -91,38 +100,6 @@ class MemoryPlan:
     @property
     def recompute(self) -> bool:
         return self.kept_bytes == 0
-
-
-# What an optimizer slot holds of a block, in this order: the states the optimizer updates and the
-# compute weights it emits.
-SLOT_KINDS = OPTIM_KINDS + ("weights",)
-
-
-def weights_are_master(lay: BlockLayout) -> bool:
-    """Whether a block's compute weights are its master byte for byte: fp32 weights of an fp32
-    master have the same parts at the same offsets, and the update writes the one value to both.
-    Their files stay two (the forward reads the weights', the optimizer the master's); in memory
-    they are one region, written once by the update."""
-    kinds = lay.kinds
-    w, m = kinds.get("weights"), kinds.get("master")
-    return w is not None and m is not None and w.parts == m.parts and w.file_bytes == m.file_bytes
-
-
-def opt_region_offsets(store: Store, block: str) -> dict:
-    """Byte offsets of master / exp_avg / exp_avg_sq / new weights inside an optimizer slot (the
-    weights at the master's offset when they are the master: weights_are_master). The block's
-    gradient has its own slot (grad slots), so the backward of the next block need not wait for
-    this block's states to be written."""
-    lay = store.layouts[block]
-    off, out = 0, {}
-    for kind in (k for k in SLOT_KINDS if k in lay.kinds):  # a frozen base's store holds only weights
-        if kind == "weights" and weights_are_master(lay):
-            out[kind] = out["master"]
-            continue
-        out[kind] = off
-        off += lay.kinds[kind].file_bytes
-    out["end"] = off
-    return out
 
 
 def disk_peak_bytes(store: Store, plan: MemoryPlan, *, disk_mode: str = "safe", keeps_grads: bool = False, frozen: bool = False) -> int:
@@ -162,10 +139,6 @@ def plan_cache(store: Store, cache_budget: Optional[int]) -> tuple:
     return tuple(blocks), used
 
 
-def grad_slot_bytes(store: Store) -> int:
-    return max(aligned_bytes(lay.numel * 4) for lay in store.layouts.values())
-
-
 def plan_memory(
     store: Store,
     cons: List[Consumer],
@@ -196,8 +169,7 @@ def plan_memory(
     copy = device.type != "cpu" or stored_dtype != compute_dtype
     stage = max(sum(store.layouts[b].kinds["weights"].file_bytes for b in c.weight_blocks) for c in cons)
     dev_slot = max(sum(aligned_bytes(store.layouts[b].numel * esize) for b in c.weight_blocks) for c in cons) if copy else 0
-    opt_slot = 0 if frozen else max(opt_region_offsets(store, b)["end"] for b in store.block_names)
-    tied = tied and not frozen
+    layouts = slot_layouts(store, tied, frozen)
     n_blocks = len(store.block_names)
     act = micro_batch_size * seq_len * hidden_size * esize
     n_acts = (n_blocks - 1) * micro_batches + micro_batches  # block inputs (layers + head) + output grads
@@ -213,10 +185,11 @@ def plan_memory(
     kept = (n_blocks - 2) * micro_batches * tokens * (10 * hidden_size + 6 * intermediate_size) * esize
     ram = psutil.virtual_memory().total
     depth = prefetch_depth + 1
-    grad_slot = 0 if frozen else grad_slot_bytes(store)
     auto_cpu = cpu_budget is None
     if cpu_budget is None:
-        cpu_budget = min(depth * stage + (MAX_OPT_SLOTS + tied) * opt_slot + (MAX_GRAD_SLOTS + tied) * grad_slot, ram // 2)
+        slots = layouts[0]
+        cpu_budget = min(depth * stage + MAX_OPT_SLOTS * slots["opt_slot_bytes"] + MAX_GRAD_SLOTS * slots["grad_slot_bytes"] + slots["edge_opt_bytes"]
+                         + slots["edge_grad_bytes"], ram // 2)
     if device_budget is None:
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
@@ -224,10 +197,9 @@ def plan_memory(
         else:
             want_kept = 0 if recompute == "always" else kept
             device_budget = min(depth * dev_slot + n_acts * aligned_bytes(act) + workspace + want_kept, ram // 2)
-    plan = MemoryPlan(1, 1 if copy else 0, 0 if frozen else 1, tied, stage, dev_slot, opt_slot, act, n_acts, workspace, cpu_budget, device_budget)
-    plan.grad_slot_bytes = grad_slot
-    plan.grad_slots = 0 if frozen else 1
-    plan.micro_batches = micro_batches
+    plan = MemoryPlan(weight_slots=1, device_slots=1 if copy else 0, opt_slots=0 if frozen else 1, stage_slot_bytes=stage, device_slot_bytes=dev_slot,
+                      act_bytes=act, n_acts=n_acts, workspace_bytes=workspace, cpu_budget_bytes=cpu_budget, device_budget_bytes=device_budget,
+                      grad_slots=0 if frozen else 1, micro_batches=micro_batches, **layouts[0])
     if recompute != "always":
         plan.kept_bytes = kept
         if recompute == "auto" and plan.device_bytes() > device_budget:
@@ -237,23 +209,45 @@ def plan_memory(
         if auto_cpu:  # the host budget was not given: it includes the offloaded inputs
             cpu_budget = plan.cpu_budget_bytes = min(cpu_budget + plan.offloaded_act_bytes(), ram // 2)
     _check_minimum(plan)
-    _grow(plan, depth, copy, frozen)
-    return plan
+    best = _grown(plan, depth, copy, frozen)
+    for layout in layouts[1:]:  # the edge slot, when it fits and keeps the slots that matter as many
+        alt = dataclasses.replace(plan, **layout)
+        if alt.cpu_bytes() <= alt.cpu_budget_bytes:
+            alt = _grown(alt, depth, copy, frozen)
+            if _keeps_slots(alt, best):
+                best = alt
+    return best
 
 
-def _grow(plan: MemoryPlan, depth: int, copy: bool, frozen: bool) -> None:
-    """Grow a plan from its minimum while the budgets allow: a second gradient slot first (the
-    backward of the next block then runs while this block's optimizer does), then optimizer slots
-    (they decouple state I/O from the optimizer), then prefetch depth."""
+def _keeps_slots(alt: MemoryPlan, plan: MemoryPlan) -> bool:
+    """Whether `alt` has as many of the slots that matter as `plan`: gradient, optimizer and device
+    slots, and a second weight slot (the read of the next block's weights during this block's
+    compute). A third weight slot only reads further ahead; the edge slot takes the state read,
+    update and write of the largest block out of the step's tail (docs/ARCHITECTURE.md)."""
+    def counts(p: MemoryPlan) -> tuple:
+        return p.grad_slots, p.opt_slots, min(p.weight_slots, 2), p.device_slots
+
+    return all(a >= b for a, b in zip(counts(alt), counts(plan)))
+
+
+def _grown(plan: MemoryPlan, depth: int, copy: bool, frozen: bool) -> MemoryPlan:
+    """The plan grown from its minimum while the budgets allow: a second gradient slot first (the
+    backward of the next block then runs while this block's optimizer does), a second weight slot
+    (the next block's weights are read during this block's compute), then optimizer slots (they
+    decouple state I/O from the optimizer), then prefetch depth."""
+    plan = dataclasses.replace(plan)
     cpu_budget, device_budget = plan.cpu_budget_bytes, plan.device_budget_bytes
     if not frozen and plan.cpu_bytes() + plan.grad_slot_bytes <= cpu_budget:
         plan.grad_slots += 1
+    if plan.weight_slots < min(depth, 2) and plan.cpu_bytes() + plan.stage_slot_bytes <= cpu_budget:
+        plan.weight_slots += 1
     while not frozen and plan.opt_slots < MAX_OPT_SLOTS and plan.cpu_bytes() + plan.opt_slot_bytes <= cpu_budget:
         plan.opt_slots += 1
     while plan.weight_slots < depth and plan.cpu_bytes() + plan.stage_slot_bytes <= cpu_budget:
         plan.weight_slots += 1
     while copy and plan.device_slots < depth and plan.device_bytes() + plan.device_slot_bytes <= device_budget:
         plan.device_slots += 1
+    return plan
 
 
 def _place_block_inputs(plan: MemoryPlan, n_layers: int, device_budget: int, host_budget: int, copy: bool) -> MemoryPlan:
@@ -323,11 +317,12 @@ def plan_for_model(store: Store, skeleton, *, device, batch: BatchConfig, memory
 def _check_minimum(plan: MemoryPlan) -> None:
     need_cpu, need_dev = plan.cpu_bytes(), plan.device_bytes()
     if need_cpu > plan.cpu_budget_bytes:
+        edge = (f", the {' and '.join(plan.edge_blocks)}'s own optimizer slot ({format_bytes(plan.edge_opt_bytes)}) and gradient slot "
+                f"({format_bytes(plan.edge_grad_bytes)})" if plan.edge_blocks else "")
         raise BudgetError(
             f"--cpu-mem {format_bytes(plan.cpu_budget_bytes)} is too small: one weight slot ({format_bytes(plan.stage_slot_bytes)}), "
-            f"{1 + plan.tied_slot} optimizer slot(s) ({format_bytes(plan.opt_slot_bytes)} each) and {1 + plan.tied_slot} gradient slot(s) "
-            f"({format_bytes(plan.grad_slot_bytes)} each) need {format_bytes(need_cpu)}; "
-            f"pass --cpu-mem {_round_up_mib(need_cpu)} or more"
+            f"an optimizer slot ({format_bytes(plan.opt_slot_bytes)}), a gradient slot ({format_bytes(plan.grad_slot_bytes)}){edge} "
+            f"need {format_bytes(need_cpu)}; pass --cpu-mem {_round_up_mib(need_cpu)} or more"
         )
     if need_dev > plan.device_budget_bytes:
         raise BudgetError(

@@ -38,7 +38,8 @@ from .cache import BlockCache
 from .context import LinkBytes, RunContext, StepState
 from .graph import LANES, build_eval_graph, build_redo_graph, build_step_graph
 from .spec import model_consumers, step_spec
-from .memory_plan import SLOT_KINDS, MemoryPlan, compute_dtype_for, plan_for_model
+from .memory_plan import MemoryPlan, compute_dtype_for, plan_for_model
+from .slot_sizes import SLOT_KINDS
 from .slots import Slots
 
 
@@ -83,7 +84,7 @@ class Runtime:
         self.cpu_pool = Pool("cpu", plan.cpu_budget_bytes, torch.device("cpu"), pin=device.type == "cuda")
         self.dev_pool = Pool("gpu" if device.type == "cuda" else "device", plan.device_budget_bytes, device)
         self.dev_pool.reserve(plan.workspace_bytes + plan.kept_bytes, "compute workspace and kept activations")
-        self.slots = Slots(plan, store, self.cons, tied=skeleton.tied, cpu_pool=self.cpu_pool, dev_pool=self.dev_pool, compute_dtype=self.compute_dtype)
+        self.slots = Slots(plan, store, self.cons, cpu_pool=self.cpu_pool, dev_pool=self.dev_pool, compute_dtype=self.compute_dtype)
         self.cache = BlockCache(store, plan.cache_blocks, plan.cache_bytes)
         streams = {"h2d": torch.cuda.Stream(device), "d2h": torch.cuda.Stream(device)} if device.type == "cuda" else {}
         moved = LinkBytes()

@@ -6,8 +6,8 @@
     optimizer slots (host)        a block's master, moments and new weights (regions at the offsets
                                   of memory_plan.opt_region_offsets), cycled in backward order
     gradient slots (host)         a block's fp32 gradient, cycled in the same order
-A tied embedding keeps an optimizer and a gradient slot of its own: the head's backward writes into
-its gradient long before the embedding's backward does.
+    edge slot (host)              an optimizer and a gradient slot of their own for the memory plan's
+                                  edge blocks (a tied embedding, or the untied head then embedding)
 """
 from __future__ import annotations
 
@@ -16,32 +16,32 @@ from typing import Dict, List, Optional
 import torch
 
 from ..memory import Pool
-from ..model.skeleton import EMBED
 from ..optim.state import decode_weights
 from ..store.directio import aligned_bytes
 from ..store.store import Store
 from .spec import Consumer, assign_opt_slots
-from .memory_plan import SLOT_KINDS, MemoryPlan, opt_region_offsets
+from .memory_plan import MemoryPlan
+from .slot_sizes import SLOT_KINDS, opt_region_offsets
 
 
 class Slots:
-    def __init__(self, plan: MemoryPlan, store: Store, cons: List[Consumer], *, tied: bool, cpu_pool: Pool, dev_pool: Pool,
+    def __init__(self, plan: MemoryPlan, store: Store, cons: List[Consumer], *, cpu_pool: Pool, dev_pool: Pool,
                  compute_dtype: torch.dtype):
         self.store, self.cons, self.compute_dtype = store, cons, compute_dtype
         self.staging = [cpu_pool.alloc(plan.stage_slot_bytes) for _ in range(plan.weight_slots)]
         self.device = [dev_pool.alloc(plan.device_slot_bytes) for _ in range(plan.device_slots)]
         self.optimizer = [cpu_pool.alloc(plan.opt_slot_bytes) for _ in range(plan.opt_slots)]
-        self.tied_optimizer: Optional[torch.Tensor] = cpu_pool.alloc(plan.opt_slot_bytes) if plan.tied_slot else None
         self.grads = [cpu_pool.alloc(plan.grad_slot_bytes) for _ in range(plan.grad_slots)]
-        self.tied_grads: Optional[torch.Tensor] = cpu_pool.alloc(plan.grad_slot_bytes) if plan.tied_slot else None
+        self.edge_optimizer: Optional[torch.Tensor] = cpu_pool.alloc(plan.edge_opt_bytes) if plan.edge_blocks else None
+        self.edge_grads: Optional[torch.Tensor] = cpu_pool.alloc(plan.edge_grad_bytes) if plan.edge_blocks else None
         # A frozen base (no optimizer slots) trains nothing of its own: no block owns a slot.
-        self.opt_owner = assign_opt_slots(cons, tied, len(self.optimizer), EMBED) if self.optimizer else {}
-        self.grad_owner = assign_opt_slots(cons, tied, len(self.grads), EMBED) if self.grads else {}
+        self.opt_owner = assign_opt_slots(cons, plan.edge_blocks, len(self.optimizer)) if self.optimizer else {}
+        self.grad_owner = assign_opt_slots(cons, plan.edge_blocks, len(self.grads)) if self.grads else {}
 
     # -- optimizer and gradient slots --------------------------------------------------------
     def optimizer_slot(self, block: str) -> torch.Tensor:
         idx = self.opt_owner[block]
-        return self.tied_optimizer if idx < 0 else self.optimizer[idx]
+        return self.edge_optimizer if idx < 0 else self.optimizer[idx]
 
     def optimizer_region(self, block: str, kind: str) -> torch.Tensor:
         """The bytes of (block, kind) inside the block's optimizer slot, as long as its file."""
@@ -60,7 +60,7 @@ class Slots:
     def grad(self, block: str) -> torch.Tensor:
         """The block's flat fp32 gradient in its gradient slot."""
         idx = self.grad_owner[block]
-        slot = self.tied_grads if idx < 0 else self.grads[idx]
+        slot = self.edge_grads if idx < 0 else self.grads[idx]
         return slot[: self.store.layouts[block].numel * 4].view(torch.float32)
 
     def grad_views(self, block: str) -> Dict[str, torch.Tensor]:

@@ -58,9 +58,9 @@ class StepSpec:
     weight_slots: int
     device_slots: int
     opt_slots: int
-    opt_owner: Dict[str, int]  # block -> optimizer slot index (-1: a dedicated slot)
+    opt_owner: Dict[str, int]  # block -> optimizer slot index (-1: the edge slot, see assign_opt_slots)
     flops: List[int]  # per consumer
-    grad_slots: int  # gradient slots the backward cycles through (blocks with a dedicated optimizer slot have their own)
+    grad_slots: int  # gradient slots the backward cycles through (the edge blocks share one of their own)
     cached: frozenset = frozenset()  # blocks held in the host block cache: their reads are memory copies
     n_offloaded: int = 0  # inputs of layers 1..n_offloaded go to the host after their forward (see memory_plan.py)
     recomputed_inputs: frozenset = frozenset()  # layers whose inputs are recomputed in the backward (see memory_plan.py)
@@ -79,14 +79,15 @@ def block_indices(cons: List[Consumer]) -> Dict[str, int]:
     return {c.block: i for i, c in enumerate(c for c in cons if c.phase == "fwd")}
 
 
-def assign_opt_slots(cons: List[Consumer], tied: bool, opt_slots: int, embed: str) -> Dict[str, int]:
-    """Blocks in backward order cycle through the optimizer slots; a tied embedding keeps its own
-    (the head's backward writes into its gradient long before the embedding's backward does)."""
+def assign_opt_slots(cons: List[Consumer], edge_blocks: tuple, opt_slots: int) -> Dict[str, int]:
+    """Blocks in backward order cycle through the optimizer slots; the edge blocks (the memory
+    plan's `edge_blocks`: a tied embedding, or the untied head and embedding) share one slot of
+    their own instead, -1, in backward order too."""
     out, i = {}, 0
     for c in cons:
         if c.phase == "fwd":
             continue
-        if tied and c.block == embed:
+        if c.block in edge_blocks:
             out[c.block] = -1
             continue
         out[c.block] = i % opt_slots

@@ -16,7 +16,7 @@ def spec(ranks=2, opt_slots=2, grad_slots=2, tied=False):
     cons = consumers(NAMES, {"head": ("embed",)} if tied else {})
     # This rank updates every other block: the others keep their weights alone (no state bytes).
     blocks = {b: BlockSizes(1000 + i, 4000, 12000 if i % 2 else 0) for i, b in enumerate(NAMES)}
-    return StepSpec(cons, blocks, 3, 0, opt_slots, assign_opt_slots(cons, tied, opt_slots, "embed"), [10] * len(cons), grad_slots, ranks=ranks)
+    return StepSpec(cons, blocks, 3, 0, opt_slots, assign_opt_slots(cons, ("embed",) if tied else (), opt_slots), [10] * len(cons), grad_slots, ranks=ranks)
 
 
 @pytest.mark.parametrize("opt_slots,grad_slots,tied", [(2, 2, False), (1, 1, False), (3, 2, True)])

@@ -5,6 +5,7 @@ import pytest
 
 from fuyou.model.errors import UnsupportedModelError
 from fuyou.model.skeleton import EMBED, HEAD, Skeleton
+from fuyou.step.slot_sizes import least_slot_bytes
 from tests.helpers import LR, WD, assert_trains_like_pytorch, random_batches, reference_train, run_fuyou
 from tests.model.matrix import MICRO, _save, quiet
 from tests.model.tiny_configs import tiny_config
@@ -111,8 +112,7 @@ def test_inputs_besides_the_hidden_state_train_exactly_when_recomputed_from_belo
     batches = random_batches(2, batch, seq, 128, seed=5)
     full, _res = run_fuyou(ckpt, str(tmp_path / "full"), batches[:1], MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
     p = full.plan
-    slots = 1 + int(full.ctx.skeleton.tied)  # a tied embedding keeps optimizer and gradient slots of its own
-    host = 2 * p.stage_slot_bytes + slots * (p.opt_slot_bytes + p.grad_slot_bytes) + 4096  # two weight slots, no inputs
+    host = 2 * p.stage_slot_bytes + least_slot_bytes(full.store, full.ctx.skeleton.tied) + 4096  # two weight slots, no inputs
     budget = p.device_bytes() - MICRO * p.act_bytes
     memory = MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)
     rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, memory)

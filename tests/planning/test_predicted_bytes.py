@@ -16,6 +16,7 @@ from fuyou.model.source import ModelSource
 from fuyou.planning.search import model_shape, run_memory_plan, run_step_spec
 from fuyou.planning.settings import PlanConfig
 from fuyou.step.graph import build_redo_graph, build_step_graph, bytes_per_step
+from fuyou.step.slot_sizes import least_slot_bytes
 from fuyou.step.runtime import Runtime
 from fuyou.store.directio import aligned_bytes
 from tests.helpers import save_checkpoint, tiny_config
@@ -49,7 +50,7 @@ def offloading_memory(shape, cfg, batch, to_ssd: bool) -> MemoryConfig:
     full = run_memory_plan(shape, cfg, batch, MemoryConfig(cache_mem_bytes=0, recompute="always"))
     device = full.device_bytes() - full.micro_batches * aligned_bytes(full.act_bytes)  # one layer's inputs too many
     # The SSD: the host holds one slot of each kind and the scratch files' two staging buffers, no more.
-    host = full.stage_slot_bytes + full.opt_slot_bytes + full.grad_slot_bytes + 2 * aligned_bytes(full.act_bytes) if to_ssd else None
+    host = full.stage_slot_bytes + least_slot_bytes(shape.store, shape.tied) + 2 * aligned_bytes(full.act_bytes) if to_ssd else None
     return MemoryConfig(cache_mem_bytes=0, recompute="always", gpu_mem_bytes=device, cpu_mem_bytes=host)
 
 

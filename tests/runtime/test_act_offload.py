@@ -7,6 +7,7 @@ import pytest
 
 from fuyou.config import MemoryConfig
 from fuyou.step.memory_plan import BudgetError
+from fuyou.step.slot_sizes import least_slot_bytes
 from fuyou.planning.profile import graph_from_events
 from tests.helpers import assert_trains_like_pytorch, random_batches, run_fuyou, save_checkpoint, tiny_config
 
@@ -58,7 +59,7 @@ def test_recomputed_inputs_train_exactly_when_the_host_has_no_room(tmp_path):
     full, full_res = run_fuyou(ckpt, str(tmp_path / "full"), batches, MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
     p = full.plan
     assert p.act_bytes > p.stage_slot_bytes  # inputs weigh more than a block's weights here
-    host = 2 * p.stage_slot_bytes + p.opt_slot_bytes + p.grad_slot_bytes + 4096  # two weight slots, no inputs
+    host = 2 * p.stage_slot_bytes + least_slot_bytes(full.store, full.ctx.skeleton.tied) + 4096  # two weight slots, no inputs
     budget = p.device_bytes() - MICRO * p.act_bytes
     rt, results = run_fuyou(
         ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)
@@ -76,7 +77,7 @@ def test_inputs_offloaded_to_the_ssd_when_the_host_is_full(tmp_path, model):
     ckpt, batches = model
     full, full_res = run_fuyou(ckpt, str(tmp_path / "full"), batches, MICRO, MemoryConfig(recompute="always", cache_mem_bytes=0))
     p = full.plan
-    host = p.stage_slot_bytes + p.opt_slot_bytes + p.grad_slot_bytes + 2 * p.act_bytes
+    host = p.stage_slot_bytes + least_slot_bytes(full.store, full.ctx.skeleton.tied) + 2 * p.act_bytes
     budget = p.device_bytes() - 2 * MICRO * p.act_bytes
     rt, results = run_fuyou(
         ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(recompute="always", gpu_mem_bytes=budget, cpu_mem_bytes=host, cache_mem_bytes=0)

@@ -90,7 +90,7 @@ def test_fp32_weights_share_the_masters_bytes(tmp_path):
     (12 B/param, not 16); the store still holds both files, equal byte for byte after training;
     bf16 weights keep a region of their own."""
     from fuyou.config import StateConfig
-    from fuyou.step.memory_plan import opt_region_offsets, weights_are_master
+    from fuyou.step.slot_sizes import opt_region_offsets, weights_are_master
 
     ckpt, batches = _setup(tmp_path)
     rt, results = run_fuyou(ckpt, str(tmp_path / "store"), batches, MICRO, MemoryConfig(cache_mem_bytes=1 << 30))
