@@ -37,7 +37,8 @@ def summary_lines(job, store, rt, dataset, eval_set, run_root: str = "") -> List
         + (f"; linears {cfg.linear}" if cfg.linear else ""),
         f"memory: host {format_bytes(plan.cpu_bytes())} of {format_bytes(plan.cpu_budget_bytes)}, device {format_bytes(plan.device_bytes())} of "
         f"{format_bytes(plan.device_budget_bytes)}, block cache {format_bytes(plan.cache_bytes)} ({len(plan.cache_blocks)} blocks); "
-        f"slots: {plan.weight_slots} weight, {plan.opt_slots} optimizer; {'recompute' if plan.recompute else 'keep activations'}",
+        f"slots: {plan.weight_slots} weight, {plan.opt_slots} optimizer" + (f" + the {' and '.join(plan.edge_blocks)}'s own" if plan.edge_blocks else "")
+        + f"; {'recompute' if plan.recompute else 'keep activations'}",
         f"plan: predicted step {pred.step_s:.3f} s (bottleneck {pred.bottleneck}; {source.split(' (')[0]}); store traffic "
         f"{(moved['ssd read'] + moved['ssd written']) / max(numel, 1):.1f} B/param/step",
         f"store: {store.root}; metrics: {run_root or store.root}/metrics.jsonl" + (f"; checkpoints: {cfg.output.dir}" if cfg.output.dir else ""),

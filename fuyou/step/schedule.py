@@ -101,9 +101,10 @@ def schedule_rows(spec: StepSpec) -> List[Row]:
 def describe(spec: StepSpec) -> str:
     """The step's schedule, one line per consumer (see the module docstring)."""
     n_layers = sum(1 for c in spec.cons if c.phase == "fwd") - 1
+    edge = [b for b, slot in spec.opt_owner.items() if slot < 0]  # in backward order
     lines = [
         f"one step: {n_layers} layers; slots: {spec.weight_slots} weight staging, {spec.device_slots} device, {spec.opt_slots} optimizer, "
-        f"{spec.grad_slots} gradient; {spec.n_offloaded} layers' inputs offloaded ({spec.n_on_ssd} of them to the SSD), "
+        f"{spec.grad_slots} gradient" + (f", an edge slot ({' then '.join(edge)})" if edge else "") + f"; {spec.n_offloaded} layers' inputs offloaded ({spec.n_on_ssd} of them to the SSD), "
         f"{len(spec.recomputed_inputs)} recomputed; {len(spec.cached)} blocks cached" + (f"; {spec.ranks} ranks" if spec.ranks > 1 else ""),
         f"{'#':>3}  {'compute':<18} {'waits for':<44} while it runs",
     ]

@@ -71,6 +71,7 @@ def test_describe_names_the_overlap_of_optimizer_and_backward():
     bwd = next(line for line in lines if "bwd:layer0004" in line)
     assert "optim layer0005" in bwd.split("grad slot")[-1]  # the optimizer of the block above runs during this backward
     assert lines[-1].strip().startswith("then") and "commit" in lines[-1]
+    assert "1 optimizer, 1 gradient, an edge slot (head then embed);" in describe(SPECS["edge slot"]).splitlines()[0]
     offload = describe(SPECS["offloaded inputs"])
     assert "offload in[1]" in offload and "bring back in[1]" in offload
 
