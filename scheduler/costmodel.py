@@ -11,7 +11,9 @@ they became ready (ties: graph order), one per free thread. A task's duration co
                                + flops / its rate
     optim                      latency + numel / params-per-second   (nbytes / bandwidth without numel),
                                + meta write_bytes / write bandwidth (a gradient it keeps on disk)
-    commit                     latency + files deleted * per-file cost + their bytes * per-byte cost
+    commit, delete             latency + files deleted * per-file cost + their bytes * per-byte cost
+                               (a step's commit switches the manifest; the files it supersedes are
+                               deleted during the next step, on a lane of their own)
 
 Lanes are independent here (no shared memory bandwidth or cores between them). Where they are not
 (a 2-core host running compute, I/O and the optimizer at once), the rates carry the sharing: the
@@ -150,7 +152,7 @@ class Rates:
             # No parameter count: an optimizer pass is bound by the host memory it streams;
             # 16 bytes per parameter (fp32 master, two moments, gradient) turns it into params.
             return lat + task.nbytes / 16 / self.optim_params_per_s
-        return lat + int(task.meta.get("files", 0)) * self.commit_file_s + int(task.meta.get("freed_bytes", 0)) * self.commit_byte_s  # commit
+        return lat + int(task.meta.get("files", 0)) * self.commit_file_s + int(task.meta.get("freed_bytes", 0)) * self.commit_byte_s  # commit, delete
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Callable, Dict, List, Optional
 
 # Task kinds, as the trace and the cost model know them ("collective": a communication every rank of a
 # data-parallel run takes part in).
-KINDS = ("read", "h2d", "compute", "d2h", "optim", "write", "commit", "collective")
+KINDS = ("read", "h2d", "compute", "d2h", "optim", "write", "commit", "delete", "collective")
 
 
 @dataclass(eq=False)

@@ -121,16 +121,19 @@ def run_memory_plan(shape: ModelShape, cfg: PlanConfig, batch: BatchConfig, memo
 
 def planned_graph(shape: ModelShape, spec: StepSpec, micro_batches: int):
     """The step graph the cost model times: the runtime's, each compute task's calls counted (one
-    per micro-batch), then the commit after it (the manifest switch, the superseded files deleted)."""
+    per micro-batch), then the commit after it (the manifest switch), and the deletion of the
+    files the previous step's commit superseded, which runs during this step on a thread of its own
+    (store/deleter.py)."""
     g = build_step_graph(spec)
     for t in g.tasks:
         if t.kind == "compute":
             t.meta["calls"] = micro_batches
     n_files = 0 if shape.frozen else sum(len(lay.kinds) for lay in shape.store.layouts.values())
-    # What the commit deletes is what the step wrote anew: the superseded versions, as large (in
-    # lean mode the master and moments go during the step; the total is the same).
+    # What a commit supersedes is what the step wrote anew, as large (in lean mode the master and
+    # moments go during the step; the total is the same).
     freed = bytes_per_step(g.tasks)["ssd written"]
-    g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")], files=n_files, freed_bytes=freed)
+    g.add("delete", "delete", "delete", lambda: None, [], files=n_files, freed_bytes=freed)
+    g.add("commit", "commit", "commit", lambda: None, [t for t in g.tasks if t.kind in ("write", "compute")])
     return g
 
 

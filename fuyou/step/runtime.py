@@ -110,6 +110,7 @@ class Runtime:
     def close(self) -> None:
         self.executor.shutdown()
         self._eval_executor.shutdown()
+        self.store.settle()  # the last commit's superseded files, deleted by the time the run ends
 
     def step(self, batch: Batch, train_meta: Optional[dict] = None, targets: Optional[int] = None) -> StepResult:
         """Train one optimizer step on `batch`; commit it (or skip it) in the store. Ranks: `batch` is

@@ -9,7 +9,8 @@ Layout of a store directory:
 One file per (block, kind) holds every parameter of the block in that kind's codec, each part at a
 256-byte-aligned offset, the file padded to 4 KiB. A step writes each updated file as a *new*
 version (the step number) and never overwrites a live one; `commit` fsyncs, then replaces the
-manifest (write tmp, fsync, rename, fsync dir), then deletes the versions it superseded. A crash at
+manifest (write tmp, fsync, rename, fsync dir), then deletes the versions it superseded (on a
+thread of its own: deleter.py; the next new file waits for that). A crash at
 any moment leaves the manifest pointing at a complete, consistent step; files of an uncommitted step
 are garbage, removed when the store is next opened. Peak disk use is therefore up to twice the
 state (old and new versions of every block until the commit).
@@ -27,6 +28,7 @@ import torch
 
 from ..faults import crash_point
 from .checksum import checksum_fn
+from .deleter import Deleter
 from .directio import DirectFile
 from .layout import BlockLayout, StateLayout
 from .paths import check_confined, check_store_target
@@ -71,6 +73,7 @@ class Store:
         except ValueError as exc:
             raise StoreError(f"{self.root}: {exc}") from None
         self._lock = threading.Lock()
+        self._deleter = Deleter()  # superseded files, deleted off the step (settle() waits for them)
         self.bytes_read = 0
         self.bytes_written = 0
         self.importing = False  # create_store sets it: version-0 files may then be written
@@ -164,6 +167,7 @@ class Store:
         if kind != GRAD and version <= self.version(block, kind) and not self.importing:
             raise StoreError(f"refusing to overwrite live version {self.version(block, kind)} of {block}.{kind}")
         path = self.file_path(block, kind, version)
+        self.settle()  # the last commit's superseded files are gone before a new one takes their room
         crash_point("write")
         with DirectFile(path, "w", self.backend) as f:
             fut = f.pwrite(data, size=nbytes)
@@ -188,7 +192,8 @@ class Store:
         return None
 
     def discard(self, version: int, kinds=None) -> None:
-        """Delete files written as `version` that no committed manifest points at."""
+        """Delete files written as `version` that no committed manifest points at (none of them is
+        the deleter's: it deletes versions a commit superseded)."""
         live = self._live_files()
         for b in self.block_names:
             for kind in kinds or (self.kinds + (GRAD,)):
@@ -227,21 +232,25 @@ class Store:
         write_manifest(self.root, new)
         self.manifest = new
         self._clear_journal()
-        for path in superseded:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self._deleter.submit(superseded)
+
+    def settle(self) -> None:
+        """Wait until the files the last commits superseded are deleted."""
+        self._deleter.settle()
 
     def collect_garbage(self) -> int:
         """Delete block files the manifest does not point at (left by a step that never committed)."""
+        self.settle()
         live = self._live_files()
         removed = 0
         bdir = os.path.join(self.root, "blocks")
         for name in os.listdir(bdir):
             if name not in live and self._file_re.match(name):
-                os.unlink(os.path.join(bdir, name))
-                removed += 1
+                try:
+                    os.unlink(os.path.join(bdir, name))
+                    removed += 1
+                except FileNotFoundError:  # another Store of this directory deleted it (its deleter thread)
+                    pass
         for name in (MANIFEST, PREPARED):
             tmp = os.path.join(self.root, name + ".tmp")
             if os.path.exists(tmp):
@@ -292,8 +301,9 @@ class Store:
 
     def commit_block(self, block: str, step: int, kinds) -> None:
         """Lean mode: make block's new master/moments live now (journal entry, atomically), then
-        delete their old versions. Its old weights stay until the step commits: a resumed step
-        recomputes its forward and backward from them."""
+        delete their old versions (the deleter's thread; the next write waits for it). Its old
+        weights stay until the step commits: a resumed step recomputes its forward and backward
+        from them."""
         os.makedirs(self._journal_dir(), exist_ok=True)
         entry = {"step": step, "versions": {k: step for k in kinds}, "crc32": {k: self._crc_of(block, k, step) for k in kinds}}
         tmp = os.path.join(self._journal_dir(), f"{block}.json.tmp")
@@ -307,11 +317,7 @@ class Store:
         old = {k: int(self._block_entry(block)["versions"][k]) for k in kinds if k != "weights"}
         with self._lock:
             self.journal[block] = entry
-        for k, v in old.items():
-            if v != step:
-                path = self.file_path(block, k, v)
-                if os.path.exists(path):
-                    os.unlink(path)
+        self._deleter.submit(self.file_path(block, k, v) for k, v in old.items() if v != step)
 
     def _clear_journal(self) -> None:
         jdir = self._journal_dir()

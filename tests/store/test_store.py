@@ -50,10 +50,53 @@ def test_commit_switches_versions_and_deletes_old(tmp_path):
     store.commit(1, {"blk": {"master": 1}}, {"data_position": 8})
     m = read_manifest(str(tmp_path / "s"))
     assert m["step"] == 1 and m["blocks"][0]["versions"]["master"] == 1 and m["train"] == {"data_position": 8}
+    store.settle()  # the superseded version is deleted on the store's deleter thread
     assert not os.path.exists(store.file_path("blk", "master", 0))
     out = aligned_empty(lay.file_bytes)
     store.read("blk", "master", out)
     assert bool((out[: lay.nbytes] == 7).all())
+
+
+def test_superseded_files_are_deleted_before_the_next_write(tmp_path, monkeypatch):
+    """The commit hands its superseded files to the deleter and returns; the next new file waits
+    until they are gone, so the disk holds no third version of anything."""
+    import threading
+
+    import fuyou.store.deleter as deleter
+
+    store = make_store(tmp_path / "s")
+    lay = store.layouts["blk"].kinds["master"]
+    buf = aligned_empty(lay.file_bytes).fill_(7)
+    store.write("blk", "master", buf, version=1)
+    release, unlink = threading.Event(), os.unlink
+
+    def held_unlink(path):
+        release.wait()
+        unlink(path)
+
+    monkeypatch.setattr(deleter.os, "unlink", held_unlink)
+    store.commit(1, {"blk": {"master": 1}})  # returns with version 0 still on disk
+    assert os.path.exists(store.file_path("blk", "master", 0))
+    writer = threading.Thread(target=store.write, args=("blk", "master", buf, 2))
+    writer.start()
+    writer.join(0.3)
+    assert writer.is_alive() and not os.path.exists(store.file_path("blk", "master", 2))  # held until the deletion
+    release.set()
+    writer.join()
+    assert not os.path.exists(store.file_path("blk", "master", 0)) and os.path.exists(store.file_path("blk", "master", 2))
+
+
+def test_a_failed_deletion_is_raised_once(tmp_path):
+    from fuyou.store.deleter import Deleter
+
+    d = Deleter()
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "f").write_text("x")
+    d.submit([str(tmp_path / "dir"), str(tmp_path / "f"), str(tmp_path / "gone")])  # a directory cannot be unlinked; a missing file is fine
+    with pytest.raises(OSError):
+        d.settle()
+    d.settle()
+    assert not (tmp_path / "f").exists() and (tmp_path / "dir").exists()
 
 
 def test_uncommitted_files_are_collected_on_open(tmp_path):
