@@ -204,8 +204,8 @@ class _StepGraphBuilder:
             grad_ready = self.collectives.add(TaskName.reduce(b), partial(self.bodies.reduce_grad, b), [backward], nbytes=4 * size.numel, block=b,
                                               role="reduce")
             self.send_weights()
-        # A block the first to use its slot: read once the forward's weight reads are all issued
-        # (after the head's), instead of at the step's start ahead of them on the read lane.
+        # The first block in a slot reads its states after the head's weights (the forward's last
+        # weight read), not at the step's start, where it would hold up the forward's reads.
         prev = self.writes[self.opt_free[b]] if b in self.opt_free else self.weight_reads[self._head()]
         hit = b in self.spec.cached
         rs = g.add(TaskName.read_states(b), "read", "read", partial(self.bodies.read_states, b), [prev], nbytes=0 if hit else size.states_bytes,
