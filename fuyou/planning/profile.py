@@ -18,6 +18,7 @@ from scheduler.costmodel import Prediction, Rates, fit_rates, predict
 from scheduler.trace import TraceEvent
 
 from ..step.graph import TaskName, build_step_graph, bytes_per_step
+from ..step.slot_sizes import edge_choices
 from ..step.spec import BlockSizes, Consumer, StepSpec, assign_opt_slots, block_indices
 
 IO_KINDS = ("read", "write", "h2d", "d2h")
@@ -214,7 +215,7 @@ def graph_from_events(events: List[TraceEvent]):
     ranks = max((int(e.meta.get("ranks", 2)) for e in events if e.kind == "collective"), default=1)
     codec = next((e.meta["codec"] for e in events if e.meta.get("role") == "h2d" and "codec" in e.meta), "fp32")
     kept = any(str(c.meta.get("work", "")).endswith(":keep") for c in comp)
-    edges = [(embed,)] if tied else [(), (head, embed)]  # the slot layouts the memory plan takes (memory_plan.slot_layouts)
+    edges = edge_choices(order + [head], tied)
     for w, d, o, gs in _slot_counts(has_h2d, bool(recomputed_inputs)):
         for edge in edges:
             g = build_step_graph(StepSpec(cons, blocks, w, d, o, assign_opt_slots(cons, edge, o), flops, gs, frozenset(cached),

@@ -126,7 +126,7 @@ class _StepGraphBuilder:
         self.index = block_indices(spec.cons)
         self.compute: list = []  # compute task of each consumer so far
         self.ready: dict = {}  # consumer -> the task after which its weights sit in their slot
-        self.weight_reads: dict = {}  # consumer -> its weights' read task
+        self.head_read = None  # the head's weights read: the forward's last
         self.optims: dict = {}
         self.writes: dict = {}
         self.act_out: dict = {}  # layer -> its offload task
@@ -147,7 +147,8 @@ class _StepGraphBuilder:
         # nbytes: what the store reads; copy_bytes: what comes from the block cache instead.
         task = g.add(TaskName.read_weights(consumer, c.block), "read", "read", partial(self.bodies.read_weights, consumer), [release],
                      nbytes=stage_bytes - copied, block=c.block, copy_bytes=copied, role="read_weights")
-        self.weight_reads[consumer] = task
+        if c.phase == "head":
+            self.head_read = task
         if D:
             dev_free = self.compute[consumer - D] if consumer >= D else None
             copied_bytes = sum(spec.blocks[b].copied_bytes for b in c.weight_blocks)  # decoded on the host, then copied
@@ -184,9 +185,6 @@ class _StepGraphBuilder:
         if c.phase != "fwd" and spec.blocks[c.block].numel and spec.train_states:
             self._optimize(c.block, task)
 
-    def _head(self) -> int:
-        return next(k for k, c in enumerate(self.spec.cons) if c.phase == "head")
-
     def _bring_back(self, i: int, block: str):
         """Layer i's offloaded inputs, back just before its backward, once the backward two layers
         later has freed its own."""
@@ -206,7 +204,7 @@ class _StepGraphBuilder:
             self.send_weights()
         # The first block in a slot reads its states after the head's weights (the forward's last
         # weight read), not at the step's start, where it would hold up the forward's reads.
-        prev = self.writes[self.opt_free[b]] if b in self.opt_free else self.weight_reads[self._head()]
+        prev = self.writes[self.opt_free[b]] if b in self.opt_free else self.head_read
         hit = b in self.spec.cached
         rs = g.add(TaskName.read_states(b), "read", "read", partial(self.bodies.read_states, b), [prev], nbytes=0 if hit else size.states_bytes,
                    block=b, copy_bytes=size.states_bytes if hit else 0, role="read_states")

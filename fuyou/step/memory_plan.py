@@ -25,7 +25,7 @@ from ..config import BatchConfig, MemoryConfig
 from ..memory import format_bytes
 from ..store.directio import aligned_bytes
 from ..store.store import Store
-from .slot_sizes import opt_region_offsets, slot_layouts
+from .slot_sizes import layout_bytes, opt_region_offsets, slot_layouts
 from .spec import Consumer, model_consumers
 
 MAX_OPT_SLOTS = 3  # more only adds optimizer run-ahead the backward cannot use (one block per backward)
@@ -187,9 +187,7 @@ def plan_memory(
     depth = prefetch_depth + 1
     auto_cpu = cpu_budget is None
     if cpu_budget is None:
-        slots = layouts[0]
-        cpu_budget = min(depth * stage + MAX_OPT_SLOTS * slots["opt_slot_bytes"] + MAX_GRAD_SLOTS * slots["grad_slot_bytes"] + slots["edge_opt_bytes"]
-                         + slots["edge_grad_bytes"], ram // 2)
+        cpu_budget = min(depth * stage + layout_bytes(layouts[0], MAX_OPT_SLOTS, MAX_GRAD_SLOTS), ram // 2)
     if device_budget is None:
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)

@@ -64,14 +64,23 @@ def slot_layouts(store: Store, tied: bool, frozen: bool) -> List[dict]:
     instead of the last layer's; plan_memory takes it when that keeps every kind of slot as many."""
     if frozen:
         return [dict(edge_blocks=(), opt_slot_bytes=0, grad_slot_bytes=0, edge_opt_bytes=0, edge_grad_bytes=0)]
-    embed, *layers, head = store.block_names
-    if tied:
-        return [slot_layout(store, (embed,))]
-    return [slot_layout(store)] + ([slot_layout(store, (head, embed))] if layers else [])
+    return [slot_layout(store, edge) for edge in edge_choices(store.block_names, tied)]
+
+
+def edge_choices(block_names: List[str], tied: bool) -> List[tuple]:
+    """The edge blocks of each slot layout a trained run may take (see slot_layouts), the default
+    first; `block_names` in forward order, embedding first, head last."""
+    embed, *layers, head = block_names
+    return [(embed,)] if tied else [()] + ([(head, embed)] if layers else [])
+
+
+def layout_bytes(layout: dict, opt_slots: int, grad_slots: int) -> int:
+    """Host bytes of `opt_slots` optimizer and `grad_slots` gradient slots of a slot layout, and its
+    edge slot."""
+    return opt_slots * layout["opt_slot_bytes"] + grad_slots * layout["grad_slot_bytes"] + layout["edge_opt_bytes"] + layout["edge_grad_bytes"]
 
 
 def least_slot_bytes(store: Store, tied: bool) -> int:
     """Host bytes of a trained run's fewest optimizer and gradient slots: one of each in the default
     layout (and a tied embedding's edge slot), what any host budget holds beside its weight slot."""
-    s = slot_layouts(store, tied, False)[0]
-    return s["opt_slot_bytes"] + s["grad_slot_bytes"] + s["edge_opt_bytes"] + s["edge_grad_bytes"]
+    return layout_bytes(slot_layouts(store, tied, False)[0], 1, 1)
