@@ -318,23 +318,27 @@ def test_grouped_codecs_at_the_extremes(states, isa):
 
 
 @needs_kernel
+@pytest.mark.parametrize("smallest,k16", [(2.0**-8, 33), (2.0**-20, 16)], ids=["normal", "with-subnormal"])
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: fused.ISA_NAMES[i])
-def test_fp8_values_at_rounding_midpoints(isa):
+def test_fp8_values_at_rounding_midpoints(isa, smallest, k16):
     """New exp_avg values placed (to an ulp) where 448 (|x|/max)^k falls on a midpoint between two
-    E4M3 values: the kernel's fast log2/exp2 cannot decide those, so it recomputes them exactly
-    as the reference does; every byte must still equal the reference's."""
+    E4M3 values: the kernel's fast log2 cannot decide those, so it recomputes them exactly as the
+    reference does; every byte must still equal the reference's. Groups with max 1 and smallest
+    nonzero 2^-8 get k = 33/16: their values reach the normal midpoints and the upper subnormal
+    ones. With 2^-20, k is 1 (its floor), and the values reach every midpoint, down to 2^-10."""
     from fuyou.optim.codec_ref import e4m3_values
 
     cfg = StateConfig(weights="fp32", master="fp32", states="fp8")
     groups = 64
     n = 128 * groups
     e4m3 = e4m3_values()[:127].double()
-    mids = ((e4m3[1:] + e4m3[:-1]) / 2)[8:]  # midpoints between normal E4M3 values
-    k = 33 / 16  # the k16 a group with max 1 and min nonzero 2^-8 gets
+    mids = (e4m3[1:] + e4m3[:-1]) / 2
     targets = torch.zeros(groups, 128, dtype=torch.float64)
-    targets[:, 0], targets[:, 1] = 1.0, 2.0**-8
-    u = (mids / 448.0) ** (1.0 / k)
-    u = u[(u > 2.0**-8) & (u < 1.0)]
+    targets[:, 0], targets[:, 1] = 1.0, smallest
+    u = (mids / 448.0) ** (16.0 / k16)
+    u = u[(u > smallest) & (u < 1.0)]
+    if k16 == 16:
+        assert u.numel() == mids.numel()  # every midpoint, down to half of 2^-9, is in reach
     for gi in range(groups):  # each group a different slice of the midpoints, signs alternating
         row = u[(torch.arange(126) + 7 * gi) % u.numel()]
         targets[gi, 2:] = row * torch.where(torch.arange(126) % 2 == 0, 1.0, -1.0)
@@ -345,5 +349,5 @@ def test_fp8_values_at_rounding_midpoints(isa):
     adamw_update_(cfg, g, ref, step=1, lr=1e-3, backend="torch", exact_sqrt=True)
     fused.adamw_fused_(param_codecs(cfg, n), g, parts, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                        weight_decay=0.0, isa=isa)
-    assert int(ref["exp_avg"]["k16"][0]) == 33
+    assert int(ref["exp_avg"]["k16"][0]) == k16
     _assert_parts_equal(ref, parts)
