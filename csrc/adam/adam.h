@@ -42,11 +42,11 @@ constexpr int64_t kVmlTorchMode = 0x2 | 0x140000 | 0x100;
 struct Tables {
   const float* fp8_root;          // [256][128]: (e4m3(q)/448)^(16/k16)
   const float* de8_signed_map;    // 256 ascending values
-  const float* de8_signed_mid;    // 255 midpoints, then two +inf
   const float* de8_unsigned_map;
-  const float* de8_unsigned_mid;
-  const uint8_t* de8_signed_bucket;    // [65536 + 4]: midpoints below each fp32 top-16-bit key
-  const uint8_t* de8_unsigned_bucket;
+  // [65536] per fp32 top-16-bit key: midpoints below the bucket (bits 0-7), the low 16 bits of the
+  // bucket's midpoint (bits 16-31; codec_ref.de8_bucket_table)
+  const uint32_t* de8_signed_bucket;
+  const uint32_t* de8_unsigned_bucket;
 };
 
 struct Hyper {

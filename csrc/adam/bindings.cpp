@@ -37,8 +37,8 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
   a.root = reinterpret_cast<const float*>(root);
   if (phase == kApply && root == 0) throw std::invalid_argument("adamw: the apply phase needs root = sqrt(v)");
   a.grad = reinterpret_cast<const float*>(grad);
-  if (master.size() != 3 || weights.size() != 2 || hyper.size() != 8 || tables.size() != 7)
-    throw std::invalid_argument("adamw: master (codec, hi, lo), weights (codec, ptr), 8 hyper values, 7 tables");
+  if (master.size() != 3 || weights.size() != 2 || hyper.size() != 8 || tables.size() != 5)
+    throw std::invalid_argument("adamw: master (codec, hi, lo), weights (codec, ptr), 8 hyper values, 5 tables");
   a.master_codec = master[0].cast<int>();
   a.master_hi = ptr<void>(master[1]);
   a.master_lo = ptr<void>(master[2]);
@@ -58,11 +58,9 @@ void adamw(int64_t numel, uintptr_t grad, py::tuple master, py::tuple m, py::tup
   a.h.scale_grad = gs != 1.0;
   a.t.fp8_root = ptr<const float>(tables[0]);
   a.t.de8_signed_map = ptr<const float>(tables[1]);
-  a.t.de8_signed_mid = ptr<const float>(tables[2]);
-  a.t.de8_unsigned_map = ptr<const float>(tables[3]);
-  a.t.de8_unsigned_mid = ptr<const float>(tables[4]);
-  a.t.de8_signed_bucket = ptr<const uint8_t>(tables[5]);
-  a.t.de8_unsigned_bucket = ptr<const uint8_t>(tables[6]);
+  a.t.de8_unsigned_map = ptr<const float>(tables[2]);
+  a.t.de8_signed_bucket = ptr<const uint32_t>(tables[3]);
+  a.t.de8_unsigned_bucket = ptr<const uint32_t>(tables[4]);
   a.sqrt_kind = sqrt_kind;
   a.bf16_insn = bf16_insn;
   a.torch_sqrt = reinterpret_cast<VmlSqrtFn>(torch_sqrt);

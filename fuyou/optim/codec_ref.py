@@ -79,12 +79,15 @@ def dynamic_map(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lru_cache(maxsize=None)
 def de8_bucket_table(signed: bool) -> torch.Tensor:
-    """For each value of the top 16 bits of an fp32 u: the number of map midpoints below every u
-    with those bits (u8, 65536 entries + 4 bytes of padding for 32-bit gathers).
+    """The fused kernel's one-probe search table: for each value of the top 16 bits of an fp32 u
+    (65536 int32 entries), the number of map midpoints below every u with those bits (bits 0-7) and
+    the low 16 bits of the bucket's midpoint (bits 16-31).
 
     Within [-1, 1] such a bucket (a bf16 step) holds at most one midpoint, so the nearest-entry
-    index of u is table[bits >> 16] + (mid[table] < u): the fused kernel's one-probe search, equal
-    to the full binary search (checked here when the table is built).
+    index of u is `lo + (mid < u)`, where mid has u's top 16 bits and the entry's low ones: the
+    fused kernel's one-gather search, equal to the full binary search (checked here when the table
+    is built, and by the tests). A bucket without a midpoint gets the low bits of its own largest
+    value (0xFFFF above zero, 0 below), which no u of the bucket is above.
     """
     _, mids = dynamic_map(signed)
     keys = torch.arange(65536, dtype=torch.int64)
@@ -96,16 +99,13 @@ def de8_bucket_table(signed: bool) -> torch.Tensor:
     used = torch.isfinite(bmin) & torch.isfinite(bmax) & (bmin >= -1) & (bmax <= 1)
     if int(inside[used].max()) > 1:
         raise RuntimeError("de8 map too dense for one-probe buckets; the fused de8 search needs a finer key")
-    table = torch.zeros(65536 + 4, dtype=torch.uint8)
-    table[:65536] = lo.clamp(max=255).to(torch.uint8)
-    return table
-
-
-@lru_cache(maxsize=None)
-def de8_padded_mids(signed: bool) -> torch.Tensor:
-    """The 255 midpoints followed by two +inf (so a probe at index 255 or 256 never counts)."""
-    _, mids = dynamic_map(signed)
-    return torch.cat([mids, torch.full((2,), math.inf)]).contiguous()
+    lo = lo.clamp(max=255)
+    probe = torch.cat([mids, torch.full((1,), math.inf)])[lo]  # the first midpoint not below the bucket
+    probe_bits = probe.view(torch.int32).long() & 0xFFFFFFFF
+    none = torch.where(keys < 0x8000, 0xFFFF, 0)
+    low = torch.where(probe_bits >> 16 == keys, probe_bits & 0xFFFF, none)
+    entry = lo | (low << 16)
+    return torch.where(entry >= 2**31, entry - 2**32, entry).to(torch.int32).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------

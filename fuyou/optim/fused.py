@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .codec_ref import de8_bucket_table, de8_padded_mids, dynamic_map, f32_from_bits, fp8_root_table
+from .codec_ref import de8_bucket_table, dynamic_map, f32_from_bits, fp8_root_table
 from .codecs import Codec, ParamCodecs
 
 from .native import IMPORT_ERROR as _IMPORT_ERROR
@@ -47,8 +47,7 @@ def _tables() -> tuple:
     if _TABLES is None:
         root = fp8_root_table()
         smap, umap = dynamic_map(True)[0], dynamic_map(False)[0]
-        keep = (root, smap, de8_padded_mids(True), umap, de8_padded_mids(False),
-                de8_bucket_table(True), de8_bucket_table(False))
+        keep = (root, smap, umap, de8_bucket_table(True), de8_bucket_table(False))
         _TABLES = (keep, tuple(t.data_ptr() for t in keep))
     return _TABLES[1]
 

@@ -11,9 +11,9 @@ from fuyou.optim.codec_ref import (
     E4M3_MAX,
     FP8_GROUP,
     de8_bucket_table,
-    de8_padded_mids,
     dynamic_map,
     e4m3_values,
+    f32_from_bits,
     fp8_group_params_ref,
 )
 from fuyou.optim.codecs import SMALL_NUMEL, WEIGHTS_REGISTRY, master_codec, moment_codec
@@ -161,11 +161,11 @@ def test_bad_codec_names():
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_de8_bucket_table_is_the_nearest_search(seeded, signed):
-    """The fused kernel's one-probe search (bucket of the top 16 bits + one compare) equals
-    bucketize over the midpoints, at random points, at the midpoints themselves and at the edges."""
+    """The fused kernel's one-gather search (the entry of u's top 16 bits: the count below the bucket
+    and the bucket's midpoint, one compare) equals bucketize over the midpoints, at random points,
+    at the midpoints themselves and at the edges."""
     values, mids = dynamic_map(signed)
-    table = de8_bucket_table(signed).long()
-    padded = de8_padded_mids(signed)
+    table = de8_bucket_table(signed).long() & 0xFFFFFFFF
     u = torch.cat([
         torch.rand(100_000) * 2 - 1,
         torch.exp(-torch.rand(50_000) * 20) * torch.sign(torch.randn(50_000)),
@@ -174,8 +174,10 @@ def test_de8_bucket_table_is_the_nearest_search(seeded, signed):
     ])
     if not signed:
         u = u.abs()
-    lo = table[(u.view(torch.int32).long() & 0xFFFFFFFF) >> 16]
-    probe = lo + (padded[lo] < u).long()
+    bits = u.view(torch.int32).long() & 0xFFFFFFFF
+    entry = table[bits >> 16]
+    mid = f32_from_bits((bits & 0xFFFF0000) | (entry >> 16))
+    probe = (entry & 0xFF) + (mid < u).long()
     assert torch.equal(probe, torch.bucketize(u, mids))
 
 
