@@ -20,6 +20,8 @@
 #            (collectives through gloo on host memory), clipping on, then the 2-rank stores exported
 #   predict  benchmarks/bench_predict.py --device cuda: the planner's predicted vs measured step time
 #            over its matrix on the GPU (only when GPU_CHECK_STAGES names it: ~4 minutes)
+#   adam     benchmarks/bench_adam.py --threads 1 <cores>: the CPU AdamW table (every codec against
+#            torch fused) on this machine's many cores, last so a cut-short call loses only it
 #
 #   bash benchmarks/gpu_check.sh                 # all stages (dry run by itself without nvidia-smi)
 #   bash benchmarks/gpu_check.sh --dry-run       # prints the stages and exits 0
@@ -40,11 +42,11 @@ JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
 # Per-stage caps in seconds. The default stages took ~7.5 minutes in all on an H200 (2026-11-26).
 T_ENV=${T_ENV:-15} T_DEPS=${T_DEPS:-30} T_BUILD=${T_BUILD:-60} T_TESTS=${T_TESTS:-120} T_SUITE=${T_SUITE:-240}
 T_FT=${T_FT:-60} T_PROF=${T_PROF:-100} T_GEMM=${T_GEMM:-80} T_IO=${T_IO:-40} T_E2E=${T_E2E:-120} T_RANKS=${T_RANKS:-60}
-T_PRED=${T_PRED:-300}
-ALL_STAGES="env deps build tests finetune suite profile gemm io e2e ranks predict"
+T_PRED=${T_PRED:-300} T_ADAM=${T_ADAM:-150}
+ALL_STAGES="env deps build tests finetune suite profile gemm io e2e ranks predict adam"
 # The default leaves out `suite` (the whole suite, ~3 min on 16 cores): `tests` already runs every
 # test whose behaviour changes with a GPU visible.
-DEFAULT_STAGES="env deps build tests finetune ranks profile gemm io e2e"
+DEFAULT_STAGES="env deps build tests finetune ranks profile gemm io e2e adam"
 STAGES=${GPU_CHECK_STAGES:-$DEFAULT_STAGES}
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -56,7 +58,7 @@ fi
 # The CUDA tests, and the CLI tests (their runs default to --device cuda where a GPU is visible).
 CUDA_TESTS="tests/runtime/test_cuda.py tests/kernels tests/store/test_gds.py tests/test_cli.py"
 declare -A LIMIT=([env]=$T_ENV [deps]=$T_DEPS [build]=$T_BUILD [tests]=$T_TESTS [suite]=$T_SUITE [finetune]=$T_FT [profile]=$T_PROF [gemm]=$T_GEMM [io]=$T_IO [e2e]=$T_E2E
-                  [ranks]=$T_RANKS [predict]=$T_PRED)
+                  [ranks]=$T_RANKS [predict]=$T_PRED [adam]=$T_ADAM)
 declare -A DESC=(
     [env]="env: nvidia-smi, CPU, memory, disk, torch/triton versions"
     [deps]="deps: pip install --no-index --no-deps --target /tmp/fuyou-site .gpu/whl/*.whl; .gpu/uring -> /usr/local"
@@ -69,6 +71,7 @@ declare -A DESC=(
     [io]="io: benchmarks/bench_io.py --backends kvikio,uring,threads --size-gib 2 --no-fio --no-deepspeed"
     [ranks]="ranks: torchrun --nproc-per-node 1, then 2, -m fuyou finetune --device cuda --max-grad-norm 1; fuyou export of the 2-rank stores"
     [predict]="predict: benchmarks/bench_predict.py --device cuda (not in the default stages)"
+    [adam]="adam: benchmarks/bench_adam.py --threads 1 ${JOBS} (CPU AdamW per codec vs torch fused, all cores)"
     [e2e]="e2e: benchmarks/bench_scale.py --model ${E2E_MODEL} --weights ${E2E_WEIGHTS} --device cuda --gpu-mem ${E2E_GPU_MEM} --plain: offloaded fine-tune, tokens/s, TFLOPS (6*N*tokens), overlap %, plain PyTorch side by side"
 )
 
@@ -179,6 +182,7 @@ if want e2e; then
 fi
 
 want predict && run_stage predict $PY benchmarks/bench_predict.py --device cuda --dir "$PWD/.gpu-check-predict" --out "$OUTDIR/bench_predict_gpu.md"
+want adam && run_stage adam $PY benchmarks/bench_adam.py --threads 1 "$JOBS" --out "$OUTDIR/bench_adam_gpu_machine.md"
 rm -rf "$PWD/.gpu-check-predict"
 
 echo "=== summary"
