@@ -159,6 +159,16 @@ def test_bad_codec_names():
         state_layout(StateConfig(), "grad", 10)
 
 
+def test_de8_signed_map_is_symmetric_around_its_zero():
+    """The AVX-512 decode of exp_avg looks up |code - 127| among the map's 128 magnitudes and sets
+    the sign: that is the map only if map[127 + d] = -map[127 - d] bit for bit and map[255] = 1."""
+    values, _ = dynamic_map(True)
+    d = torch.arange(1, 128)
+    assert torch.equal(values[127 + d].view(torch.int32), (-values[127 - d]).view(torch.int32))
+    assert values[127].item() == 0.0 and not math.copysign(1.0, values[127].item()) < 0
+    assert values[255].item() == 1.0
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_de8_bucket_table_is_the_nearest_search(seeded, signed):
     """The fused kernel's one-gather search (the entry of u's top 16 bits: the count below the bucket
