@@ -79,7 +79,7 @@ def dynamic_map(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lru_cache(maxsize=None)
 def de8_bucket_table(signed: bool) -> torch.Tensor:
-    """The fused kernel's one-probe search table: for each value of the top 16 bits of an fp32 u
+    """The fused kernel's one-gather search table: for each value of the top 16 bits of an fp32 u
     (65536 int32 entries), the number of map midpoints below every u with those bits (bits 0-7) and
     the low 16 bits of the bucket's midpoint (bits 16-31).
 
