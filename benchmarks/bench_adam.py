@@ -73,7 +73,7 @@ def _set_omp_threads(n: int) -> None:
 
 def shares_master(cfg: StateConfig, numel: int) -> bool:
     """Whether the runtime gives the weights the master's region of its optimizer slot
-    (fuyou.step.memory_plan.weights_are_master: fp32 weights of an fp32 master), so that the update
+    (fuyou.step.slot_sizes.weights_are_master: fp32 weights of an fp32 master), so that the update
     writes them once; so does this benchmark then."""
     return weights_are_master(BlockLayout("bench", [("w", numel, (numel,))], StateCodecs(cfg)))
 

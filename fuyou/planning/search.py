@@ -163,7 +163,7 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     """The plan (micro, depth, opt_slots, slot layout) as the runtime realises it, or None if the
     runtime's slot planner would turn those budgets into another plan (which is enumerated on its
     own). `sizes`: slot_sizes(shape, cfg, micro, depth), when the caller has it already; `layout`:
-    one of memory_plan.slot_layouts (None: the one the runtime takes without a budget)."""
+    one of slot_sizes.slot_layouts (None: the one the runtime takes without a budget)."""
     batch = BatchConfig(batch_size=cfg.batch.batch_size, micro_batches=micro, seq_len=cfg.batch.seq_len)
     sizes = sizes or slot_sizes(shape, cfg, micro, depth)
     if sizes is None:

@@ -4,7 +4,7 @@
     device weight slots           the same decoded to the compute dtype, slot consumer % D (none when the
                                   device is the host and the stored dtype is the compute dtype)
     optimizer slots (host)        a block's master, moments and new weights (regions at the offsets
-                                  of memory_plan.opt_region_offsets), cycled in backward order
+                                  of slot_sizes.opt_region_offsets), cycled in backward order
     gradient slots (host)         a block's fp32 gradient, cycled in the same order
     edge slot (host)              an optimizer and a gradient slot of their own for the memory plan's
                                   edge blocks (a tied embedding, or the untied head then embedding)
