@@ -171,8 +171,7 @@ def candidate(shape: ModelShape, cfg: PlanConfig, micro: int, depth: int, opt_sl
     if layout is not None:
         sizes = dataclasses.replace(sizes, **layout)
     w = depth + 1
-    cpu = (w * sizes.stage_slot_bytes + opt_slots * sizes.opt_slot_bytes + MAX_GRAD_SLOTS * sizes.grad_slot_bytes + sizes.edge_opt_bytes
-           + sizes.edge_grad_bytes)
+    cpu = dataclasses.replace(sizes, weight_slots=w, opt_slots=opt_slots, grad_slots=MAX_GRAD_SLOTS).slot_bytes()
     full_dev = sizes.device_bytes()  # with depth + 1 device slots (or none when no copy is needed)
     adapters = shape.adapter_device_bytes()  # outside the runtime's pool: its budget is what they leave
     gpu = full_dev if cfg.gpu_mem_bytes is None else min(full_dev, max(cfg.gpu_mem_bytes - adapters, 1))

@@ -78,15 +78,18 @@ class MemoryPlan:
         host = (self.n_offloaded - self.n_on_ssd) * self.micro_batches + (2 if self.n_on_ssd else 0)
         return host * aligned_bytes(self.act_bytes)
 
-    def cpu_bytes(self) -> int:
+    def slot_bytes(self) -> int:
+        """Host bytes of the weight staging, optimizer, gradient and edge slots."""
         return (
             self.weight_slots * self.stage_slot_bytes
             + self.opt_slots * self.opt_slot_bytes
             + self.grad_slots * self.grad_slot_bytes
             + self.edge_opt_bytes
             + self.edge_grad_bytes
-            + self.offloaded_act_bytes()
         )
+
+    def cpu_bytes(self) -> int:
+        return self.slot_bytes() + self.offloaded_act_bytes()
 
     def device_bytes(self) -> int:
         on_device = (
