@@ -9,15 +9,16 @@ that opening the store removes (`Store.collect_garbage`).
 """
 from __future__ import annotations
 
+import collections
 import os
 import threading
-from typing import Iterable, List, Optional
+from typing import Deque, Iterable, Optional
 
 
 class Deleter:
     def __init__(self):
         self._cond = threading.Condition()
-        self._queue: List[str] = []
+        self._queue: Deque[str] = collections.deque()
         self._pending = 0  # files handed over and not yet deleted
         self._error: Optional[OSError] = None
         self._pid = -1  # the process whose thread runs the queue (a forked child starts its own)
@@ -29,7 +30,7 @@ class Deleter:
             return
         with self._cond:
             if self._pid != os.getpid():  # first use here, or a forked child: the parent's thread is not ours
-                self._queue, self._pending, self._pid = [], 0, os.getpid()
+                self._queue, self._pending, self._pid = collections.deque(), 0, os.getpid()
                 threading.Thread(target=self._run, name="fuyou-delete", daemon=True).start()
             self._queue.extend(paths)
             self._pending += len(paths)
@@ -49,7 +50,7 @@ class Deleter:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
-                path = self._queue.pop(0)
+                path = self._queue.popleft()
             try:
                 os.unlink(path)
             except FileNotFoundError:
